@@ -1,0 +1,54 @@
+"""`--key=value` overrides for the plain variables at the top of an entry script (nanoGPT style).
+
+A script calls `config = configure(globals())` after its defaults; every override must name an
+existing variable and parse to that variable's type, and the resolved configuration is returned so
+that the run can log all of it before doing anything.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from typing import Any, Sequence
+
+
+def _is_hyperparameter(name: str, value: Any) -> bool:
+    return (not name.startswith("_") and name.islower()
+            and isinstance(value, (bool, int, float, str, list, tuple, dict, type(None))))
+
+
+def parse_overrides(argv: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Return {name: value} for `--name=value` arguments, checked against `defaults`."""
+    out: dict[str, Any] = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(defaults))})")
+        key, raw = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in defaults:
+            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare string such as --method=ties
+        if default is not None and value is not None:
+            if isinstance(default, bool) != isinstance(value, bool):
+                raise SystemExit(f"--{key}: expected {type(default).__name__}, got {raw!r}")
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+                value = type(default)(value)
+            if not isinstance(value, type(default)):
+                raise SystemExit(f"--{key}: expected {type(default).__name__}, got {raw!r}")
+        out[key] = value
+    return out
+
+
+def configure(namespace: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Apply `--key=value` overrides to a script's globals and return the full configuration."""
+    defaults = {k: v for k, v in namespace.items() if _is_hyperparameter(k, v)}
+    overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults)
+    for key, value in overrides.items():
+        print(f"Overriding: {key} = {value!r}")
+    namespace.update(overrides)
+    return {k: namespace[k] for k in defaults}

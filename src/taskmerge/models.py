@@ -1,0 +1,151 @@
+"""CLIP ViT image encoders built on open_clip's own classes.
+
+The real backbones (ViT-B-32, ViT-B-16, ViT-L-14) are always built with QuickGELU because the
+OpenAI weights, and every task_vectors checkpoint, were trained with it (METHODS.md §1.1); open_clip
+3.x would silently build plain GELU for the bare names. The embedded benchmark's model is one more
+open_clip config (`model_configs/taskmerge-tiny.json`) with a byte-level tokenizer, so that its
+text-side leftovers stay small the way they are small next to a real ViT's vision tower.
+
+Nothing here downloads: models are created with random weights and then filled from a state dict.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+import open_clip
+import torch
+from torch import nn
+
+TINY_MODEL = "taskmerge-tiny"
+REAL_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
+_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+_registered = False
+
+
+def _register_configs() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+def open_clip_name(model_name: str) -> str:
+    """The open_clip config that reproduces `model_name` faithfully (QuickGELU for OpenAI ViTs)."""
+    if model_name in REAL_MODELS:
+        return model_name + "-quickgelu"
+    return model_name
+
+
+def create_clip(model_name: str) -> nn.Module:
+    """A randomly initialised open_clip CLIP (image and text towers) for `model_name`."""
+    _register_configs()
+    name = open_clip_name(model_name)
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {model_name!r}: expected one of {REAL_MODELS + (TINY_MODEL,)} "
+            f"or a config added to {_CONFIG_DIR}")
+    # open_clip logs "No pretrained weights loaded" for every random init; that is the intent here.
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(name, pretrained=None)
+    finally:
+        logger.setLevel(level)
+    model.eval()
+    return model
+
+
+class ImageEncoder(nn.Module):
+    """task_vectors' `ImageEncoder`: open_clip CLIP with the text transformer removed.
+
+    Its state dict therefore keeps the six text-side leftovers (token_embedding, positional_embedding,
+    ln_final, text_projection, logit_scale) under the prefix `model.`, exactly as in the checkpoints.
+    """
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        if hasattr(clip, "transformer"):
+            del clip.transformer
+        self.model = clip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Projected CLS feature, *not* normalised: the head normalises (METHODS.md §1.1).
+        return self.model.encode_image(images)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+
+def build_image_encoder(model_name: str, state_dict: Mapping[str, torch.Tensor] | None = None
+                        ) -> ImageEncoder:
+    """An ImageEncoder for `model_name`, loaded from a `model.`-prefixed state dict if given."""
+    encoder = ImageEncoder(create_clip(model_name))
+    if state_dict is not None:
+        load_encoder_state(encoder, state_dict)
+    return encoder.eval()
+
+
+def load_encoder_state(encoder: ImageEncoder, state_dict: Mapping[str, torch.Tensor],
+                       source: str = "state dict") -> None:
+    own = encoder.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: keys do not match the image encoder "
+            f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}); "
+            f"is it a checkpoint of a different model?")
+    for k, v in own.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: key {k!r} has shape {tuple(state_dict[k].shape)}, "
+                             f"the model expects {tuple(v.shape)}; wrong model_name?")
+    encoder.load_state_dict({k: state_dict[k] for k in own}, strict=True)
+
+
+def eval_transform(image_size: int):
+    """The CLIP eval transform: bicubic resize, centre crop, RGB, CLIP mean/std (METHODS.md §1.2)."""
+    return open_clip.image_transform(image_size, is_train=False)
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer for the embedded model: 0 pad, 1..256 bytes, 257 SOT, 258 EOT.
+
+    EOT is the largest id, so open_clip's argmax text pooling finds it as it does for CLIP's BPE.
+    """
+    sot, eot, vocab_size = 257, 258, 260
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [b + 1 for b in text.lower().encode("utf-8")][: self.context_length - 2]
+            ids = [self.sot] + ids + [self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+def get_tokenizer(model_name: str):
+    """The tokenizer of `model_name`'s text tower; open_clip's BPE ships with the package."""
+    if model_name == TINY_MODEL:
+        _register_configs()
+        cfg = open_clip.get_model_config(TINY_MODEL)
+        return ByteTokenizer(cfg["text_cfg"]["context_length"])
+    return open_clip.get_tokenizer(open_clip_name(model_name))
