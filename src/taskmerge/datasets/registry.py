@@ -1,0 +1,105 @@
+"""`get_task(name, data_location, transform)`: one entry point for real and embedded tasks.
+
+A name is a real task (`READERS`), its validation variant `<Task>Val`, or else whatever
+`datasets/embedded.py` knows. `<Task>Val` follows task_vectors/tall_masks (METHODS.md §5.1, §3.2):
+the training set is cut by `torch.utils.data.random_split` with a generator seeded 0 into
+[train_size, val_size], val_size = min(int(0.1 · |train|), 5000); `.test` is the held-out part,
+`.train` the rest. EuroSATVal instead evaluates on EuroSAT's real `val` folder.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch.utils.data import random_split
+
+from .base import TaskData
+from .real import READERS, read_eurosat
+from .templates import base_task
+
+# EnnengYang / EMR order: coefficient vectors and logs follow it.
+PAPER_8 = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
+# tall_masks / TSV order: the N-task benchmark is the first N of TALL_20.
+TALL_8 = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397"]
+TALL_14 = TALL_8 + ["STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013"]
+TALL_20 = TALL_14 + ["CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST"]
+
+REAL_TASKS = list(READERS)  # the tasks with a reader here (the 8 core tasks)
+
+VAL_FRACTION = 0.1
+MAX_VAL_SAMPLES = 5000
+VAL_SEED = 0
+
+
+def val_sizes(n_train: int) -> tuple[int, int]:
+    """(train_size, val_size) of a `<Task>Val` split of a training set of `n_train` samples."""
+    val_size = min(int(n_train * VAL_FRACTION), MAX_VAL_SAMPLES)
+    return n_train - val_size, val_size
+
+
+def split_train_val(task: TaskData, name: str) -> TaskData:
+    """`<Task>Val` from `<Task>`: the held-out part of the training set becomes `.test`."""
+    if task.train is None:
+        raise ValueError(f"{name}: task {task.name} has no training split to hold out from")
+    train_size, val_size = val_sizes(len(task.train))
+    if val_size == 0 or train_size == 0:
+        raise ValueError(f"{name}: {len(task.train)} training samples are too few for a "
+                         f"{VAL_FRACTION:.0%} validation split")
+    train, val = random_split(task.train, [train_size, val_size],
+                              generator=torch.Generator().manual_seed(VAL_SEED))
+    info = dict(task.info, test_split=f"random_split(train, seed {VAL_SEED})[1]")
+    return TaskData(name, list(task.classnames), list(task.templates), test=val, train=train, info=info)
+
+
+def default_transform():
+    # The CLIP eval transform is the one every original evaluates with (METHODS.md §1.2). Imported
+    # here, not at module level, so that reading data does not need open_clip.
+    from taskmerge.models import eval_transform
+    return eval_transform(224)
+
+
+def get_task(name: str, data_location: str, transform=None) -> TaskData:
+    """The task `name` (e.g. "MNIST", "MNISTVal", or an embedded task) read from `data_location`.
+
+    `transform` maps a PIL RGB image to what the model takes; None means the CLIP eval transform
+    at 224 px for real tasks (an embedded task gets None and picks its own). Images are decoded
+    only when indexed."""
+    data_location = os.path.expanduser(os.fspath(data_location))
+    base = base_task(name)
+    if base in READERS:
+        transform = default_transform() if transform is None else transform
+        if name == "EuroSATVal":
+            task = read_eurosat(data_location, transform, test_split="val")
+            return TaskData(name, task.classnames, task.templates, test=task.test, train=task.train,
+                            info=task.info)
+        task = READERS[base](data_location, transform)
+        return task if name == base else split_train_val(task, name)
+    return _embedded_task(name, data_location, transform)
+
+
+def _embedded_task(name: str, data_location: str, transform) -> TaskData:
+    try:
+        embedded = importlib.import_module(f"{__package__}.embedded")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.embedded":
+            raise
+        embedded = None
+    get_embedded = getattr(embedded, "get_embedded_task", None)
+    if get_embedded is not None:
+        try:
+            return get_embedded(name, data_location, transform)
+        except KeyError:
+            pass  # not one of its tasks: fall through to the one unknown-task error
+    raise ValueError(_unknown_task_message(name, embedded))
+
+
+def _unknown_task_message(name: str, embedded) -> str:
+    known = REAL_TASKS + [t + "Val" for t in REAL_TASKS]
+    embedded_names = list(getattr(embedded, "EMBEDDED_TASKS", None) or [])
+    if base_task(name) in TALL_20:
+        return (f"no data reader for task {name!r} yet: it is in the tall_masks 14/20-task list, "
+                f"but taskmerge reads only {REAL_TASKS} (templates and fixed class names are in "
+                f"taskmerge.datasets.templates)")
+    return (f"unknown task {name!r}; real tasks: {known}"
+            + (f"; embedded tasks: {embedded_names}" if embedded_names else ""))
