@@ -1,0 +1,532 @@
+"""Reading pickled checkpoints without running any code from them (METHODS.md §4.1).
+
+The task_vectors checkpoints are whole pickled `nn.Module`s written by open_clip 2.0.2 and old
+PyTorch; `torch.load(weights_only=True)` refuses them and `weights_only=False` (or `pickle.load`)
+would run whatever the file names. This module reads them with a restricted unpickler instead:
+
+* every global the pickle names goes through `find_class`, which never imports anything;
+* the few callables a checkpoint needs (tensor rebuilders, `OrderedDict`, `set`, `torch.Size`, …)
+  map to small implementations here that only build tensors and containers;
+* every allowed class (`src.modeling.ImageEncoder`, open_clip's `CLIP`, `torch.nn` layers,
+  torchvision transforms, …, see `ALLOWED_CLASSES`) maps to an inert `StandIn` that just records
+  the pickled `__dict__`; the real class is never touched, so none of its code runs;
+* anything else is refused with a `CheckpointError` naming the file and the global.
+
+`module_state_dict` then walks the stand-ins' `_parameters` / `_buffers` / `_modules` exactly as
+`nn.Module.state_dict` would. Three container formats are read: torch's zip format (torch.save
+since 1.6), the legacy stream format (magic number, protocol, sys_info, pickle, storage keys, raw
+storages) and a plain `pickle.dump` of the module (the ViT-B-16/Cars "Invalid magic number"
+file, task_vectors#11), whose storages are legacy-format byte strings passed to
+`torch.storage._load_from_bytes`, read here by the same restricted loader.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import pickle
+import struct
+import sys
+import zipfile
+from typing import Any, BinaryIO
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: names the file, what is wrong and how to fix it."""
+
+
+# Classes a task_vectors / tall_masks checkpoint may pickle. They become inert stand-ins, so
+# adding a plain data class here is safe; never add functions that act (see _DANGEROUS_MODULES).
+ALLOWED_CLASSES: dict[str, frozenset[str]] = {m: frozenset(names) for m, names in {
+    # task_vectors (src/modeling.py) and tall_masks (src/models/modeling.py)
+    "src.modeling": ["ImageEncoder", "ClassificationHead", "ImageClassifier",
+                     "MultiHeadImageClassifier"],
+    "src.models.modeling": ["ImageEncoder", "ClassificationHead", "ImageClassifier",
+                            "MultiHeadImageClassifier"],
+    # open_clip 2.0.2 (everything lived in open_clip.model) and 3.x (open_clip.transformer)
+    "open_clip.model": ["CLIP", "CustomTextCLIP", "VisualTransformer", "VisionTransformer",
+                        "TextTransformer", "Transformer", "ResidualAttentionBlock", "LayerNorm",
+                        "LayerNormFp32", "QuickGELU", "Attention", "AttentionalPooler",
+                        "LayerScale", "PatchDropout", "ModifiedResNet", "AttentionPool2d",
+                        "Bottleneck"],
+    "open_clip.transformer": ["VisionTransformer", "TextTransformer", "Transformer",
+                              "ResidualAttentionBlock", "CustomResidualAttentionBlock",
+                              "LayerNorm", "LayerNormFp32", "QuickGELU", "Attention",
+                              "AttentionalPooler", "LayerScale", "PatchDropout"],
+    "open_clip.modified_resnet": ["ModifiedResNet", "AttentionPool2d", "Bottleneck"],
+    "open_clip.transform": ["_convert_to_rgb", "ResizeMaxSize", "ResizeKeepRatio",
+                            "CenterCropOrPad", "MaybeConvertMode", "MaybeToTensor"],
+    # torch.nn layers
+    "torch.nn.modules.linear": ["Linear", "NonDynamicallyQuantizableLinear", "_LinearWithBias",
+                                "Identity"],
+    "torch.nn.modules.activation": ["MultiheadAttention", "GELU", "ReLU", "SiLU", "Tanh",
+                                    "Sigmoid", "Softmax"],
+    "torch.nn.modules.conv": ["Conv1d", "Conv2d"],
+    "torch.nn.modules.container": ["Sequential", "ModuleList", "ModuleDict", "ParameterList",
+                                   "ParameterDict"],
+    "torch.nn.modules.normalization": ["LayerNorm", "GroupNorm"],
+    "torch.nn.modules.batchnorm": ["BatchNorm1d", "BatchNorm2d"],
+    "torch.nn.modules.pooling": ["AvgPool2d", "MaxPool2d", "AdaptiveAvgPool2d"],
+    "torch.nn.modules.dropout": ["Dropout"],
+    "torch.nn.modules.sparse": ["Embedding"],
+    # the pickled train_preprocess / val_preprocess
+    "torchvision.transforms.transforms": ["Compose", "Resize", "CenterCrop", "ToTensor",
+                                          "Normalize", "RandomResizedCrop", "ConvertImageDtype"],
+    "torchvision.transforms.functional": ["InterpolationMode"],
+}.items()}
+
+# Only used to word the refusal: these globals are code-execution primitives, not data classes.
+_DANGEROUS_MODULES = ("builtins", "os", "posix", "nt", "subprocess", "sys", "importlib", "runpy",
+                      "shutil", "socket", "pty", "code", "ctypes", "pickle", "marshal", "types",
+                      "operator", "functools", "webbrowser", "multiprocessing", "torch._C",
+                      "torch.ops", "pdb", "timeit", "asyncio")
+
+# Buffers that the real modules register with persistent=False, dropped even when an old pickle
+# lacks `_non_persistent_buffers_set`: open_clip's text causal mask (non-persistent in 2.0.2,
+# METHODS.md §1.1).
+NON_PERSISTENT_BUFFERS: dict[str, frozenset[str]] = {
+    "open_clip.model.CLIP": frozenset({"attn_mask"}),
+    "open_clip.model.CustomTextCLIP": frozenset({"attn_mask"}),
+    "open_clip.transformer.TextTransformer": frozenset({"attn_mask"}),
+    "open_clip.model.TextTransformer": frozenset({"attn_mask"}),
+}
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch's legacy-format magic
+LEGACY_PROTOCOL_VERSION = 1001
+_MAX_NESTING = 4
+
+
+# --- stand-ins -------------------------------------------------------------------------------
+
+class StandIn:
+    """Inert record of a pickled object whose class is allowed: pickled state lands in __dict__."""
+    stand_in_of = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        if args or kwargs:  # e.g. an Enum member rebuilt as InterpolationMode('bicubic')
+            obj.__dict__["_stand_in_args"] = (args, kwargs)
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif state is not None:
+            self.__dict__["_stand_in_state"] = state
+        if isinstance(slots, dict):
+            self.__dict__.update(slots)
+
+    def __repr__(self):
+        return f"<stand-in for {self.stand_in_of}>"
+
+
+_stand_in_classes: dict[str, type] = {}
+
+
+def _stand_in(qualified: str) -> type:
+    if qualified not in _stand_in_classes:
+        name = qualified.rsplit(".", 1)[-1]
+        _stand_in_classes[qualified] = type(name, (StandIn,), {"stand_in_of": qualified})
+    return _stand_in_classes[qualified]
+
+
+def is_stand_in(obj: Any) -> bool:
+    return isinstance(obj, StandIn)
+
+
+def stand_in_name(obj: Any) -> str:
+    """`module.Class` of the pickled object a stand-in replaces."""
+    return type(obj).stand_in_of
+
+
+# --- storages and tensors ----------------------------------------------------------------------
+
+class _StorageType:
+    """What `torch.FloatStorage` etc. resolve to: only a dtype, never called."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
+}
+
+
+class _Storage:
+    """A storage of the file: `nbytes` bytes of `data` (uint8, CPU) from `offset`, typed `dtype`."""
+
+    def __init__(self, data: torch.Tensor, dtype: torch.dtype, offset: int = 0,
+                 nbytes: int | None = None):
+        self.data, self.dtype, self.offset = data, dtype, offset
+        self.nbytes = data.numel() - offset if nbytes is None else nbytes
+
+
+def _byteswap(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    size = torch.empty((), dtype=dtype).element_size()
+    return raw if size == 1 else raw.view(-1, size).flip(1).reshape(-1)
+
+
+def _bytes_tensor(raw: bytes) -> torch.Tensor:
+    if not raw:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _make_tensor(storage, storage_offset, size, stride, dtype=None) -> torch.Tensor:
+    if not isinstance(storage, _Storage):
+        raise CheckpointError(f"a tensor was rebuilt from {type(storage).__name__}, not a storage")
+    dtype = storage.dtype if dtype is None else dtype
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    esize = torch.empty((), dtype=dtype).element_size()
+    if (len(size) != len(stride) or storage_offset < 0 or min(size + stride, default=0) < 0
+            or storage.offset % esize):
+        raise CheckpointError(f"invalid tensor geometry size={size} stride={stride}")
+    if all(size):  # the last element it reaches must lie inside the storage
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if (last + 1) * esize > storage.nbytes:
+            raise CheckpointError(f"tensor of size {size} reaches past its storage "
+                                  f"({storage.nbytes} bytes); the file is corrupt")
+    t = torch.empty(0, dtype=dtype)
+    offset = storage.offset // esize + storage_offset
+    return t.set_(storage.data.untyped_storage(), offset, size, stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _make_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       metadata=None):
+    t = _make_tensor(storage, storage_offset, size, stride)
+    if metadata:  # conj / neg bits
+        torch._utils.set_tensor_metadata(t, dict(metadata))
+    return t
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       dtype, metadata=None):
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"tensor dtype {dtype!r} is not a torch.dtype")
+    t = _make_tensor(storage, storage_offset, size, stride, dtype)
+    if metadata:
+        torch._utils.set_tensor_metadata(t, dict(metadata))
+    return t
+
+
+def _tensor_only(data, *rest):
+    """Parameters come back as plain tensors: a state dict holds data, not autograd leaves."""
+    if not isinstance(data, torch.Tensor):
+        raise CheckpointError(f"a parameter was rebuilt from {type(data).__name__}, not a tensor")
+    return data
+
+
+_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _tensor_only)
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if func not in _REBUILDERS:
+        raise CheckpointError(f"_rebuild_from_type_v2 called with {func!r}")
+    return func(*args)
+
+
+class _TensorType:
+    """`torch.Tensor` / `torch.nn.Parameter` as the `new_type` argument of a tensor subclass."""
+
+    def __call__(self, data=None, requires_grad=True):
+        return _tensor_only(data)
+
+
+def _encode(text, encoding="utf-8", errors="strict"):
+    # Protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); allow exactly that.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise CheckpointError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+    return text.encode("latin1")
+
+
+def _reconstructor(cls, base, state):
+    # copyreg._reconstructor (protocol 0/1): only ever builds a stand-in.
+    if not (isinstance(cls, type) and issubclass(cls, StandIn)):
+        raise CheckpointError(f"copyreg._reconstructor called for {cls!r}")
+    obj = cls.__new__(cls)
+    if state is not None:
+        obj.__dict__["_stand_in_state"] = state
+    return obj
+
+
+def _safe_globals() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _tensor_only,
+        ("torch._utils", "_rebuild_parameter_with_state"): _tensor_only,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch.tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch.nn.parameter", "Parameter"): _TensorType(),
+        ("torch", "Tensor"): _TensorType(),
+        ("torch._tensor", "Tensor"): _TensorType(),
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "object"): object,
+        ("copyreg", "_reconstructor"): _reconstructor,
+        ("_codecs", "encode"): _encode,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+    }
+    for name in dir(torch):
+        if isinstance(getattr(torch, name), torch.dtype):
+            table[("torch", name)] = getattr(torch, name)
+    for name, dtype in _STORAGE_DTYPES.items():
+        table[("torch", name)] = table[("torch.cuda", name)] = _StorageType(dtype)
+    return table
+
+
+_SAFE_GLOBALS = _safe_globals()
+# _load_from_bytes is added per load (it recurses with the same source name).
+
+
+def _refusal(source: str, qualified: str) -> CheckpointError:
+    module = qualified.rsplit(".", 1)[0]
+    if module.split(".")[0] in _DANGEROUS_MODULES or module in _DANGEROUS_MODULES:
+        fix = ("this global can run code: the file is malicious or not a checkpoint; do not add "
+               "it to the allow-list")
+    else:
+        fix = ("if it is a plain data class, add it to ALLOWED_CLASSES in "
+               "src/taskmerge/safe_pickle.py (it is then loaded as an inert stand-in); otherwise, "
+               "on a machine where you trust the file and have its code, re-save it as a state "
+               "dict (torch.save(module.state_dict(), path)) and convert that with "
+               "src/convert_checkpoints.py")
+    return CheckpointError(f"{source}: refusing to unpickle {qualified}: it is not on taskmerge's "
+                           f"allow-list and could run code from the file; {fix}")
+
+
+# --- the unpickler -----------------------------------------------------------------------------
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, source: str, storages=None, depth: int = 0):
+        super().__init__(file)
+        self.source, self.storages, self.depth = source, storages, depth
+
+    def find_class(self, module: str, name: str):
+        # Python-2 names (protocol 2 writes __builtin__.set, copy_reg._reconstructor); mapped here
+        # because we never call pickle's own find_class, which would import the module.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return self._load_from_bytes
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if name in ALLOWED_CLASSES.get(module, ()):
+            return _stand_in(f"{module}.{name}")
+        raise _refusal(self.source, f"{module}.{name}")
+
+    def _load_from_bytes(self, data):
+        if not isinstance(data, bytes) or self.depth >= _MAX_NESTING:
+            raise CheckpointError(f"{self.source}: malformed embedded storage")
+        return _load_stream(io.BytesIO(data), f"{self.source} (embedded storage)", self.depth + 1)
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid:
+            raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r}")
+        kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        if kind == "module" and isinstance(pid[1], type) and issubclass(pid[1], StandIn):
+            return pid[1]  # legacy format records module classes (with their source) this way
+        if kind != "storage" or self.storages is None or not isinstance(pid[1], _StorageType):
+            raise CheckpointError(f"{self.source}: unexpected persistent id {pid[:2]!r}")
+        return self.storages.get(pid[1].dtype, *pid[2:])
+
+
+class _ZipStorages:
+    """Storages of a zip-format file, read from `<prefix>data/<key>` on first use."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, byteorder: str, source: str):
+        self.archive, self.prefix, self.byteorder, self.source = archive, prefix, byteorder, source
+        self.loaded: dict[str, _Storage] = {}
+
+    def get(self, dtype, key, location, numel):
+        if key not in self.loaded:
+            name = f"{self.prefix}data/{key}"
+            try:
+                raw = self.archive.read(name)
+            except KeyError:
+                raise CheckpointError(f"{self.source}: storage record {name!r} is missing; "
+                                      f"the file is truncated or corrupt") from None
+            nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
+            if len(raw) != nbytes:
+                raise CheckpointError(f"{self.source}: storage {name!r} has {len(raw)} bytes, "
+                                      f"expected {nbytes}; the file is corrupt")
+            data = _bytes_tensor(raw)
+            if self.byteorder != sys.byteorder:
+                data = _byteswap(data, dtype)
+            self.loaded[key] = _Storage(data, dtype)
+        return self.loaded[key]
+
+
+class _LegacyStorages:
+    """Storages of a legacy-format file: allocated while unpickling, filled from the tail."""
+
+    def __init__(self, source: str, file_size: int):
+        self.source, self.budget = source, file_size
+        self.roots: dict[str, _Storage] = {}
+
+    def get(self, dtype, key, location, numel, view_metadata=None):
+        esize = torch.empty((), dtype=dtype).element_size()
+        if key not in self.roots:
+            nbytes = int(numel) * esize
+            self.budget -= nbytes  # never allocate more than the file could hold
+            if nbytes < 0 or self.budget < 0:
+                raise CheckpointError(f"{self.source}: storages larger than the file; it is "
+                                      f"truncated or corrupt")
+            self.roots[key] = _Storage(torch.empty(nbytes, dtype=torch.uint8), dtype)
+        root = self.roots[key]
+        if view_metadata is None:
+            return root
+        _view_key, offset, size = view_metadata  # pre-1.0 storage views
+        return _Storage(root.data, dtype, int(offset) * esize, int(size) * esize)
+
+    def fill(self, f: BinaryIO, keys) -> None:
+        if not isinstance(keys, list) or set(keys) != set(self.roots):
+            raise CheckpointError(f"{self.source}: the storage key list does not match the pickle")
+        for key in keys:
+            root = self.roots[key]
+            esize = torch.empty((), dtype=root.dtype).element_size()
+            header = f.read(8)
+            if len(header) != 8:
+                raise CheckpointError(f"{self.source}: truncated (storage {key} missing)")
+            (numel,) = struct.unpack("<q", header)
+            raw = f.read(numel * esize)
+            if numel * esize != root.nbytes or len(raw) != root.nbytes:
+                raise CheckpointError(f"{self.source}: storage {key} is truncated or has the wrong "
+                                      f"size ({len(raw)} bytes, expected {root.nbytes})")
+            data = _bytes_tensor(raw)
+            if sys.byteorder != "little":  # legacy storages are always written little-endian
+                data = _byteswap(data, root.dtype)
+            root.data.copy_(data)
+
+
+def _load_zip(f: BinaryIO, source: str) -> Any:
+    with zipfile.ZipFile(f) as archive:
+        pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+        if not pickles:
+            raise CheckpointError(f"{source}: a zip without data.pkl is not a torch checkpoint")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = "little"  # files without the record predate big-endian support
+        if f"{prefix}byteorder" in archive.namelist():
+            byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace")
+            if byteorder not in ("little", "big"):
+                raise CheckpointError(f"{source}: unknown byteorder record {byteorder!r}")
+        storages = _ZipStorages(archive, prefix, byteorder, source)
+        return _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), source, storages).load()
+
+
+def _load_stream(f: BinaryIO, source: str, depth: int = 0) -> Any:
+    head = f.read(512)
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    if head.startswith(b"PK\x03\x04"):
+        return _load_zip(f, source)
+    if head[257:262] == b"ustar":
+        raise CheckpointError(f"{source}: tar-format torch files (PyTorch < 0.4) are not supported")
+    first = _RestrictedUnpickler(f, source, None, depth).load()
+    if type(first) is not int or first != MAGIC_NUMBER:
+        return first  # a plain pickle.dump: the first object is the whole file
+    version = _RestrictedUnpickler(f, source, None, depth).load()
+    if version != LEGACY_PROTOCOL_VERSION:
+        raise CheckpointError(f"{source}: unsupported legacy torch protocol version {version!r}")
+    _RestrictedUnpickler(f, source, None, depth).load()  # sys_info (sizes, endianness)
+    storages = _LegacyStorages(source, size)
+    result = _RestrictedUnpickler(f, source, storages, depth).load()
+    storages.fill(f, _RestrictedUnpickler(f, source, None, depth).load())
+    return result
+
+
+def load_pickled_checkpoint(path: str) -> Any:
+    """The pickled object of a torch zip, legacy or plain-pickle file; classes become stand-ins."""
+    try:
+        with open(path, "rb") as f:
+            return _load_stream(f, str(path))
+    except CheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from e  # raised by a rebuilder, which has no path
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, ValueError,
+            TypeError, AttributeError, IndexError, KeyError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); "
+                              f"the file is truncated, corrupt or not a torch checkpoint") from e
+
+
+# --- from stand-ins to a state dict ------------------------------------------------------------
+
+def module_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """What `obj.state_dict()` would return for the real module, read from its stand-in.
+
+    Per module: parameters, then persistent buffers, then children, keys joined with dots. Buffers
+    named in the pickled `_non_persistent_buffers_set`, or in NON_PERSISTENT_BUFFERS for the class
+    (open_clip's `attn_mask`), are dropped, as the real `state_dict` drops them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def walk(module: Any, prefix: str) -> None:
+        if id(module) in seen:  # a module shared under two names appears once, as in torch
+            return
+        seen.add(id(module))
+        state = vars(module)
+        if "_parameters" not in state or "_modules" not in state:
+            raise CheckpointError(f"{source}: {prefix or 'the top object'} "
+                                  f"({stand_in_name(module)}) is not a pickled nn.Module")
+        dropped = set(state.get("_non_persistent_buffers_set") or ())
+        dropped |= NON_PERSISTENT_BUFFERS.get(stand_in_name(module), frozenset())
+        buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in dropped}
+        for name, tensor in list(state["_parameters"].items()) + list(buffers.items()):
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{source}: {prefix}{name} is a {type(tensor).__name__}, "
+                                      f"not a tensor")
+            out[prefix + name] = tensor
+        for name, child in state["_modules"].items():
+            if child is None:
+                continue
+            if not is_stand_in(child):
+                raise CheckpointError(f"{source}: submodule {prefix}{name} is a "
+                                      f"{type(child).__name__}")
+            walk(child, f"{prefix}{name}.")
+
+    if not is_stand_in(obj):
+        raise CheckpointError(f"{source}: expected a pickled nn.Module, found {type(obj).__name__}")
+    walk(obj, "")
+    return out
+
+
+def safe_load(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint: a module's state dict, or a pickled dict of tensors."""
+    obj = load_pickled_checkpoint(path)
+    if is_stand_in(obj):
+        return module_state_dict(obj, str(path))
+    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                     for k, v in obj.items()):
+        return dict(obj)
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a pickled module or "
+                          f"a state dict (str -> tensor)")
+
+
+__all__ = ["CheckpointError", "ALLOWED_CLASSES", "NON_PERSISTENT_BUFFERS", "StandIn",
+           "is_stand_in", "stand_in_name", "load_pickled_checkpoint", "module_state_dict",
+           "safe_load"]

@@ -1,0 +1,331 @@
+"""Finding, reading, validating and converting expert checkpoints in the three layouts."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from taskmerge import checkpoints, models
+from taskmerge.checkpoints import CheckpointError, CheckpointSet
+from test_safe_pickle import TaskVectorsCode, save
+
+MODEL = models.TINY_MODEL
+TASKS = ["Cars", "MNIST", "DTD"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def code(monkeypatch):
+    return TaskVectorsCode(monkeypatch)
+
+
+def finetune(state: dict, seed: int) -> dict:
+    """A fake expert: θ0 plus a small seeded change on every floating tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
+
+
+def task_vectors_folder(code, root, fmt="zip"):
+    """<root>/<model>/{zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt} as pickled modules."""
+    model_dir = root / MODEL
+    zeroshot = code.image_encoder()
+    save(zeroshot, (model_dir.mkdir(parents=True) or model_dir) / "zeroshot.pt", fmt)
+    expected = {"zeroshot": zeroshot.state_dict()}
+    for i, task in enumerate(TASKS):
+        expert = code.image_encoder()
+        expert.load_state_dict(finetune(zeroshot.state_dict(), seed=i + 1))
+        (model_dir / task).mkdir()
+        save(expert, model_dir / task / "finetuned.pt", fmt if task != "MNIST" else "pickle")
+        save(code.head(classes=3 + i, seed=i), model_dir / f"head_{task}.pt", fmt)
+        expected[task] = expert.state_dict()
+    return expected
+
+
+def tall_masks_folder(code, root):
+    """<root>/<model>/{MNISTVal/nonlinear_zeroshot.pt, <Task>Val/nonlinear_finetuned.pt} state
+    dicts, with heads head_<Task>Val.pt as pickled src.models.modeling modules."""
+    model_dir = root / MODEL
+    zeroshot = models.build_image_encoder(MODEL).state_dict()
+    (model_dir / "MNISTVal").mkdir(parents=True)
+    torch.save(zeroshot, model_dir / "MNISTVal" / "nonlinear_zeroshot.pt")
+    expected = {"zeroshot": zeroshot}
+    for i, task in enumerate(TASKS):
+        (model_dir / f"{task}Val").mkdir(exist_ok=True)
+        expected[task] = finetune(zeroshot, seed=i + 1)
+        torch.save(expected[task], model_dir / f"{task}Val" / "nonlinear_finetuned.pt")
+        save(code.head(tall_masks=True, seed=i), model_dir / f"head_{task}Val.pt", "zip")
+    return expected
+
+
+def assert_same(reader, expected: dict):
+    assert list(reader.keys()) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(reader[key], value), key
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+def test_task_vectors_layout_of_pickled_modules(code, tmp_path):
+    expected = task_vectors_folder(code, tmp_path)
+    found = CheckpointSet.discover(tmp_path, MODEL, TASKS)
+    assert found.family == "task_vectors" and found.origin == "task_vectors"
+    assert found.zeroshot_path == str(tmp_path / MODEL / "zeroshot.pt")
+    assert found.model_dir == str(tmp_path / MODEL)
+    assert found.finetuned_path("DTD") == str(tmp_path / MODEL / "DTD" / "finetuned.pt")
+    with pytest.raises(KeyError, match="SUN397"):
+        found.finetuned("SUN397")
+    assert_same(found.pretrained(), expected["zeroshot"])
+    for task in TASKS:  # MNIST was written with plain pickle.dump (the "Invalid magic number" case)
+        assert_same(found.finetuned(task), expected[task])
+        assert found.head_path(task) == str(tmp_path / MODEL / f"head_{task}.pt")
+        assert found.head(task)["weight"].shape == (3 + TASKS.index(task), 128)
+    found.validate()
+
+
+def test_tall_masks_layout_of_state_dicts(code, tmp_path):
+    expected = tall_masks_folder(code, tmp_path)
+    found = CheckpointSet.discover(tmp_path, MODEL, TASKS)
+    assert found.family == "tall_masks"
+    assert found.zeroshot_path.endswith(os.path.join("MNISTVal", "nonlinear_zeroshot.pt"))
+    assert_same(found.pretrained(), expected["zeroshot"])
+    for task in TASKS:
+        assert_same(found.finetuned(task), expected[task])
+        assert found.head_path(task).endswith(f"head_{task}Val.pt")
+        assert found.head(task)["bias"].abs().sum() == 0
+    assert found.sources["Cars"].endswith(os.path.join("CarsVal", "nonlinear_finetuned.pt"))
+
+
+def test_missing_files_name_both_layouts_and_the_readme(code, tmp_path):
+    task_vectors_folder(code, tmp_path)
+    os.remove(tmp_path / MODEL / "DTD" / "finetuned.pt")
+    with pytest.raises(CheckpointError) as err:
+        CheckpointSet.discover(tmp_path, MODEL, TASKS)
+    message = str(err.value)
+    assert os.path.join("DTD", "finetuned.pt") in message
+    assert "nonlinear_finetuned.pt" in message and "zeroshot.safetensors" in message
+    assert "Real checkpoints" in message
+
+
+def test_head_path_of_a_missing_head_is_where_a_built_head_goes(tmp_path):
+    model_dir = tmp_path / MODEL
+    (model_dir / "Cars").mkdir(parents=True)
+    state = models.build_image_encoder(MODEL).state_dict()
+    torch.save(state, model_dir / "zeroshot.pt")
+    torch.save(state, model_dir / "Cars" / "finetuned.pt")
+    found = CheckpointSet.discover(tmp_path, MODEL, ["Cars"])
+    assert found.head_path("Cars") == str(model_dir / "head_Cars.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        found.head("Cars")
+
+
+# --- single files --------------------------------------------------------------------------------
+
+def test_a_bare_open_clip_state_dict_reads_as_an_image_encoder(tmp_path):
+    clip = models.create_clip(MODEL)
+    path = str(tmp_path / "clip.safetensors")
+    save_file(clip.state_dict(), path)
+    expected = models.ImageEncoder(clip).state_dict()  # deletes the text transformer
+    loaded = checkpoints.load_encoder_state_dict(path)
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    lazy = checkpoints.open_state_dict(path, encoder=True)
+    assert set(lazy) == set(expected) and torch.equal(lazy["model.visual.proj"],
+                                                      expected["model.visual.proj"])
+    assert "transformer.resblocks.0.attn.in_proj_weight" in checkpoints.load_state_dict(path)
+
+
+def test_a_head_is_not_an_encoder(code, tmp_path):
+    path = save(code.head(), tmp_path / "head.pt", "zip")
+    with pytest.raises(CheckpointError, match="not an open_clip image encoder"):
+        checkpoints.load_encoder_state_dict(path)
+
+
+def test_lazy_reader_reads_key_by_key(tmp_path):
+    state = {"model.a": torch.randn(4, 3), "model.b": torch.arange(5), "model.c": torch.ones(())}
+    path = str(tmp_path / "sd.safetensors")
+    save_file(state, path)
+    reader = checkpoints.open_state_dict(path)
+    reads = []
+
+    class Counting:  # records every tensor actually read from the file
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.inner.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    reader._file = Counting(reader._file)
+    assert len(reader) == 3 and set(reader) == set(state) and "model.a" in reader
+    assert reader.shape("model.a") == (4, 3) and reader.dtype("model.b") == torch.int64
+    assert reads == []
+    assert torch.equal(reader["model.b"], state["model.b"])
+    assert reads == ["model.b"]
+    assert not isinstance(checkpoints.open_state_dict(path), dict)
+    torch.save(state, tmp_path / "sd.pt")
+    assert isinstance(checkpoints.open_state_dict(str(tmp_path / "sd.pt")), dict)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle", "safetensors"])
+def test_a_truncated_file_is_one_clear_error(code, tmp_path, fmt):
+    path = tmp_path / "zeroshot.pt"
+    if fmt == "safetensors":
+        path = tmp_path / "zeroshot.safetensors"
+        save_file(code.image_encoder().state_dict(), str(path))
+    else:
+        save(code.image_encoder(), path, fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(CheckpointError) as err:
+        dict(checkpoints.open_state_dict(str(path)))
+    assert str(path) in str(err.value)
+    assert any(w in str(err.value) for w in ("truncated", "corrupt"))
+
+
+def test_a_missing_file_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        checkpoints.load_state_dict(str(tmp_path / "nope.pt"))
+
+
+def test_file_digest_tracks_rewrites(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(os.urandom(3 << 20))
+    first = checkpoints.file_digest(str(path))
+    assert checkpoints.file_digest(str(path)) == first
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))
+    assert checkpoints.file_digest(str(path)) != first
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def experts():
+    base = {"model.w": torch.randn(3, 2), "model.b": torch.zeros(3), "model.s": torch.tensor(1.0)}
+    return base, {"Cars": finetune(base, 1), "DTD": finetune(base, 2)}
+
+
+SOURCES = {"pretrained": "ckpt/zeroshot.pt", "Cars": "ckpt/Cars/finetuned.pt",
+           "DTD": "ckpt/DTD/finetuned.pt"}
+
+
+def test_matching_experts_pass(experts):
+    checkpoints.validate_experts(*experts, SOURCES)
+
+
+@pytest.mark.parametrize("break_it, words", [
+    (lambda sd: sd.pop("model.b"), ["keys differ", "model.b"]),
+    (lambda sd: sd.update({"model.extra": torch.zeros(1)}), ["keys differ", "model.extra"]),
+    (lambda sd: sd.update({"model.w": torch.zeros(2, 3)}), ["model.w", "shape"]),
+    (lambda sd: sd.update({"model.b": torch.zeros(3, dtype=torch.float16)}), ["model.b", "dtype"]),
+    (lambda sd: sd["model.w"].__setitem__((1, 1), float("nan")), ["model.w", "NaN"]),
+    (lambda sd: sd.update({"model.s": torch.tensor(float("inf"))}), ["model.s", "NaN/Inf"]),
+])
+def test_mismatched_experts_fail_naming_file_and_key(experts, break_it, words):
+    base, finetuned = experts
+    break_it(finetuned["DTD"])
+    with pytest.raises(CheckpointError) as err:
+        checkpoints.validate_experts(base, finetuned, SOURCES)
+    message = str(err.value)
+    assert "ckpt/DTD/finetuned.pt" in message and "Cars" not in message
+    for word in words:
+        assert word in message
+
+
+def test_large_but_finite_values_are_not_mistaken_for_inf():
+    base = {"h": torch.full((100,), 60000.0, dtype=torch.float16),  # sums past the fp16 range
+            "d": torch.tensor([1e308, 1e308], dtype=torch.float64)}   # sums past the fp64 range
+    checkpoints.validate_experts(base, {"Cars": {k: v.clone() for k, v in base.items()}})
+    base["d"][1] = float("-inf")
+    with pytest.raises(CheckpointError, match="the pre-trained checkpoint: key 'd' has 1 NaN/Inf"):
+        checkpoints.validate_experts(base, {"Cars": {k: v.clone() for k, v in base.items()}})
+
+
+def test_a_nan_in_the_pretrained_model_names_it(experts):
+    base, finetuned = experts
+    base["model.b"][0] = float("nan")
+    with pytest.raises(CheckpointError, match="ckpt/zeroshot.pt: key 'model.b'"):
+        checkpoints.validate_experts(base, finetuned, SOURCES)
+
+
+def test_validation_works_on_lazy_readers_from_files(code, tmp_path):
+    expected = task_vectors_folder(code, tmp_path)
+    broken = dict(expected["Cars"])
+    broken["model.visual.proj"] = broken["model.visual.proj"].clone()
+    broken["model.visual.proj"][0, 0] = float("nan")
+    torch.save(broken, tmp_path / MODEL / "Cars" / "finetuned.pt")
+    checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    found = CheckpointSet.discover(tmp_path, MODEL, TASKS)
+    assert found.family == "safetensors"
+    with pytest.raises(CheckpointError) as err:
+        found.validate()
+    assert "Cars.safetensors" in str(err.value) and "model.visual.proj" in str(err.value)
+
+
+# --- conversion ----------------------------------------------------------------------------------
+
+def test_conversion_is_faithful_preferred_and_idempotent(code, tmp_path):
+    expected = task_vectors_folder(code, tmp_path, fmt="legacy")
+    done = checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    out = tmp_path / MODEL / "safetensors"
+    assert sorted(os.path.basename(p) for p in done["written"]) == sorted(
+        ["zeroshot.safetensors"] + [f"{t}.safetensors" for t in TASKS]
+        + [f"head_{t}.safetensors" for t in TASKS])
+    assert done["skipped"] == []
+
+    found = CheckpointSet.discover(tmp_path, MODEL, TASKS)
+    assert found.family == "safetensors" and found.origin == "task_vectors"
+    assert isinstance(found.pretrained(), checkpoints.SafetensorsReader)
+    assert_same(found.pretrained(), expected["zeroshot"])  # same tensors, same key order
+    for task in TASKS:
+        assert_same(found.finetuned(task), expected[task])
+        assert found.head_path(task) == str(out / f"head_{task}.safetensors")
+        original = checkpoints.load_head(str(tmp_path / MODEL / f"head_{task}.pt"))
+        assert all(torch.equal(found.head(task)[k], original[k]) for k in original)
+
+    mtimes = {p: os.stat(p).st_mtime_ns for p in done["written"]}
+    again = checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    assert again["written"] == [] and sorted(again["skipped"]) == sorted(done["written"])
+    assert {p: os.stat(p).st_mtime_ns for p in done["written"]} == mtimes
+
+    # A newer original makes the converted copy stale: discovery falls back, conversion redoes it.
+    dtd = tmp_path / MODEL / "DTD" / "finetuned.pt"
+    later = os.stat(out / "DTD.safetensors").st_mtime_ns + 10**9
+    os.utime(dtd, ns=(later, later))
+    with pytest.warns(UserWarning, match="re-run src/convert_checkpoints.py"):
+        assert CheckpointSet.discover(tmp_path, MODEL, TASKS).family == "task_vectors"
+    redone = checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    assert redone["written"] == [str(out / "DTD.safetensors")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CheckpointSet.discover(tmp_path, MODEL, TASKS).family == "safetensors"
+
+
+def test_converting_the_tall_masks_layout(code, tmp_path):
+    expected = tall_masks_folder(code, tmp_path)
+    checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    found = CheckpointSet.discover(tmp_path, MODEL, TASKS)
+    assert found.family == "safetensors" and found.origin == "tall_masks"
+    for task in TASKS:
+        assert_same(found.finetuned(task), expected[task])
+        assert found.head_path(task).endswith(f"head_{task}.safetensors")
+
+
+def test_convert_script(code, tmp_path):
+    expected = task_vectors_folder(code, tmp_path)
+    cmd = [sys.executable, os.path.join(REPO, "src", "convert_checkpoints.py"),
+           f"--checkpoint_dir={tmp_path}", f"--model_name={MODEL}", f"--tasks={TASKS!r}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "wrote 7 files" in run.stdout
+    reader = checkpoints.open_state_dict(str(tmp_path / MODEL / "safetensors" / "Cars.safetensors"))
+    assert_same(reader, expected["Cars"])
