@@ -11,7 +11,7 @@ if command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    dataset-fashion-mnist gimp-data openclipart-png \
+    dataset-fashion-mnist gimp-data openclipart-png fonts-dejavu-core fonts-dejavu-extra \
     fonts-liberation2 fonts-freefont-ttf fonts-texgyre fonts-urw-base35 fonts-noto-core >/dev/null \
     || echo "warning: some Debian data packages could not be installed; the embedded benchmark will have fewer tasks"
 fi
