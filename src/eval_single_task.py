@@ -1,0 +1,16 @@
+"""Zero-shot and individual fine-tuned accuracy per task: the two reference rows of every table."""
+from taskmerge.config import configure
+from taskmerge.runs_data_free import run_single_task_eval
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark
+# evaluation
+split = "test"                # "test", or "val" for the <Task>Val held-out splits
+batch_size = 128
+log_dir = "src/logs"
+
+if __name__ == "__main__":
+    run_single_task_eval(configure(globals()), script=__file__)

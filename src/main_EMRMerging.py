@@ -1,0 +1,18 @@
+"""EMR-Merging: elect, mask, rescale; per-task models from one unified vector (METHODS.md §2.10)."""
+from taskmerge.config import configure
+from taskmerge.runs_data_free import run_emr_merging
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128
+# method
+rescaler = "code"             # "code": per-tensor-mean ratio (the ViT code); "paper": whole-vector sums
+
+if __name__ == "__main__":
+    run_emr_merging(configure(globals()), script=__file__)

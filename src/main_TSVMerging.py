@@ -1,0 +1,21 @@
+"""Task Singular Vectors: TSV-M (TSVM, TSVM_2) and TSV-C (METHODS.md §2.11, §2.12)."""
+from taskmerge.config import configure
+from taskmerge.runs_data_free import run_tsv_merging
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128
+# method
+method = "TSVM"               # "TSVM" | "TSVM_2" | "TSVC"
+alpha = 1.0                   # α when not chosen on val (TSV-C always uses 1.0)
+select_on_val = True          # the original picks α from {0.1, …, 3.0} on the <Task>Val splits
+val_grid = "tsv_alpha"
+
+if __name__ == "__main__":
+    run_tsv_merging(configure(globals()), script=__file__)

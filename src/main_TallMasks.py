@@ -1,0 +1,24 @@
+"""TALL masks (task localization) and Consensus merging (METHODS.md §2.13, §2.14)."""
+from taskmerge.config import configure
+from taskmerge.runs_data_free import run_tall_masks
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128
+# method
+method = "consensus"          # "tall_mask" (per-task models) | "consensus" (one merged model)
+use_ties = False              # τ_MTL = TIES(K 20 %, dis-sum) instead of Σ τ
+tall_lambdas = [0.2, 0.3, 0.4, 0.5, 0.6]   # each task's λ is chosen on its <Task>Val split
+prun_thre_k = 2               # consensus: keep weights selected by at least k tasks
+alpha = 1.0                   # consensus α when not chosen on val
+select_on_val = True
+val_grid = "tall_masks"
+
+if __name__ == "__main__":
+    run_tall_masks(configure(globals()), script=__file__)

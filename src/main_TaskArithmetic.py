@@ -1,0 +1,20 @@
+"""Task Arithmetic: θ = θ0 + λ Σ τ_t (METHODS.md §2.2)."""
+from taskmerge.config import configure
+from taskmerge.runs_data_free import run_task_arithmetic
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128
+# method
+scaling_coef = 0.3            # λ (EnnengYang's fixed prior)
+select_on_val = False         # True: choose λ on the <Task>Val splits (tall_masks/TSV protocol)
+val_grid = "tall_masks"       # "tall_masks" (0.05…1.0) or "tsv" (1/30…1.0)
+
+if __name__ == "__main__":
+    run_task_arithmetic(configure(globals()), script=__file__)

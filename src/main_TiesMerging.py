@@ -1,0 +1,22 @@
+"""TIES-Merging: trim, elect sign, disjoint merge (METHODS.md §2.3)."""
+from taskmerge.config import configure
+from taskmerge.runs_data_free import run_ties_merging
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128
+# method
+preset = "ennengyang"         # "ennengyang" (K 20 %, dis-sum, λ 0.3) or "tall_masks" (dis-mean, λ on val)
+k = None                      # kept fraction; None: the preset's
+merge = None                  # "dis-sum" | "dis-mean" | "dis-max"; None: the preset's
+scaling_coef = None           # λ; None: the preset's (chosen on val for "tall_masks")
+val_grid = "tall_masks"
+
+if __name__ == "__main__":
+    run_ties_merging(configure(globals()), script=__file__)

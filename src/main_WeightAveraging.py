@@ -1,0 +1,18 @@
+"""Weight Averaging: θ = θ0 + (1/T) Σ τ_t (METHODS.md §2.1)."""
+from taskmerge.config import configure
+from taskmerge.runs_data_free import run_weight_averaging
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128
+# method
+drop_last = False             # True reproduces the original bug that drops the last task vector
+
+if __name__ == "__main__":
+    run_weight_averaging(configure(globals()), script=__file__)

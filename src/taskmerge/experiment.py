@@ -1,0 +1,205 @@
+"""What every entry script needs before and after its method: which model, checkpoints and data to
+use, the heads, the evaluation of a state dict on every task, and the run's log and report.
+
+`model_name = "auto"` picks ViT-B-32 when its checkpoints are under `checkpoint_dir`, and otherwise
+the embedded offline benchmark (building it on first use), so every script runs on a laptop CPU
+before a single checkpoint has been downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from . import atomic
+from .checkpoints import CheckpointSet, file_digest, load_head, load_state_dict
+from .datasets.registry import PAPER_8, get_task
+from .evaluation import evaluate
+from .heads import ClassificationHead, build_zeroshot_head
+from .models import TINY_MODEL, build_image_encoder, create_clip, eval_transform, get_tokenizer
+from .reporting import RunLogger, log_path, results_table
+
+EMBEDDED_MODELS = (TINY_MODEL, TINY_MODEL + "-micro")
+
+
+@dataclass
+class Setup:
+    """The resolved model, checkpoints, tasks and data of one run."""
+    model_name: str          # the checkpoint folder name (e.g. ViT-B-32, taskmerge-tiny)
+    arch: str                # the open_clip architecture it is built with
+    checkpoints: CheckpointSet
+    tasks: list[str]
+    data_location: str
+    embedded: bool
+    micro: bool = False
+    _encoder_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model_dir(self) -> str:
+        return self.checkpoints.model_dir
+
+    @property
+    def family(self) -> str:
+        return "embedded" if self.embedded else self.checkpoints.family
+
+    def describe(self) -> dict:
+        return {"model": self.model_name, "arch": self.arch, "checkpoint_family": self.family,
+                "model_dir": self.model_dir, "tasks": self.tasks, "data_location": self.data_location}
+
+
+def _real_checkpoints_present(checkpoint_dir: str, model_name: str) -> bool:
+    folder = os.path.join(checkpoint_dir, model_name)
+    return any(os.path.exists(os.path.join(folder, f)) for f in
+               ("zeroshot.pt", os.path.join("MNISTVal", "nonlinear_zeroshot.pt"),
+                os.path.join("safetensors", "zeroshot.safetensors")))
+
+
+def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
+                  data_location: str = "data", tasks: list[str] | None = None) -> Setup:
+    """Find the model's checkpoints (building the embedded benchmark if that is what is asked)."""
+    if model_name == "auto":
+        model_name = "ViT-B-32" if _real_checkpoints_present(checkpoint_dir, "ViT-B-32") else TINY_MODEL
+        if model_name == TINY_MODEL:
+            print(f"No ViT-B-32 checkpoints under {checkpoint_dir}/ViT-B-32: using the embedded "
+                  f"offline benchmark ({TINY_MODEL}). See README 'Real checkpoints' to use real ones.")
+    embedded = model_name in EMBEDDED_MODELS
+    if embedded:
+        from .embedded_benchmark import ensure_embedded_benchmark
+        micro = model_name.endswith("-micro")
+        model_dir = ensure_embedded_benchmark(checkpoint_dir, data_location, micro=micro)
+        with open(os.path.join(model_dir, "manifest.json")) as f:
+            built = json.load(f)["tasks"]
+        tasks = list(tasks or built)
+        missing = [t for t in tasks if t not in built]
+        if missing:
+            raise ValueError(f"tasks {missing} are not in the embedded benchmark {model_dir} "
+                             f"(built: {built})")
+        checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
+        return Setup(model_name, TINY_MODEL, checkpoints, tasks, data_location, True, micro)
+    tasks = list(tasks or PAPER_8)
+    checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
+    return Setup(model_name, model_name, checkpoints, tasks, data_location, False)
+
+
+def task_data(setup: Setup, task: str, split: str = "test"):
+    """TaskData for `task` (`split="val"` gives the `<Task>Val` held-out validation split)."""
+    name = task + "Val" if split == "val" else task
+    transform = eval_transform(_image_size(setup))
+    if setup.embedded:
+        from .datasets.embedded import get_embedded_task
+        return get_embedded_task(name, setup.data_location, transform, micro=setup.micro)
+    return get_task(name, setup.data_location, transform)
+
+
+def _image_size(setup: Setup) -> int:
+    enc = setup._encoder_cache.get("encoder")
+    if enc is None:
+        enc = setup._encoder_cache["encoder"] = build_image_encoder(setup.arch)
+    return enc.image_size
+
+
+def load_heads(setup: Setup) -> dict[str, ClassificationHead]:
+    """Each task's zero-shot head, from `head_<Task>.pt` or built (and cached) from the text tower."""
+    heads = {}
+    for task in setup.tasks:
+        path = setup.checkpoints.head_path(task)
+        if os.path.exists(path):
+            heads[task] = ClassificationHead.from_state_dict(load_head(path))
+        else:
+            heads[task] = _build_and_cache_head(setup, task)
+    return heads
+
+
+def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
+    clip_path = next((os.path.join(setup.model_dir, n) for n in
+                      ("clip_pretrained.safetensors", "clip_pretrained.pt", "open_clip_pytorch_model.bin")
+                      if os.path.exists(os.path.join(setup.model_dir, n))), None)
+    if clip_path is None:
+        raise FileNotFoundError(
+            f"{os.path.join(setup.model_dir, 'head_' + task + '.pt')} is missing, and building it needs "
+            f"the pre-trained CLIP text tower: put the open_clip OpenAI weights of {setup.arch} at "
+            f"{os.path.join(setup.model_dir, 'open_clip_pytorch_model.bin')} (or copy the heads from "
+            f"the task_vectors checkpoint folder)")
+    clip = create_clip(setup.arch)
+    clip.load_state_dict(load_state_dict(clip_path))
+    data = task_data(setup, task)
+    head = build_zeroshot_head(clip, get_tokenizer(setup.arch), data.classnames, data.templates)
+    atomic.torch_save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()},
+                      os.path.join(setup.model_dir, f"head_{task}.pt"))
+    return head
+
+
+def encoder_for(setup: Setup, state_dict: Mapping[str, torch.Tensor]):
+    """The image encoder with `state_dict` loaded (one module reused across calls)."""
+    enc = setup._encoder_cache.get("encoder")
+    if enc is None:
+        enc = setup._encoder_cache["encoder"] = build_image_encoder(setup.arch)
+    enc.load_state_dict({k: state_dict[k] for k in enc.state_dict()}, strict=True)
+    return enc.eval()
+
+
+def evaluate_tasks(setup: Setup, state_dicts: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                   heads: dict[str, ClassificationHead], batch_size: int = 128, split: str = "test",
+                   per_task: bool = False) -> dict[str, float]:
+    """Accuracy per task. `per_task=True`: `state_dicts[task]` is task t's own model (EMR, TSV-C,
+    TALL need task identity); otherwise one merged state dict serves every task."""
+    accs = {}
+    for task in setup.tasks:
+        sd = state_dicts[task] if per_task else state_dicts
+        enc = encoder_for(setup, sd)
+        accs[task] = evaluate(enc, heads[task], task_data(setup, task, split).test, batch_size,
+                              desc=f"eval {task}")
+    return accs
+
+
+def individual_accuracies(setup: Setup, heads: dict[str, ClassificationHead], batch_size: int = 128,
+                          split: str = "test") -> dict[str, float]:
+    """Each expert on its own task, cached in the model folder (keyed by checkpoint digests), since
+    every report divides by it (normalized accuracy)."""
+    cache_path = os.path.join(setup.model_dir, f"individual_accuracies_{split}.json")
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    out, changed = {}, False
+    for task in setup.tasks:
+        key = f"{task}:{file_digest(setup.checkpoints.finetuned_path(task))}"
+        if key not in cache:
+            enc = encoder_for(setup, setup.checkpoints.finetuned(task))
+            cache[key] = evaluate(enc, heads[task], task_data(setup, task, split).test, batch_size,
+                                  desc=f"expert {task}")
+            changed = True
+        out[task] = cache[key]
+    if changed:
+        atomic.write_json(cache_path, cache)
+    return out
+
+
+def start_run(config: dict, setup: Setup, script: str, method: str, subfolder: str = "run",
+              log_dir: str = "src/logs") -> RunLogger:
+    """Open the run's log with its full configuration (and the resolved setup) as the first line."""
+    stem = os.path.splitext(os.path.basename(script))[0]
+    path = log_path(log_dir, subfolder, setup.model_name, stem, method)
+    logger = RunLogger(path, {**config, "resolved": setup.describe(), "argv": sys.argv[1:]})
+    return logger
+
+
+def finish_run(logger: RunLogger, setup: Setup, method: str, accs: dict[str, float],
+               individual: dict[str, float] | None, **extra) -> dict:
+    """Write the JSON report (per-task, average, normalized) and print the results table."""
+    avg = sum(accs.values()) / len(accs)
+    report = {"method": method, "model": setup.model_name, "checkpoint_family": setup.family,
+              "tasks": setup.tasks, "accuracy": accs, "average_accuracy": avg}
+    if individual:
+        norm = {t: accs[t] / individual[t] for t in accs if individual.get(t)}
+        report["individual_accuracy"] = individual
+        report["normalized_accuracy"] = norm
+        report["average_normalized_accuracy"] = sum(norm.values()) / max(len(norm), 1)
+    report.update(extra)
+    logger.info(results_table({method: accs, **({"Individual": individual} if individual else {})},
+                              setup.tasks))
+    return logger.write_report(**report)
