@@ -28,7 +28,7 @@ def compute_features(encoder: Callable[[torch.Tensor], torch.Tensor], dataset: D
 @torch.no_grad()
 def accuracy_from_features(features: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> float:
     logits = head(features.to(next(head.parameters()).device))
-    return (logits.argmax(dim=-1).cpu() == labels).float().mean().item()
+    return (logits.argmax(dim=-1).cpu() == labels).sum().item() / len(labels)
 
 
 @torch.no_grad()

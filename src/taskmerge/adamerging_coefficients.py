@@ -1,0 +1,110 @@
+"""AdaMerging coefficient tables: the published ones (shipped as data) and learned ones (saved/loaded).
+
+A table has rows [1.0, λ_1 … λ_T] (column 0 multiplies θ0 and is always 1.0): one row for a
+task-wise table, one per state-dict tensor (in `param_names` order) for a layer-wise one. The
+published tables (EnnengYang/AdaMerging `merging_cofficient.py`, METHODS.md §2.4–2.7) are keyed
+`<method>/<model>` as in the AdaMerging README's Eval section, e.g. `lw_adamerging/ViT-B-32`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import atomic
+
+PUBLISHED_PATH = os.path.join(os.path.dirname(__file__), "data", "adamerging_coefficients.json")
+PUBLISHED_METHODS = ("tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp")
+
+
+@dataclass
+class CoefficientTable:
+    method: str
+    model_name: str
+    task_order: list[str]
+    rows: torch.Tensor                 # R × (1 + T)
+    param_names: list[str] | None      # R names for a layer-wise table
+    source: str = "coefficients"
+
+    def __post_init__(self):
+        self.rows = torch.as_tensor(self.rows, dtype=torch.float32)
+        if self.rows.dim() != 2 or self.rows.shape[1] != len(self.task_order) + 1:
+            raise ValueError(f"{self.source}: rows must be R × (1 + {len(self.task_order)} tasks), "
+                             f"got {tuple(self.rows.shape)}")
+        if not torch.all(self.rows[:, 0] == 1.0):
+            raise ValueError(f"{self.source}: column 0 (pre-trained coefficient) must be 1.0 in every row")
+        if self.mode == "layer" and self.param_names is not None and len(self.param_names) != len(self.rows):
+            raise ValueError(f"{self.source}: {len(self.rows)} rows but {len(self.param_names)} param_names")
+
+    @property
+    def mode(self) -> str:
+        return "task" if len(self.rows) == 1 else "layer"
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self.rows[:, 1:]
+
+    def lam_for(self, tasks: Sequence[str]) -> torch.Tensor:
+        """λ with its columns in the order of `tasks` (rows × len(tasks))."""
+        missing = [t for t in tasks if t not in self.task_order]
+        if missing:
+            raise ValueError(f"{self.source}: no coefficients for tasks {missing}; the table covers "
+                             f"{self.task_order}")
+        return self.lam[:, [self.task_order.index(t) for t in tasks]]
+
+    def check_param_names(self, names: Sequence[str]) -> None:
+        if self.mode == "task":
+            return
+        if len(self.rows) != len(names):
+            raise ValueError(
+                f"{self.source}: {len(self.rows)} layer-wise rows but the encoder has {len(names)} "
+                f"state-dict tensors; this table belongs to {self.model_name}; build the encoder with "
+                f"taskmerge.models.build_image_encoder({self.model_name!r})")
+        if self.param_names is not None:
+            for j, (a, b) in enumerate(zip(self.param_names, names)):
+                if a != b:
+                    raise ValueError(
+                        f"{self.source}: row {j} is {a!r} but the encoder's tensor {j} is {b!r}; rows "
+                        f"follow state-dict order of open_clip's {self.model_name} ImageEncoder")
+
+
+def load_published(method: str, model_name: str, path: str = PUBLISHED_PATH) -> CoefficientTable:
+    """The published table `<method>/<model_name>`, e.g. ("lw_adamerging", "ViT-B-32")."""
+    if method not in PUBLISHED_METHODS:
+        raise ValueError(f"unknown AdaMerging method {method!r}; published tables exist for {PUBLISHED_METHODS}")
+    with open(path) as f:
+        data = json.load(f)
+    key = f"{method}/{model_name}"
+    if key not in data["coefficients"]:
+        have = sorted(k for k in data["coefficients"] if k.startswith(method + "/"))
+        raise ValueError(
+            f"{path}: no published {method} table for model {model_name!r} (published: {have}); "
+            f"learn the coefficients with taskmerge.adamerging.train_adamerging and load them with "
+            f"load_coefficients(path) instead")
+    return CoefficientTable(method, model_name, list(data["task_order"]), data["coefficients"][key],
+                            data["param_names"].get(model_name), source=f"{path} [{key}]")
+
+
+def save_coefficients(path: str, rows: torch.Tensor, *, method: str, model_name: str,
+                      tasks: Sequence[str], param_names: Sequence[str] | None = None) -> None:
+    """Write learned rows (R × (1+T), e.g. `MergedEncoder.coefficient_rows()`) as JSON, atomically.
+    float32 → Python float → float32 is exact, so loading gives back the same tensor bit for bit."""
+    table = CoefficientTable(method, model_name, list(tasks), rows,
+                             list(param_names) if param_names is not None and len(rows) > 1 else None)
+    atomic.write_json(path, {"method": method, "model": model_name, "task_order": table.task_order,
+                             "param_names": table.param_names, "coefficients": table.rows.tolist()})
+
+
+def load_coefficients(path: str) -> CoefficientTable:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no coefficient file; run AdaMerging first or give the right path")
+    with open(path) as f:
+        data = json.load(f)
+    for k in ("method", "model", "task_order", "coefficients"):
+        if k not in data:
+            raise ValueError(f"{path}: missing key {k!r}; expected a file written by save_coefficients")
+    return CoefficientTable(data["method"], data["model"], list(data["task_order"]), data["coefficients"],
+                            data.get("param_names"), source=path)

@@ -1,0 +1,57 @@
+"""Interrupt and resume for AdaMerging and Surgery: the trainable state, the optimizer, the step and
+the sampling generator are written atomically every N steps, in a file named by the run's config
+hash; a restarted run with the same configuration picks it up and finishes with the same numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from . import atomic
+
+
+def run_hash(kind: str, key: dict) -> str:
+    """A short digest of everything that determines a run's numbers."""
+    text = json.dumps({"kind": kind, **key}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TrainingCheckpoint:
+    """`<folder>/<kind>_<hash>.pt`, saved every `every` steps and at the end; no-op if folder is None."""
+
+    def __init__(self, folder: str | None, kind: str, key: dict, every: int):
+        if every is not None and every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (got {every})")
+        self.key_hash = run_hash(kind, key)
+        self.every = every
+        self.path = None if folder is None else os.path.join(folder, f"{kind}_{self.key_hash}.pt")
+
+    def load(self) -> dict | None:
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("key_hash") != self.key_hash:
+            raise ValueError(f"{self.path}: written by a different run configuration "
+                             f"({state.get('key_hash')} != {self.key_hash}); delete it to start over")
+        return state
+
+    def maybe_save(self, step: int, make_state: Callable[[], dict], final: bool = False) -> bool:
+        if self.path is None or not (final or step % self.every == 0):
+            return False
+        atomic.torch_save({"key_hash": self.key_hash, "step": step, **make_state()}, self.path)
+        return True
+
+
+def grad_presence(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Which parameters hold a .grad tensor: with zero_grad(set_to_none=False) Adam keeps moving
+    exactly those, so a resumed run must recreate them (as zeros) to continue identically."""
+    return torch.tensor([p.grad is not None for p in params], dtype=torch.bool)
+
+
+def restore_grad_presence(params: Iterable[torch.Tensor], present: torch.Tensor) -> None:
+    for p, has in zip(params, present.tolist()):
+        p.grad = torch.zeros_like(p) if has else None
