@@ -1,6 +1,6 @@
 """EMR-Merging: elect, mask, rescale; per-task models from one unified vector (METHODS.md §2.10)."""
 from taskmerge.config import configure
-from taskmerge.runs_data_free import run_emr_merging
+from taskmerge.runs_data_free import run_data_free
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -15,4 +15,4 @@ batch_size = 128
 rescaler = "code"             # "code": per-tensor-mean ratio (the ViT code); "paper": whole-vector sums
 
 if __name__ == "__main__":
-    run_emr_merging(configure(globals()), script=__file__)
+    run_data_free("emr_merging", configure(globals()), script=__file__)

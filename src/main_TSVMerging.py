@@ -1,6 +1,6 @@
 """Task Singular Vectors: TSV-M (TSVM, TSVM_2) and TSV-C (METHODS.md §2.11, §2.12)."""
 from taskmerge.config import configure
-from taskmerge.runs_data_free import run_tsv_merging
+from taskmerge.runs_data_free import run_data_free
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -18,4 +18,4 @@ select_on_val = True          # the original picks α from {0.1, …, 3.0} on th
 val_grid = "tsv_alpha"
 
 if __name__ == "__main__":
-    run_tsv_merging(configure(globals()), script=__file__)
+    run_data_free("tsv_merging", configure(globals()), script=__file__)

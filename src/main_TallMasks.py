@@ -1,6 +1,6 @@
 """TALL masks (task localization) and Consensus merging (METHODS.md §2.13, §2.14)."""
 from taskmerge.config import configure
-from taskmerge.runs_data_free import run_tall_masks
+from taskmerge.runs_data_free import run_data_free
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -21,4 +21,4 @@ select_on_val = True
 val_grid = "tall_masks"
 
 if __name__ == "__main__":
-    run_tall_masks(configure(globals()), script=__file__)
+    run_data_free("tall_masks", configure(globals()), script=__file__)

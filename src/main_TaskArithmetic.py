@@ -1,6 +1,6 @@
 """Task Arithmetic: θ = θ0 + λ Σ τ_t (METHODS.md §2.2)."""
 from taskmerge.config import configure
-from taskmerge.runs_data_free import run_task_arithmetic
+from taskmerge.runs_data_free import run_data_free
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -17,4 +17,4 @@ select_on_val = False         # True: choose λ on the <Task>Val splits (tall_ma
 val_grid = "tall_masks"       # "tall_masks" (0.05…1.0) or "tsv" (1/30…1.0)
 
 if __name__ == "__main__":
-    run_task_arithmetic(configure(globals()), script=__file__)
+    run_data_free("task_arithmetic", configure(globals()), script=__file__)

@@ -1,6 +1,6 @@
 """TIES-Merging: trim, elect sign, disjoint merge (METHODS.md §2.3)."""
 from taskmerge.config import configure
-from taskmerge.runs_data_free import run_ties_merging
+from taskmerge.runs_data_free import run_data_free
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -19,4 +19,4 @@ scaling_coef = None           # λ; None: the preset's (chosen on val for "tall_
 val_grid = "tall_masks"
 
 if __name__ == "__main__":
-    run_ties_merging(configure(globals()), script=__file__)
+    run_data_free("ties_merging", configure(globals()), script=__file__)

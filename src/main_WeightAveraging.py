@@ -1,6 +1,6 @@
 """Weight Averaging: θ = θ0 + (1/T) Σ τ_t (METHODS.md §2.1)."""
 from taskmerge.config import configure
-from taskmerge.runs_data_free import run_weight_averaging
+from taskmerge.runs_data_free import run_data_free
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -15,4 +15,4 @@ batch_size = 128
 drop_last = False             # True reproduces the original bug that drops the last task vector
 
 if __name__ == "__main__":
-    run_weight_averaging(configure(globals()), script=__file__)
+    run_data_free("weight_averaging", configure(globals()), script=__file__)

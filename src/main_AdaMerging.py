@@ -1,0 +1,27 @@
+"""AdaMerging: learn task-wise or layer-wise merging coefficients by entropy minimisation on
+unlabelled test images (METHODS.md §2.4–2.7); ++ uses TIES-selected task vectors."""
+from taskmerge.config import configure
+from taskmerge.runs_adaptive import run_adamerging
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = ""                 # the base merge as safetensors ("" to skip)
+resume_dir = "checkpoints/resume"   # training state every checkpoint_every steps ("" to disable)
+batch_size = 128              # evaluation batch
+seed = 0
+# method
+method_name = "lw_adamerging"   # tw_adamerging | lw_adamerging | tw_adamergingpp | lw_adamergingpp
+coefficients = "learn"          # "learn" | "published" | a saved .json | "auto"
+prior = 0.3                     # initial λ
+adamerging_steps = 500
+adamerging_lr = 1e-3
+adamerging_eval_every = 500
+checkpoint_every = 50
+
+if __name__ == "__main__":
+    run_adamerging(configure(globals()), script=__file__)

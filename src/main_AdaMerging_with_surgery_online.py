@@ -1,0 +1,33 @@
+"""AdaMerging + Surgery, online: batch 1, each test image seen once, tasks in order (METHODS.md §2.8)."""
+from taskmerge.config import configure
+from taskmerge.runs_adaptive import run_surgery
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = ""                 # the base merge as safetensors ("" to skip)
+resume_dir = "checkpoints/resume"   # training state every checkpoint_every steps ("" to disable)
+batch_size = 128              # evaluation batch
+seed = 0
+# base merging method (see main_AdaMerging_with_surgery.py for the list)
+method_name = "lw_adamerging"
+# AdaMerging coefficients (for tw_/lw_adamerging(pp) bases)
+coefficients = "auto"         # "published" | "learn" | a saved .json; "auto": published, else saved, else learn
+prior = 0.3
+adamerging_steps = 500
+# surgery (RepresentationSurgery defaults; SurgeryV2: surgery = "v2")
+surgery = "v1"                # "v1": module on the final feature; "v2": after every block as well
+rank = 16                     # SurgeryV2 paper's parameter-matched v1: 304 (B) / 132 (L/14)
+iterations = 500              # × tasks × 2 Adam steps (batch 16)
+eval_iterations = 100
+lr = 1e-3
+zero_grad_mode = "zero"       # "zero": torch 1.x semantics (the published runs); "none": torch 2.x
+checkpoint_every = 100
+online = True                 # evaluation of each task at 1 %, 10 %, 20 %, …, 100 % of its samples
+
+if __name__ == "__main__":
+    run_surgery(configure(globals()), script=__file__)

@@ -1,0 +1,190 @@
+"""The data-dependent entry scripts: AdaMerging, and Surgery v1 / online / SurgeryV2 on any base.
+
+A Surgery base is any method of runs_data_free.MERGERS (WA, TA, TIES, EMR, TSV-M, Consensus) or
+task-/layer-wise AdaMerging(++) with published, saved or freshly learned coefficients. Its fixed
+encoder (one per task for EMR/TSV-C/TALL) gives the features the modules are trained on; the
+experts' features are cached on disk (keyed by checkpoint digest), so a second run never touches
+the experts again.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import merging
+from .adamerging import AdaMergingConfig, train_adamerging
+from .adamerging_coefficients import (PUBLISHED_PATH, load_coefficients, load_published,
+                                      save_coefficients)
+from .adaptation_data import TaskImages
+from .checkpoints import file_digest
+from .experiment import task_data
+from .feature_cache import FeatureCache, base_and_expert_features
+from .functional_merge import MergedEncoder
+from .models import build_image_encoder
+from .representation_bias import bias_report, draw_representation_bias
+from .runs_data_free import MERGERS, Run
+from .surgery import SurgeryConfig, corrected_features, train_surgery, train_surgery_online
+from .surgery_v2 import train_surgery_v2
+from .task_vectors import task_vector
+
+# method_name → (coefficient granularity, TIES-selected source vectors?)
+ADAMERGING = {"tw_adamerging": ("task", False), "lw_adamerging": ("layer", False),
+              "tw_adamergingpp": ("task", True), "lw_adamergingpp": ("layer", True)}
+# The EnnengYang base names of the Surgery scripts, mapped onto our mergers and their settings.
+BASES = {"weight_averaging": ("weight_averaging", {}),
+         "task_arithmetic": ("task_arithmetic", {"scaling_coef": 0.3}),
+         "ties_merging": ("ties_merging", {"preset": "ennengyang"}),
+         "emr_merging": ("emr_merging", {}),
+         "tsv_merging": ("tsv_merging", {"method": "TSVM"}),
+         "consensus": ("tall_masks", {"method": "consensus"})}
+
+
+def _adamerging_config(config: dict) -> AdaMergingConfig:
+    return AdaMergingConfig(steps=config.get("adamerging_steps", 500), lr=config.get("adamerging_lr", 1e-3),
+                            eval_every=config.get("adamerging_eval_every", 500),
+                            checkpoint_every=config.get("checkpoint_every", 50),
+                            seed=config.get("seed", 0))
+
+
+def task_images(run: Run) -> dict[str, TaskImages]:
+    """Each task's (unlabelled) test images, loaded once for the whole run."""
+    return {t: TaskImages(task_data(run.setup, t).test, name=t) for t in run.setup.tasks}
+
+
+def adamerging_encoder(run: Run, method: str, config: dict, images=None) -> tuple[MergedEncoder, dict]:
+    """The MergedEncoder of `method` with its coefficients: published (real models), loaded from a
+    file, or learned now by entropy minimisation ("auto": published, else saved, else learn)."""
+    mode, plus_plus = ADAMERGING[method]
+    setup, tasks = run.setup, run.setup.tasks
+    pretrained, experts = run.experts()
+    theta0 = dict(pretrained.items())
+    if plus_plus:
+        selected = merging.ties_selected(pretrained, experts, k=0.2, validate_inputs=False)
+        vectors = [selected[t] for t in tasks]
+    else:
+        vectors = [lambda t=t: task_vector(pretrained, experts[t]).materialize() for t in tasks]
+    merged = MergedEncoder(build_image_encoder(setup.arch), theta0, vectors, mode=mode,
+                           init=config.get("prior", 0.3))
+    source = config.get("coefficients", "auto")
+    saved = os.path.join(setup.model_dir, "adamerging", f"{method}.json")
+    if source == "auto":
+        source = ("published" if _published_exists(method, setup.model_name)
+                  else saved if os.path.exists(saved) else "learn")
+    run.log.info(f"AdaMerging {method}: coefficients from {source}")
+    info = {"adamerging": method, "coefficients_source": source}
+    if source == "published":
+        merged.load_table(load_published(method, setup.model_name), tasks)
+    elif source == "learn":
+        result = train_adamerging(merged, tasks, images or task_images(run), run.heads,
+                                  _adamerging_config(config), logger=run.log,
+                                  checkpoint_dir=config.get("resume_dir") or None,
+                                  run_key=_run_key(run, method))
+        names = merged.param_names if mode == "layer" else None
+        save_coefficients(saved, result.coefficients, method=method, model_name=setup.model_name,
+                          tasks=tasks, param_names=names)
+        run.log.info(f"Saved learned coefficients to {saved}")
+        info.update(adamerging_history=result.history, adamerging_entropy=result.losses[-1:],
+                    coefficients_file=saved)
+    else:
+        merged.load_table(load_coefficients(source), tasks)
+    return merged, info
+
+
+def _published_exists(method: str, model_name: str) -> bool:
+    import json
+    with open(PUBLISHED_PATH) as f:
+        return f"{method}/{model_name}" in json.load(f)["coefficients"]
+
+
+def _run_key(run: Run, method: str) -> dict:
+    ckpt = run.setup.checkpoints
+    return {"method": method, "model": run.setup.model_name,
+            "checkpoints": {t: file_digest(ckpt.finetuned_path(t)) for t in run.setup.tasks},
+            "pretrained": file_digest(ckpt.zeroshot_path)}
+
+
+def run_adamerging(config: dict, script: str) -> dict:
+    """Task-/layer-wise AdaMerging(++): learn (or load) the coefficients, evaluate, report."""
+    method = config["method_name"]
+    run = Run(config, script, method, subfolder="adamerging")
+    merged, info = adamerging_encoder(run, method, config)
+    accs = run.evaluate(merged.merged_state_dict())
+    run.log.eval_step("final", accs)
+    return run.finish(accs, coefficients=merged.coefficient_rows().tolist(), **info)
+
+
+def base_encoders(run: Run, method: str, config: dict, images) -> tuple[dict, dict]:
+    """{task: fixed base ImageEncoder} for a Surgery base method, and what to report about it."""
+    tasks = run.setup.tasks
+    if method in ADAMERGING:
+        merged, info = adamerging_encoder(run, method, config, images)
+        base = merged.to_image_encoder()
+        return {t: base for t in tasks}, info
+    if method not in BASES:
+        raise ValueError(f"method_name={method!r}: expected one of {sorted(BASES) + sorted(ADAMERGING)}")
+    name, defaults = BASES[method]
+    merge = MERGERS[name](run, {**defaults, **{k: v for k, v in config.items() if v is not None}})
+    pretrained, _ = run.experts()
+    if merge.per_task:  # EMR / TSV-C / TALL: task t's modules sit on task t's own model
+        return {t: build_image_encoder(run.setup.arch, merge.model.task_state_dict(pretrained, t))
+                for t in tasks}, {"base": merge.name, **merge.extra}
+    base = build_image_encoder(run.setup.arch, merge.model)
+    return {t: base for t in tasks}, {"base": merge.name, **merge.extra}
+
+
+def run_surgery(config: dict, script: str) -> dict:
+    """Representation Surgery on a fixed base: v1 (final feature), its online variant, or
+    SurgeryV2 (every block); logs the originals' lines and reports the representation bias."""
+    method, version = config["method_name"], config.get("surgery", "v1")
+    online = config.get("online", False)
+    subfolder = "online" if online else ("Surgery" if version == "v2" else "run")
+    run = Run(config, script, method, subfolder=subfolder)
+    setup, tasks = run.setup, run.setup.tasks
+    images = task_images(run)
+    bases, base_info = base_encoders(run, method, config, images)
+    cache = FeatureCache(config.get("feature_cache") or os.path.join(setup.model_dir, "feature_cache"))
+    ckpt = setup.checkpoints
+    base_feats, expert_feats = {}, {}
+    for t in tasks:
+        base_feats[t], expert_feats[t] = base_and_expert_features(
+            bases[t], cache, lambda t=t: build_image_encoder(setup.arch, ckpt.finetuned(t)), images[t],
+            model_name=setup.model_name, checkpoint_digest=file_digest(ckpt.finetuned_path(t)),
+            dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}",
+            batch_size=run.batch_size)
+    scfg = SurgeryConfig(rank=config.get("rank", 16), iterations=config.get("iterations", 500),
+                         lr=config.get("lr", 1e-3), eval_every=config.get("eval_iterations", 100),
+                         checkpoint_every=config.get("checkpoint_every", 100),
+                         zero_grad_mode=config.get("zero_grad_mode", "zero"), seed=config.get("seed", 0),
+                         eval_batch_size=run.batch_size)
+    labels = {t: images[t].labels for t in tasks}
+    key = {**_run_key(run, method), "base": base_info.get("base", method), "surgery": version,
+           "online": online}
+    common = dict(logger=run.log, checkpoint_dir=config.get("resume_dir") or None, run_key=key)
+    run.log.info(f"Surgery {version}{' online' if online else ''} on {method}: rank {scfg.rank}, "
+                 f"zero_grad_mode={scfg.zero_grad_mode!r}")
+    if version == "v2":
+        result = train_surgery_v2(tasks, bases, images, expert_feats, base_feats, run.heads, scfg, **common)
+    elif online:
+        result = train_surgery_online(tasks, base_feats, expert_feats, labels, run.heads, scfg, **common)
+    else:
+        result = train_surgery(tasks, base_feats, expert_feats, labels, run.heads, scfg, **common)
+    stage = f"surgery_{version}" + ("_online" if online else "")
+    if not result.corrected:  # the online trainer keeps no features: correct them once, at the end
+        finals = corrected_features(result.adapters, {t: base_feats[t]["final"] for t in tasks})
+        result.corrected = {t: {"final": finals[t], "blocks": base_feats[t]["blocks"]} for t in tasks}
+    bias = bias_report(expert_feats, {"merged": base_feats, stage: result.corrected})
+    png = os.path.splitext(run.log.path)[0] + ".png"
+    draw_representation_bias(
+        png, {"merged": bias["per_task"]["merged"], stage: bias["per_task"][stage]},
+        {t: {"expert": expert_feats[t]["final"], "merged": base_feats[t]["final"],
+             stage: result.corrected[t]["final"]} for t in tasks},
+        title=f"{method} + {stage} ({setup.model_name})")
+    run.log.info(f"Representation bias (mean L1 to the experts), final feature: "
+                 f"merged {bias['average']['merged']['final']:.4f} → "
+                 f"{stage} {bias['average'][stage]['final']:.4f}; figure {png}")
+    base_accs = result.history[0]["accs"] if result.history and "accs" in result.history[0] else None
+    return run.finish(result.final_accs, surgery=version, online=online, rank=scfg.rank,
+                      zero_grad_mode=scfg.zero_grad_mode, base_accuracy=base_accs,
+                      history=result.history, representation_bias=bias, figure=os.path.basename(png),
+                      **base_info)
