@@ -7,3 +7,16 @@ import torch  # noqa: E402
 
 # Tests run tiny tensors: one thread avoids the scheduling overhead that dominates them on 2 cores.
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro_benchmark(tmp_path_factory):
+    """The micro embedded benchmark (a few tasks, a few hundred images), built once per session."""
+    from taskmerge.embedded_benchmark import ensure_embedded_benchmark
+    root = tmp_path_factory.mktemp("micro_benchmark")
+    ckpt, data = str(root / "checkpoints"), str(root / "data")
+    ensure_embedded_benchmark(ckpt, data, micro=True, progress=False)
+    return ckpt, data

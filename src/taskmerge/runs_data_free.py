@@ -175,7 +175,7 @@ def merge_tsv(run: Run, config: dict) -> Merge:
     delta = merging.tsv_delta(pretrained, experts, method, validate_inputs=False)
     alpha, curve = _coef(run, config, delta, "alpha", 1.0, "tsv_alpha")
     return Merge(f"{method}_{alpha}", apply(pretrained, delta, alpha),
-                 extra={"method": method, "alpha": alpha, "val_curve": curve})
+                 extra={"tsv_method": method, "alpha": alpha, "val_curve": curve})
 
 
 def merge_tall_masks(run: Run, config: dict) -> Merge:
