@@ -170,6 +170,8 @@ def run_surgery(config: dict, script: str) -> dict:
     else:
         result = train_surgery(tasks, base_feats, expert_feats, labels, run.heads, scfg, **common)
     stage = f"surgery_{version}" + ("_online" if online else "")
+    if online:  # each task was evaluated at its own 100 %; gather them as one final round
+        run.log.eval_step("final", result.final_accs)
     if not result.corrected:  # the online trainer keeps no features: correct them once, at the end
         finals = corrected_features(result.adapters, {t: base_feats[t]["final"] for t in tasks})
         result.corrected = {t: {"final": finals[t], "blocks": base_feats[t]["blocks"]} for t in tasks}
