@@ -1,0 +1,22 @@
+"""Data-free merge math, one file per method (METHODS.md §2.1–2.3, §2.10–2.14).
+
+Every function takes θ0 as a state dict and the experts as `{task: state dict}` (dicts or lazy
+readers, see task_vectors.py), validates them before any work, and reads one key at a time.
+Single-model methods return the merged θ (a dict of tensors in θ0's dtype); the per-task methods
+return a compact object with `.task_state_dict(θ0, task)`, `.save(path)`, `.load(path)` and
+`.storage_report()`.
+"""
+from .emr import EMRMerged, emr_merging
+from .tall_masks import (LAMS as TALL_LAMS, TallMasks, consensus_mask, consensus_merging,
+                         multitask_vector, tall_mask, tall_masks)
+from .task_arithmetic import DEFAULT_LAM, LAM_GRID_TALL, LAM_GRID_TSV, task_arithmetic
+from .ties import PRESETS as TIES_PRESETS, ties_delta, ties_merging, ties_selected
+from .tsv import ALPHA_GRID as TSV_ALPHA_GRID, tsv_delta, tsv_merging
+from .tsv_compress import TSVCompressed, tsv_compress
+from .weight_averaging import weight_averaging
+
+__all__ = ["weight_averaging", "task_arithmetic", "DEFAULT_LAM", "LAM_GRID_TALL", "LAM_GRID_TSV",
+           "ties_merging", "ties_delta", "ties_selected", "TIES_PRESETS",
+           "emr_merging", "EMRMerged", "tsv_merging", "tsv_delta", "TSV_ALPHA_GRID",
+           "tsv_compress", "TSVCompressed", "multitask_vector", "tall_mask", "tall_masks",
+           "TallMasks", "TALL_LAMS", "consensus_mask", "consensus_merging"]

@@ -1,0 +1,124 @@
+"""TALL masks and Consensus merging (METHODS.md §2.13, §2.14, A.7).
+
+From one multi-task vector τ_MTL (Σ_t τ_t, or TIES with K = 20 % and dis-sum; unscaled), each task
+gets back its own model through a binary mask, computed as the original does on the weights:
+  m_t(λ) = [ |θ0 − θ_t| > λ·|θ0 + τ_MTL − θ_t| ]   (= |τ_t| > λ·|τ_MTL − τ_t|, strict)
+  θ̂_t   = θ0 + m_t ⊙ τ_MTL                        (coefficient 1)
+λ_t ∈ {0.2, …, 0.6} is chosen per task on its …Val split (selection.py calls `tall_mask`).
+Consensus keeps the weights that at least k tasks use: c = Σ_t m_t(λ_t), θ = θ0 + α·([c ≥ k] ⊙
+τ_MTL); k = 2 drops "catastrophic" and "selfish" weights, k = 0 is TA/TIES, k > T is zero-shot.
+Masks are stored bit-packed, one bit per parameter per task, next to τ_MTL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from ..task_vectors import (Experts, StateDict, TaskVector, apply, as_float,
+                            sum_of_task_vectors, validate)
+from . import bitpack
+from .ties import ties_delta
+
+LAMS = (0.2, 0.3, 0.4, 0.5, 0.6)
+FORMAT = "taskmerge.tall/1"
+
+
+def multitask_vector(pretrained: StateDict, finetuned: Experts, use_ties: bool = False,
+                     validate_inputs: bool = True) -> dict[str, torch.Tensor]:
+    """τ_MTL: Σ_t τ_t, or with `use_ties` the TIES (K = 20 %, dis-sum) vector; never scaled."""
+    if use_ties:
+        return ties_delta(pretrained, finetuned, k=0.2, merge="dis-sum",
+                          validate_inputs=validate_inputs)
+    if validate_inputs:
+        validate(pretrained, finetuned)
+    return sum_of_task_vectors(pretrained, finetuned).materialize()
+
+
+def tall_mask(pretrained: StateDict, expert: StateDict, tau_mtl: Mapping[str, torch.Tensor],
+              lam: float) -> dict[str, torch.Tensor]:
+    """m_t(λ) for one expert θ_t, key by key (bool tensors)."""
+    out = {}
+    for key, tau in tau_mtl.items():
+        theta0, theta_t = as_float(pretrained[key]), as_float(expert[key])
+        # the original's float32 steps, in place on temporaries: |θ0 − θ_t| > |θ0 + τ − θ_t|·λ
+        out[key] = (theta0 - theta_t).abs_() > (theta0 + tau).sub_(theta_t).abs_().mul_(lam)
+    return out
+
+
+@dataclass
+class TallMasks:
+    tasks: list[str]
+    tau_mtl: dict[str, torch.Tensor]     # the multi-task vector, float32
+    masks: dict[str, torch.Tensor]       # key -> (T, ceil(numel/8)) uint8, row t = task t
+    lams: list[float]                    # λ_t each mask was built with
+    use_ties: bool = False
+
+    def mask(self, task: int | str) -> dict[str, torch.Tensor]:
+        t = self.tasks.index(task) if isinstance(task, str) else task
+        return {k: bitpack.unpack(self.masks[k][t], v.shape) for k, v in self.tau_mtl.items()}
+
+    def task_delta(self, task: int | str) -> dict[str, torch.Tensor]:
+        return {k: self.tau_mtl[k] * m for k, m in self.mask(task).items()}
+
+    def task_state_dict(self, pretrained: StateDict, task: int | str) -> dict[str, torch.Tensor]:
+        return apply(pretrained, self.task_delta(task), 1.0)
+
+    def save(self, path: str) -> None:
+        tensors = {f"tau_mtl/{k}": v for k, v in self.tau_mtl.items()}
+        tensors.update({f"mask/{k}": v for k, v in self.masks.items()})
+        bitpack.save_file(tensors, path, {"format": FORMAT, "tasks": self.tasks, "lams": self.lams,
+                                          "keys": list(self.tau_mtl), "use_ties": self.use_ties})
+
+    @classmethod
+    def load(cls, path: str) -> "TallMasks":
+        tensors, header = bitpack.load_file(path, FORMAT)
+        keys = header["keys"]
+        return cls(header["tasks"], {k: tensors[f"tau_mtl/{k}"] for k in keys},
+                   {k: tensors[f"mask/{k}"] for k in keys}, header["lams"], header["use_ties"])
+
+    def storage_report(self) -> dict:
+        dense = sum(v.numel() * v.element_size() for v in self.tau_mtl.values())
+        per_task = sum(m[0].numel() for m in self.masks.values())
+        return {"num_tasks": len(self.tasks), "shared_bytes": dense, "per_task_bytes": per_task,
+                "dense_per_task_bytes": dense,
+                "per_task_fraction": per_task / dense if dense else 0.0}
+
+
+def tall_masks(pretrained: StateDict, finetuned: Experts, lams: float | Sequence[float],
+               tau_mtl: Mapping[str, torch.Tensor] | None = None, use_ties: bool = False,
+               validate_inputs: bool = True) -> TallMasks:
+    """Every task's mask at its λ_t (one λ for all, or one per task in task order)."""
+    lams = [float(lams)] * len(finetuned) if isinstance(lams, (int, float)) else list(lams)
+    if len(lams) != len(finetuned):
+        raise ValueError(f"{len(lams)} λ values for {len(finetuned)} tasks; give one per task")
+    if tau_mtl is None:
+        tau_mtl = multitask_vector(pretrained, finetuned, use_ties, validate_inputs)
+    elif validate_inputs:
+        validate(pretrained, finetuned)
+    masks = {k: torch.empty(len(lams), (v.numel() + 7) // 8, dtype=torch.uint8)
+             for k, v in tau_mtl.items()}
+    for t, (expert, lam) in enumerate(zip(finetuned.values(), lams)):
+        for key, mask in tall_mask(pretrained, expert, tau_mtl, lam).items():
+            masks[key][t] = bitpack.pack(mask)
+    tau_mtl = {k: v.to(torch.float32) for k, v in tau_mtl.items()}
+    return TallMasks(list(finetuned), tau_mtl, masks, lams, use_ties)
+
+
+def _consensus_at(tall: TallMasks, key: str, k: int) -> torch.Tensor:
+    shape = tall.tau_mtl[key].shape
+    count = sum(bitpack.unpack(row, shape).to(torch.int32) for row in tall.masks[key])
+    return count >= k
+
+
+def consensus_mask(tall: TallMasks, k: int = 2) -> dict[str, torch.Tensor]:
+    """[Σ_t m_t ≥ k] per key: the weights at least k tasks' TALL masks select."""
+    return {key: _consensus_at(tall, key, k) for key in tall.tau_mtl}
+
+
+def consensus_merging(pretrained: StateDict, tall: TallMasks, alpha: float,
+                      k: int = 2) -> dict[str, torch.Tensor]:
+    """θ0 + α·(consensus mask ⊙ τ_MTL), key by key; α is chosen on the …Val splits like TA's λ."""
+    masked = TaskVector(tall.tau_mtl, lambda key: tall.tau_mtl[key] * _consensus_at(tall, key, k))
+    return apply(pretrained, masked, alpha)

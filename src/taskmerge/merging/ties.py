@@ -1,0 +1,150 @@
+"""TIES-Merging (METHODS.md §2.3): Trim, Elect sign, Disjoint merge.
+
+The originals flatten every task vector into one row of length D (all keys, sorted order) and work
+on the T × D matrix. Every step below gives the same numbers key by key:
+- Trim is global per task: k_th = D − int(D·k); keep entries with |τ_t| ≥ the k_th-th smallest |τ_t|
+  of the whole flattened τ_t (ties kept). That value is found by an in-place selection
+  (introselect) in one reusable buffer of D floats, not by sorting or stacking T rows.
+- Elect: sign of the summed trimmed mass; where it is 0, the majority sign = sign(Σ_p sign_p), one
+  scalar over the whole model, hence a first pass that stores the elected signs as int8.
+- Disjoint merge: per task keep the trimmed entries whose sign equals the elected one (zeros drop
+  out), then dis-sum, dis-mean (sum / max(1, count of kept)) or dis-max (elected sign × max |kept|).
+θ = θ0 + λ·merged. Because keys never mix, sorted-key flattening order does not matter.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from ..task_vectors import (Experts, StateDict, apply, as_float, merged_keys, shape_of, taus_at,
+                            validate)
+
+MERGES = ("dis-sum", "dis-mean", "dis-max")
+PRESETS = {
+    # main_ties_merging.py, Surgery `ties_merging`, AdaMerging++: no validation search.
+    "ennengyang": {"k": 0.2, "merge": "dis-sum", "lam": 0.3},
+    # tall_masks/TSV `method=ties`: λ on the …Val splits (lam=None: selection.py picks it). Their
+    # config default is method.k=100 (no trimming) but the README runs method.k=20; we take 20 %.
+    "tall_masks": {"k": 0.2, "merge": "dis-mean", "lam": None},
+}
+
+
+def trim_thresholds(pretrained: StateDict, finetuned: Experts, k: float) -> list[float]:
+    """Per task, the smallest |τ_t| the global top-k trim keeps (0.0 when k = 1: no trimming)."""
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k={k}: k is the kept fraction in (0, 1], e.g. 0.2 for the top 20 %")
+    if k == 1.0:  # tall_masks' method.k=100 skips the trim entirely
+        return [0.0] * len(finetuned)
+    keys = merged_keys(pretrained)
+    sizes = [torch.Size(shape_of(pretrained, key)).numel() for key in keys]
+    dim = sum(sizes)
+    kth = dim - int(dim * k)
+    magnitudes = None  # |τ_t| flattened, refilled for every task
+    thresholds = []
+    for expert in finetuned.values():
+        offset = 0
+        for key, size in zip(keys, sizes):
+            theta_t, theta0 = as_float(expert[key]), as_float(pretrained[key])
+            if magnitudes is None:
+                magnitudes = torch.empty(dim, dtype=theta0.dtype)
+            tau = magnitudes[offset:offset + size].view(theta0.shape)
+            torch.sub(theta_t, theta0, out=tau).abs_()
+            offset += size
+        flat = magnitudes.numpy()
+        flat.partition(kth - 1)  # the kth-th smallest lands at index kth-1, as kthvalue(kth)
+        thresholds.append(float(flat[kth - 1]))
+    return thresholds
+
+
+def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
+    """τ where |τ| ≥ threshold, else 0. hardshrink keeps |τ| > λ; with λ the float just below
+    the threshold that is |τ| ≥ threshold (ties kept), in one fused pass."""
+    below = torch.nextafter(torch.tensor(threshold, dtype=tau.dtype),
+                            torch.tensor(-float("inf"), dtype=tau.dtype))
+    return torch.nn.functional.hardshrink(tau, float(below))
+
+
+def elected_signs(pretrained: StateDict, finetuned: Experts,
+                  thresholds: list[float]) -> dict[str, torch.Tensor]:
+    """sign(Σ_t trimmed_t) per key as int8, zeros replaced by the model-wide majority sign."""
+    signs, votes = {}, 0
+    for key in merged_keys(pretrained):
+        taus = taus_at(as_float(pretrained[key]), finetuned, key)
+        mass = None
+        for tau, thr in zip(taus, thresholds):
+            mass = trim(tau, thr) if mass is None else mass.add_(trim(tau, thr))
+        signs[key] = torch.sign(mass).to(torch.int8)
+        votes += int(signs[key].sum(dtype=torch.int64))
+    majority = (votes > 0) - (votes < 0)
+    for sign in signs.values():
+        sign[sign == 0] = majority
+    return signs
+
+
+def selected_by_key(pretrained: StateDict, finetuned: Experts, k: float
+                    ) -> Iterator[tuple[str, torch.Tensor, Iterator[torch.Tensor]]]:
+    """(key, elected sign, the T selected tensors of that key one at a time), key after key."""
+    thresholds = trim_thresholds(pretrained, finetuned, k)
+    signs = elected_signs(pretrained, finetuned, thresholds)
+    for key in merged_keys(pretrained):
+        sign = signs.pop(key)
+        theta0 = as_float(pretrained[key])
+        # Keeping τ where sign(τ) = elected sign is clamp(τ·d, min=0)·d with d = ±1; d = −1
+        # also where the elected sign is 0 (majority 0), as the originals' `τ < 0` branch does.
+        direction = torch.where(sign > 0, 1.0, -1.0).to(theta0.dtype)
+        trimmed = (trim(tau, thr) for tau, thr in zip(taus_at(theta0, finetuned, key), thresholds))
+        yield key, sign, (t.mul_(direction).clamp_(min=0).mul_(direction) for t in trimmed)
+
+
+def disjoint_merge(selected: Iterable[torch.Tensor], sign: torch.Tensor, merge: str
+                   ) -> torch.Tensor:
+    total = count = biggest = None
+    for sel in selected:
+        if merge == "dis-max":
+            biggest = sel.abs() if biggest is None else torch.maximum(biggest, sel.abs())
+            continue
+        total = sel if total is None else total.add_(sel)
+        if merge == "dis-mean":
+            kept = (sel != 0).to(torch.int32)
+            count = kept if count is None else count + kept
+    if merge == "dis-sum":
+        return total
+    if merge == "dis-mean":
+        return total / torch.clamp(count, min=1)
+    return biggest * sign
+
+
+def ties_delta(pretrained: StateDict, finetuned: Experts, k: float = 0.2, merge: str = "dis-sum",
+               validate_inputs: bool = True) -> dict[str, torch.Tensor]:
+    """The unscaled TIES task vector (TALL masks and Consensus use it with dis-sum)."""
+    if merge not in MERGES:
+        raise ValueError(f"merge={merge!r}: expected one of {MERGES}")
+    if validate_inputs:
+        validate(pretrained, finetuned)
+    return {key: disjoint_merge(selected, sign, merge)
+            for key, sign, selected in selected_by_key(pretrained, finetuned, k)}
+
+
+def ties_merging(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
+                 merge: str = "dis-sum", lam: float | None = 0.3,
+                 validate_inputs: bool = True) -> dict[str, torch.Tensor]:
+    """θ0 + lam·TIES(τ_1..τ_T). Presets: `ties_merging(θ0, experts, **PRESETS["ennengyang"])`."""
+    if lam is None:
+        raise ValueError("lam=None: the tall_masks preset chooses λ on the …Val splits "
+                         "(selection.py); pass lam explicitly to merge with a fixed λ")
+    return apply(pretrained, ties_delta(pretrained, finetuned, k, merge, validate_inputs), lam,
+                 consume=True)
+
+
+def ties_selected(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
+                  validate_inputs: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Per task, its trimmed entries that agree with the elected sign (`ties_merging_split`):
+    the "TIES task vectors" of AdaMerging++ and TIES+Surgery; their sum is the dis-sum merge."""
+    if validate_inputs:
+        validate(pretrained, finetuned)
+    out: dict[str, dict[str, torch.Tensor]] = {task: {} for task in finetuned}
+    for key, _, selected in selected_by_key(pretrained, finetuned, k):
+        for task, sel in zip(finetuned, selected):
+            out[task][key] = sel
+    return out
