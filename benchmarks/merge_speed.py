@@ -1,19 +1,22 @@
 """Wall time and peak memory of the data-free merges on ViT-B/32-size experts, one process per run.
 
     python benchmarks/merge_speed.py                       # 8, 14 and 20 tasks, every method
-    python benchmarks/merge_speed.py --tasks=[8] --methods=['ties','tsvm']
+    python benchmarks/merge_speed.py --tasks=[8] "--methods=['ties','tsvm']" --threads=1
 
 The experts are built here, nothing is downloaded: the open_clip ViT-B-32 image encoder with random
 weights (158 tensors, 113.4M floats, task_vectors' `model.` keys) is θ0, and each expert adds a
 seeded structured change to every vision tensor: low rank (2-D) + sparse large entries + dense
 noise, so that TIES' trim and TSV's truncation have work to do. The six text-side leftovers keep
 exactly zero task vectors, as in real checkpoints. They are written once as safetensors under
-`cache_dir` (≈ 0.45 GB per model, 9.5 GB for 20 tasks) and reused.
+`cache_dir` (≈ 0.45 GB per model, 9.5 GB for 20 tasks; keep it out of git) and reused.
 
 Every (method, T) runs in a fresh subprocess that opens the files lazily, merges and saves the
-result (safetensors; EMR / TSV-C / TALL in their compact form). Reported: the whole process's wall time
-(interpreter start, imports, reads, merge, save) and its peak RSS (`wait4` rusage of that child),
-next to FusionBench 0.2.33's numbers for 8 experts and the targets. Torch uses `threads` threads.
+result (safetensors; EMR / TSV-C / TALL in their compact form). Reported: the whole process's wall
+time (interpreter start, imports, reads, merge, save), its CPU time (user + sys) and its peak RSS
+(`wait4` rusage of that child), next to FusionBench 0.2.33's numbers for 8 experts and the targets.
+`reader=library` reads through `checkpoints.open_state_dict`; `reader=pread` through the plain
+reader below, which never maps the files (mapped pages count in RSS). On a machine shared with
+other jobs use `threads=1`: two OpenMP threads on oversubscribed cores spin and run ~2× slower.
 """
 import json
 import os
@@ -234,7 +237,9 @@ def main() -> None:
     print(header)
     for count in tasks:
         for method in methods:
-            if method == "consensus" and "tall" not in methods:
+            tall_file = os.path.join(cache_dir, "out", f"tall_{count}.safetensors")
+            if method == "consensus" and "tall" not in methods and not os.path.exists(tall_file):
+                print(f"consensus {count}: needs the TALL masks of a 'tall' run; skipped")
                 continue
             r = run_one(method, count)
             rows.append(r)

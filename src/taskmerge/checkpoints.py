@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
@@ -144,16 +145,28 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: str, rename: Mapping[str, str] | None = None):
-        from safetensors import safe_open
         self.path = str(path)
+        # The header is parsed here and each tensor is read with pread into memory it owns: a
+        # memory-mapped file would count every page a merge touched in the process's RSS, so
+        # peak memory would grow with the number of experts.
         try:
-            self._file = safe_open(self.path, framework="pt", device="cpu")
-            stored = list(self._file.keys())
-            metadata = self._file.metadata() or {}
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(n))
+            metadata = header.pop("__metadata__", None) or {}
+            for key, info in header.items():
+                start, end = info["data_offsets"]
+                if info["dtype"] not in _ST_DTYPES or end > size - 8 - n or start > end:
+                    raise ValueError(f"tensor {key!r} lies outside the file or has dtype {info['dtype']}")
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read this safetensors file "
                                   f"({type(e).__name__}: {e}); it is truncated or corrupt") from e
+        self._base, self._header = 8 + n, header
         self.metadata = dict(metadata)
+        stored = list(header)
         order = json.loads(metadata.get("key_order", "[]"))
         if sorted(order) == sorted(stored):
             stored = order
@@ -161,11 +174,26 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         stored = self._keys[key]
-        try:
-            return self._file.get_tensor(stored)
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {stored!r} ({e}); "
-                                  f"the file is truncated or corrupt") from e
+        info = self._header[stored]
+        start, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        if end > start:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                done = 0
+                while done < end - start:  # a large pread may return short
+                    got = os.preadv(fd, [view[done:]], self._base + start + done)
+                    if got == 0:
+                        raise CheckpointError(f"{self.path}: tensor {stored!r} is cut short; "
+                                              f"the file is truncated or corrupt")
+                    done += got
+            finally:
+                os.close(fd)
+        if sys.byteorder != "little" and out.element_size() > 1:
+            out = out.view(-1).view(torch.uint8).view(-1, out.element_size()).flip(1).contiguous() \
+                .view(out.dtype).view(out.shape)
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -177,10 +205,10 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
         return key in self._keys
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(self._keys[key]).get_shape())
+        return tuple(self._header[self._keys[key]]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return _ST_DTYPES[self._file.get_slice(self._keys[key]).get_dtype()]
+        return _ST_DTYPES[self._header[self._keys[key]]["dtype"]]
 
     def __repr__(self) -> str:
         return f"SafetensorsReader({self.path!r}, {len(self)} tensors)"

@@ -32,11 +32,6 @@ def unpack(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(bits.view(np.bool_)).reshape(tuple(shape))
 
 
-def pack_tasks(masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """T masks of one tensor as a (T, ceil(numel/8)) uint8 tensor, row t = task t."""
-    return torch.stack([pack(m) for m in masks])
-
-
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, header: dict) -> None:
     """A compact merge result as safetensors, atomically; `header` goes to the metadata as JSON."""
     atomic.save_safetensors(dict(tensors), path, metadata={"taskmerge": json.dumps(header)})

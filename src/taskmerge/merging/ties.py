@@ -1,7 +1,6 @@
 """TIES-Merging (METHODS.md §2.3): Trim, Elect sign, Disjoint merge.
 
-The originals flatten every task vector into one row of length D (all keys, sorted order) and work
-on the T × D matrix. Every step below gives the same numbers key by key:
+The originals work on the T × D matrix of flattened task vectors; each step here, key by key:
 - Trim is global per task: k_th = D − int(D·k); keep entries with |τ_t| ≥ the k_th-th smallest |τ_t|
   of the whole flattened τ_t (ties kept). That value is found by an in-place selection
   (introselect) in one reusable buffer of D floats, not by sorting or stacking T rows.
