@@ -14,9 +14,9 @@ Every (method, T) runs in a fresh subprocess that opens the files lazily, merges
 result (safetensors; EMR / TSV-C / TALL in their compact form). Reported: the whole process's wall
 time (interpreter start, imports, reads, merge, save), its CPU time (user + sys) and its peak RSS
 (`wait4` rusage of that child), next to FusionBench 0.2.33's numbers for 8 experts and the targets.
-`reader=library` reads through `checkpoints.open_state_dict`; `reader=pread` through the plain
-reader below, which never maps the files (mapped pages count in RSS). On a machine shared with
-other jobs use `threads=1`: two OpenMP threads on oversubscribed cores spin and run ~2× slower.
+Experts are read through `checkpoints.open_state_dict`, which preads each tensor and never maps
+the files (mapped pages would count in RSS). On a machine shared with other jobs use `threads=1`:
+two OpenMP threads on oversubscribed cores spin and run ~2× slower.
 """
 import json
 import os
@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 tasks = [8, 14, 20]
 methods = ["wa", "ta", "ties", "emr", "tall", "consensus", "tsvm"]
 threads = 2                 # torch intra-op threads per run (the targets assume 2 CPU cores)
-reader = "library"          # library: checkpoints.open_state_dict; pread: a plain-read reader
 malloc_mmap_threshold = 0   # > 0: glibc MALLOC_MMAP_THRESHOLD_ for the runs (0: glibc's default)
 # where the experts live
 cache_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
@@ -104,64 +103,12 @@ def build_experts(count: int) -> None:
         print(f"built expert {i + 1}/{count} in {time.time() - t0:.1f}s", flush=True)
 
 
-_DTYPES = {}
-
-
-class PreadReader:
-    """A lazy safetensors reader that reads each tensor with pread, without mapping the file."""
-
-    def __init__(self, path):
-        import struct
-        import torch
-        _DTYPES.update(F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, F64=torch.float64,
-                       I64=torch.int64, U8=torch.uint8)
-        self.path = path
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        self._base, self._header = 8 + n, header
-
-    def __getitem__(self, key):
-        import torch
-        info = self._header[key]
-        start, end = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < end - start:  # preadv may return short reads for large sizes
-                done += os.preadv(fd, [view[done:]], self._base + start + done)
-        finally:
-            os.close(fd)
-        return out
-
-    def shape(self, key):
-        return tuple(self._header[key]["shape"])
-
-    def dtype(self, key):
-        return _DTYPES[self._header[key]["dtype"]]
-
-    def __iter__(self):
-        return iter(self._header)
-
-    def __len__(self):
-        return len(self._header)
-
-    def keys(self):
-        return self._header.keys()
-
-    def __contains__(self, key):
-        return key in self._header
-
-
 def run_worker() -> None:
     import torch
     torch.set_num_threads(threads)
     from taskmerge import atomic, merging
     from taskmerge.checkpoints import open_state_dict
-    open_reader = open_state_dict if reader == "library" else PreadReader
+    open_reader = open_state_dict
     theta0 = open_reader(pretrained_path())
     experts = {f"task{i:02d}": open_reader(expert_path(i)) for i in range(num_tasks)}
     out_dir = os.path.join(cache_dir, "out")
@@ -201,7 +148,7 @@ def run_worker() -> None:
 
 def run_one(method: str, count: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={method}", f"--num_tasks={count}",
-           f"--threads={threads}", f"--reader={reader}", f"--cache_dir={cache_dir}"]
+           f"--threads={threads}", f"--cache_dir={cache_dir}"]
     t0 = time.time()
     env = dict(os.environ)
     if malloc_mmap_threshold > 0:  # trades page faults for no heap fragmentation
@@ -228,7 +175,7 @@ def main() -> None:
         return run_worker()
     os.makedirs(cache_dir, exist_ok=True)
     build_experts(max(tasks))
-    print(f"torch threads per run: {threads}; reader: {reader}; cpu count: {os.cpu_count()}; "
+    print(f"torch threads per run: {threads}; cpu count: {os.cpu_count()}; "
           f"malloc mmap threshold: {malloc_mmap_threshold or 'default'}; "
           f"load average before: {os.getloadavg()[0]:.2f}")
     rows = []
@@ -248,7 +195,7 @@ def main() -> None:
                   f"{r['peak_rss_gib']:>10.2f}{fb[0] if fb else '':>7}{fb[1] if fb else '':>8}"
                   f"{TARGET_S.get(method, ''):>10}{r['load_average']:>6.1f}", flush=True)
     from taskmerge import atomic
-    atomic.write_json(os.path.join(cache_dir, f"results_{reader}.json"),
+    atomic.write_json(os.path.join(cache_dir, "results.json"),
                       {"config": config, "load_average_after": os.getloadavg(), "rows": rows})
 
 
