@@ -11,7 +11,7 @@ The last one is written once by `convert_to_safetensors` (src/convert_checkpoint
 by key afterwards; `CheckpointSet.discover` prefers it when it is complete and up to date (each
 file records the digest of the original it came from; a changed original makes it stale).
 task_vectors files are pickled modules and go through the restricted unpickler (`safe_pickle`);
-nothing here ever calls `torch.load(weights_only=False)`.
+torch.load is only ever called with weights_only on.
 
 Encoder state dicts always come out with task_vectors' keys `model.<open_clip key>`; heads as
 `{"weight", "bias"}`. A bare open_clip CLIP state dict (keys `visual.…`, no `model.` prefix) is
