@@ -1,10 +1,16 @@
-"""The embedded benchmark's 8 image classification tasks, built from real data shipped in packages.
+"""The embedded benchmark's image classification tasks, built from real data shipped in packages.
 
 Every task is 32×32 RGB uint8, loosely mirrors one of the paper's tasks, and is built once from the
 installed files (`embedded_sources.py`), seeded, then cached as `<data_location>/embedded/<Task>.npz`
 (`embedded-micro/` for the micro set). The cache stores a recipe version: a hash of this module and
 of `embedded_sources.py` plus the task's name and size, so editing a recipe rebuilds its tasks and
 nothing else ever does. Two builds write the same bytes.
+
+The tasks are sized for what a 0.8M-parameter ViT pretrained for a few minutes on 2 CPU cores can
+learn: renders vary (position, scale, rotation, colour, grain) but stay legible at 32 px, and
+printed letters are dark ink on light paper. The default benchmark is the first six; Letters is
+optional (see `EMBEDDED_TASKS`). A clip-art categories task (10 Open Clip Art folders, split by
+drawing series) was tried and dropped: with ~50 drawings per class its experts stayed at ~22 %.
 
 | task | source (package) | classes | train / test | split |
 |---|---|---|---|---|
@@ -13,8 +19,7 @@ nothing else ever does. Two builds write the same bytes.
 | Animals | silhouettes (PyPI animal-mnist) | 10 | 4,000 / 1,000 | stratified, seeded, exact duplicates removed |
 | Textures | GIMP patterns (Debian gimp-data), scikit-image | 36 | 2,880 / 720 | disjoint regions of each tile |
 | RoadSigns | road signs (Debian openclipart-png), GTSRB-style renders | 43 | 2,580 / 645 | render seed |
-| ClipArt | 10 clip-art categories (Debian openclipart-png) | 10 | 2,500 / 500 | source drawing (and its look-alikes) |
-| Letters | A–Z in 127 Debian text fonts | 26 | 4,836 / 884 | font design (93 / 34 fonts; clones together) |
+| Letters (optional) | A–Z in 127 Debian text fonts | 26 | 4,836 / 884 | font design (93 / 34 fonts; clones together) |
 | LowResDigits | UCI optdigits 8×8 (PyPI scikit-learn) | 10 | 1,397 / 400 | stratified, seeded |
 
 The micro set (`micro=True`) has Digits, Fashion, Animals and LowResDigits at 10 train / 5 test images
@@ -43,8 +48,13 @@ from .templates import DTD_TEMPLATES, GTSRB_TEMPLATES, NUMBER_TEMPLATES, base_ta
 
 SIZE = 32  # every embedded image is SIZE × SIZE × 3 uint8
 
-EMBEDDED_TASKS = ["Digits", "Fashion", "Animals", "Textures", "RoadSigns", "ClipArt", "Letters",
-                  "LowResDigits"]
+# The default benchmark. Letters is built and tested like the others but left out of it: the tiny
+# CLIP's byte-level text tower cannot tell one-letter class names apart in the build's budget (its
+# zero-shot head rows have cosine 0.999, effective rank 1.1 of 26), so experts fine-tuned through
+# that head stay near chance and their task vectors only add interference. Ask for it by name
+# (`build_embedded_data(tasks=[..., "Letters"])`, `get_embedded_task("Letters")`).
+EMBEDDED_TASKS = ["Digits", "Fashion", "Animals", "Textures", "RoadSigns", "LowResDigits"]
+OPTIONAL_TASKS = ["Letters"]
 MICRO_TASKS = ["Digits", "Fashion", "Animals", "LowResDigits"]
 MICRO_PER_CLASS = (10, 5)  # (train, test) images per class in the micro set
 
@@ -277,20 +287,20 @@ def _smooth_background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _render_sign(sign: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    """GTSRB-like view: random background, scale, ±15° rotation, offset, blur, brightness, noise."""
+    """GTSRB-like view: random background, scale, ±10° rotation, offset, blur, brightness, noise."""
     canvas = _smooth_background(rng, SIGN_RENDER)
-    side = rng.uniform(0.55, 0.95) * SIGN_RENDER
+    side = rng.uniform(0.7, 0.95) * SIGN_RENDER
     scale = side / max(sign.size)
     glyph = sign.resize((max(1, round(sign.width * scale)), max(1, round(sign.height * scale))),
                         Image.Resampling.LANCZOS)
-    glyph = glyph.rotate(rng.uniform(-15, 15), Image.Resampling.BICUBIC, expand=True)
+    glyph = glyph.rotate(rng.uniform(-10, 10), Image.Resampling.BICUBIC, expand=True)
     room_x, room_y = SIGN_RENDER - glyph.width, SIGN_RENDER - glyph.height
-    x0 = int(round(room_x / 2 + rng.uniform(-0.5, 0.5) * max(room_x, 0)))
-    y0 = int(round(room_y / 2 + rng.uniform(-0.5, 0.5) * max(room_y, 0)))
+    x0 = int(round(room_x / 2 + rng.uniform(-0.4, 0.4) * max(room_x, 0)))
+    y0 = int(round(room_y / 2 + rng.uniform(-0.4, 0.4) * max(room_y, 0)))
     canvas.paste(glyph, (x0, y0), glyph)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.6)))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.0)))
     img = np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BICUBIC), np.float64)
-    img = img * rng.uniform(0.4, 1.2) + rng.normal(0, rng.uniform(0, 6), img.shape)
+    img = img * rng.uniform(0.6, 1.15) + rng.normal(0, rng.uniform(0, 4), img.shape)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
@@ -309,102 +319,6 @@ def build_road_signs(micro: bool) -> dict:
     return _arrays(np.stack(xs[0]), ys[0], np.stack(xs[1]), ys[1],
                    source="Debian openclipart-png transportation/roadsigns",
                    split="same sign designs, disjoint render seeds")
-
-
-# ---------------------------------------------------------------- ClipArt
-CLIPART_CLASSES = [
-    ("mammals", "animals/mammals"),
-    ("birds", "animals/birds"),
-    ("insects", "animals/bugs"),
-    ("fruit", "food/fruit"),
-    ("desserts", "food/desserts"),
-    ("drinks", "food/beverages"),
-    ("vehicles", "transportation/vehicles"),
-    ("clothing", "people/clothing"),
-    ("music", "recreation/music"),
-    ("flowers", "plants/flowers"),
-]
-# Files that are not what their folder says: placeholders ("Linked Image Not Found"), road signs and
-# symbols filed under vehicles, a bat among the birds, a food plate, a flower picture.
-CLIPART_EXCLUDE = {
-    "animals/birds": {"duck_yellow_ii_kurt_cagl_.png", "penguin/tux_didier_fabert_01.png", "contour_bat.png",
-                      "mirjam_meijer_mirjam_mei_01.png", "turkey_on_platter_01.png"},
-    "animals/mammals": {"emule_icon_emule.org_01.png"},
-    "transportation/vehicles": {"crossroads.png", "curve_ahead.png", "cycle_lane.png", "cycle_route.png",
-                                "parking_romus_01.png", "quay_sign_01.png", "bus_symbol_black_01.png",
-                                "lighthouse_01.png", "4wd.png"},
-    "people/clothing": {"straw_tote_linda_kim_01.png", "feet_in_sandals_jonadab__01.png"},
-}
-CLIPART_TEST_SHARE = 0.25   # of each class's drawings (by group) go to test
-CLIPART_RENDER = 48
-
-
-def clipart_group(relpath: str) -> str:
-    """Drawings of one series ("hats/…", "dog_04_drawn_with_strai_02", "trumpet_b_flat_colour_ganso")
-    share a key, so look-alikes never straddle the train/test split: the sub-folder if any, else
-    the file name's first 8 letters."""
-    if "/" in relpath:
-        return relpath.split("/", 1)[0]
-    return re.sub(r"[^a-z]", "", os.path.splitext(relpath)[0].lower())[:8]
-
-
-def _split_groups(groups: list[str], rng: np.random.Generator) -> set[str]:
-    """Groups for test: taken in random order while the test share stays ≤ CLIPART_TEST_SHARE."""
-    counts = {g: groups.count(g) for g in sorted(set(groups))}
-    test, n_test = set(), 0
-    for g in rng.permutation(sorted(counts)):
-        if n_test + counts[g] <= CLIPART_TEST_SHARE * len(groups):
-            test.add(str(g))
-            n_test += counts[g]
-    return test
-
-
-def _render_clipart(drawing: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    """Light augmentation: scale, ±10° rotation, flip, offset; white or pale paper."""
-    paper = (255, 255, 255) if rng.random() < 0.8 else tuple(int(v) for v in rng.integers(200, 256, 3))
-    canvas = Image.new("RGB", (CLIPART_RENDER, CLIPART_RENDER), paper)
-    scale = rng.uniform(0.75, 0.95) * CLIPART_RENDER / max(drawing.size)
-    glyph = drawing.resize((max(1, round(drawing.width * scale)), max(1, round(drawing.height * scale))),
-                           Image.Resampling.LANCZOS)
-    if rng.random() < 0.5:
-        glyph = glyph.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    glyph = glyph.rotate(rng.uniform(-10, 10), Image.Resampling.BICUBIC, expand=True)
-    room_x, room_y = CLIPART_RENDER - glyph.width, CLIPART_RENDER - glyph.height
-    x0 = int(round(room_x / 2 + rng.uniform(-0.5, 0.5) * max(room_x, 0)))
-    y0 = int(round(room_y / 2 + rng.uniform(-0.5, 0.5) * max(room_y, 0)))
-    canvas.paste(glyph, (x0, y0), glyph)
-    return _to_rgb(canvas.resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-
-
-def build_clipart(micro: bool) -> dict:
-    n_per = _per_class(micro, (250, 50))
-    listed = {folder: sources.list_clipart(folder) for _, folder in CLIPART_CLASSES}
-    # A drawing filed (via symlinks) under two of the classes is ambiguous: used by neither.
-    seen: dict[str, int] = {}
-    for files in listed.values():
-        for _, real in files:
-            seen[real] = seen.get(real, 0) + 1
-    xs, ys = {0: [], 1: []}, {0: [], 1: []}
-    n_drawings = [0, 0]
-    for c, (_, folder) in enumerate(CLIPART_CLASSES):
-        drawings, groups = [], []
-        for rel, real in listed[folder]:
-            if rel in CLIPART_EXCLUDE.get(folder, ()) or seen[real] > 1:
-                continue
-            img = sources.read_clipart(real, max_side=CLIPART_RENDER)
-            if img is not None:
-                drawings.append(img)
-                groups.append(clipart_group(rel))
-        test_groups = _split_groups(groups, _rng("ClipArt", c))
-        for split, n in zip((0, 1), n_per):
-            pool = [d for d, g in zip(drawings, groups) if (g in test_groups) == bool(split)]
-            n_drawings[split] += len(pool)
-            for j in range(n):
-                xs[split].append(_render_clipart(pool[j % len(pool)], _rng("ClipArt", split, c, j)))
-                ys[split].append(c)
-    return _arrays(np.stack(xs[0]), ys[0], np.stack(xs[1]), ys[1],
-                   source="Debian openclipart-png", train_drawings=n_drawings[0], test_drawings=n_drawings[1],
-                   split="by drawing series; each drawing in one split only")
 
 
 # ---------------------------------------------------------------- Letters
@@ -452,22 +366,22 @@ def _glyph_mask(font: ImageFont.FreeTypeFont, letter: str) -> Image.Image:
 
 
 def _render_letter(mask: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    """A printed letter: random height, ±8° rotation, offset, colours with enough contrast, grain."""
-    mask = mask.rotate(rng.uniform(-8, 8), Image.Resampling.BICUBIC, expand=True)
-    scale = min(rng.uniform(0.55, 0.85) * SIZE / mask.height, 0.92 * SIZE / mask.width)
+    """A printed letter: random height, ±5° rotation, offset, dark ink on light paper (any hues), grain."""
+    mask = mask.rotate(rng.uniform(-5, 5), Image.Resampling.BICUBIC, expand=True)
+    scale = min(rng.uniform(0.65, 0.85) * SIZE / mask.height, 0.92 * SIZE / mask.width)
     mask = mask.resize((max(1, round(mask.width * scale)), max(1, round(mask.height * scale))),
                        Image.Resampling.LANCZOS)
     canvas = Image.new("L", (SIZE, SIZE))
     room_x, room_y = SIZE - mask.width, SIZE - mask.height
-    canvas.paste(mask, (int(round(room_x / 2 + rng.uniform(-0.4, 0.4) * room_x)),
-                        int(round(room_y / 2 + rng.uniform(-0.4, 0.4) * room_y))))
+    canvas.paste(mask, (int(round(room_x / 2 + rng.uniform(-0.25, 0.25) * room_x)),
+                        int(round(room_y / 2 + rng.uniform(-0.25, 0.25) * room_y))))
     ink = np.asarray(canvas, np.float32)[..., None] * np.float32(1 / 255)
-    bg = rng.integers(0, 256, 3)
-    while True:  # ink colour differs from the paper by at least 96 grey levels in luminance
-        fg = rng.integers(0, 256, 3)
-        if abs(float((fg - bg) @ [0.299, 0.587, 0.114])) >= 96:
+    luminance = np.array([0.299, 0.587, 0.114])
+    while True:  # printed matter: paper at least 96 grey levels lighter than the ink
+        bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if float((bg - fg) @ luminance) >= 96:
             break
-    img = bg + (fg - bg).astype(np.float32) * ink + rng.normal(0, rng.uniform(0, 8), (SIZE, SIZE, 3))
+    img = bg + (fg - bg).astype(np.float32) * ink + rng.normal(0, rng.uniform(0, 6), (SIZE, SIZE, 3))
     return (np.clip(img, 0, 255) + 0.5).astype(np.uint8)
 
 
@@ -505,14 +419,12 @@ TASKS: dict[str, tuple[list[str], list[str], Callable[[bool], dict]]] = {
                           "a photo of the silhouette of a {c}.", "the shape of a {c}."], build_animals),
     "Textures": ([c for c, _ in TEXTURE_CLASSES], DTD_TEMPLATES, build_textures),
     "RoadSigns": ([c for _, c in SIGN_CLASSES], GTSRB_TEMPLATES, build_road_signs),
-    "ClipArt": ([c for c, _ in CLIPART_CLASSES], ["clip art of {c}.", "a drawing of {c}.", "a cartoon of {c}.",
-                                                  "an illustration of {c}."], build_clipart),
     "Letters": (LETTERS, ['a photo of the letter: "{c}".', 'a photo of the capital letter "{c}".'],
                 build_letters),
     "LowResDigits": (DIGITS, ['a photo of the number: "{c}".', 'a blurry photo of the number: "{c}".',
                               'a low resolution photo of the number: "{c}".'], build_lowres_digits),
 }
-assert list(TASKS) == EMBEDDED_TASKS
+assert sorted(TASKS) == sorted(EMBEDDED_TASKS + OPTIONAL_TASKS)
 
 
 # ---------------------------------------------------------------- cache
@@ -589,7 +501,7 @@ def build_embedded_data(data_location: str = "data", tasks: list[str] | None = N
     names = list(tasks) if tasks is not None else (MICRO_TASKS if micro else EMBEDDED_TASKS)
     unknown = [t for t in names if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown embedded task(s) {unknown}; known: {EMBEDDED_TASKS}")
+        raise ValueError(f"unknown embedded task(s) {unknown}; known: {list(TASKS)}")
     built = {}
     bar = tqdm(names, desc="embedded data" + (" (micro)" if micro else ""), disable=not progress, leave=False)
     for task in bar:

@@ -197,22 +197,6 @@ def openclipart_dir() -> str:
     return debian_dir(OPENCLIPART_DIR, "openclipart-png")
 
 
-def list_clipart(category: str) -> list[tuple[str, str]]:
-    """(path relative to `category`, real path) of each PNG under `category` (e.g. "animals/birds"),
-    sorted; a file reached through several symlinks is listed once."""
-    root = os.path.join(openclipart_dir(), category)
-    if not os.path.isdir(root):
-        raise SourceMissing(f"openclipart-png: folder {root} not found; reinstall openclipart-png")
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()  # walk order decides which of several links names a file: keep it fixed
-        for name in sorted(files):
-            if name.endswith(".png"):
-                path = os.path.join(folder, name)
-                found.setdefault(os.path.realpath(path), os.path.relpath(path, root))
-    return sorted(((rel, real) for real, rel in found.items()))
-
-
 def read_clipart(path: str, max_side: int) -> Image.Image | None:
     """An RGBA clip-art image cropped to its drawn content and shrunk to `max_side`; None if it is
     too large to decode cheaply or empty."""
