@@ -79,7 +79,6 @@ def test_heads_are_real_clip_zeroshot_heads(micro, data_dir):
 def test_experts_change_only_the_vision_tower(micro):
     _, folder, manifest = micro
     theta0 = torch.load(os.path.join(folder, "zeroshot.pt"), weights_only=True)
-    gains = []
     for task in manifest["tasks"]:
         expert = torch.load(os.path.join(folder, task, "finetuned.pt"), weights_only=True)
         tau = {k: expert[k] - theta0[k] for k in theta0}

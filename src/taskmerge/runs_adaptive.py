@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from . import merging
 from .adamerging import AdaMergingConfig, train_adamerging
 from .adamerging_coefficients import (PUBLISHED_PATH, load_coefficients, load_published,
