@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 tasks = [8, 14, 20]
 methods = ["wa", "ta", "ties", "emr", "tall", "consensus", "tsvm"]
 threads = 2                 # torch intra-op threads per run (the targets assume 2 CPU cores)
-malloc_mmap_threshold = 0   # > 0: glibc MALLOC_MMAP_THRESHOLD_ for the runs (0: glibc's default)
+recycle_memory = True       # as the entry scripts: freed buffers stay in the process (allocator.py)
 # where the experts live
 cache_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 seed = 0
@@ -107,6 +107,9 @@ def run_worker() -> None:
     import torch
     torch.set_num_threads(threads)
     from taskmerge import atomic, merging
+    from taskmerge.allocator import recycle_freed_memory
+    if recycle_memory:
+        recycle_freed_memory()
     from taskmerge.checkpoints import open_state_dict
     open_reader = open_state_dict
     theta0 = open_reader(pretrained_path())
@@ -148,11 +151,10 @@ def run_worker() -> None:
 
 def run_one(method: str, count: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={method}", f"--num_tasks={count}",
-           f"--threads={threads}", f"--cache_dir={cache_dir}"]
+           f"--threads={threads}", f"--cache_dir={cache_dir}", f"--recycle_memory={recycle_memory}"]
     t0 = time.time()
-    env = dict(os.environ)
-    if malloc_mmap_threshold > 0:  # trades page faults for no heap fragmentation
-        env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
+    # scipy's LAPACK (TSV's partial eigensolver) has its own thread pool: hold it to `threads` too
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - t0
@@ -176,7 +178,7 @@ def main() -> None:
     os.makedirs(cache_dir, exist_ok=True)
     build_experts(max(tasks))
     print(f"torch threads per run: {threads}; cpu count: {os.cpu_count()}; "
-          f"malloc mmap threshold: {malloc_mmap_threshold or 'default'}; "
+          f"freed memory recycled: {recycle_memory}; "
           f"load average before: {os.getloadavg()[0]:.2f}")
     rows = []
     header = (f"{'method':<10}{'tasks':>6}{'wall s':>9}{'merge s':>9}{'cpu s':>8}{'peak GiB':>10}"

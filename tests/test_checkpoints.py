@@ -245,6 +245,39 @@ def test_large_but_finite_values_are_not_mistaken_for_inf():
         checkpoints.validate_experts(base, {"Cars": {k: v.clone() for k, v in base.items()}})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_single_bad_value_anywhere_is_found(dtype, value):
+    # the check is one min/max reduction; vectorised kernels treat the head, body and tail apart
+    for position in (0, 1, 16, 500, 1022, 1023):
+        tensor = torch.zeros(1024, dtype=dtype)
+        tensor[position] = value
+        with pytest.raises(CheckpointError, match="key 'k' has 1 NaN/Inf"):
+            checkpoints.validate_experts({"k": torch.zeros(1024, dtype=dtype)}, {"t": {"k": tensor}})
+
+
+def test_streamed_safetensors_read_back_with_the_safetensors_library(tmp_path):
+    from safetensors import safe_open
+    from taskmerge import atomic
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(3, 5, generator=g), "h": torch.randn(7, generator=g).half(),
+               "b": torch.randn(2, 2, generator=g).bfloat16(), "d": torch.randn(3, generator=g).double(),
+               "i": torch.arange(6).view(2, 3), "u": torch.arange(5, dtype=torch.uint8),
+               "m": torch.tensor([True, False, True]), "s": torch.tensor(1.5), "e": torch.zeros(0, 4),
+               "t": torch.randn(4, 6, generator=g).t()}  # not contiguous
+    path = str(tmp_path / "out.safetensors")
+    atomic.save_safetensors(tensors, path, metadata={"method": "ta", "tasks": 8})
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"method": "ta", "tasks": "8"}
+        assert list(f.keys()) == sorted(tensors)
+        for key, tensor in tensors.items():
+            got = f.get_tensor(key)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), key
+    reader = checkpoints.open_state_dict(path)
+    assert all(torch.equal(reader[k], v) for k, v in tensors.items())
+    assert [f for f in os.listdir(tmp_path)] == ["out.safetensors"]  # no temporary left behind
+
+
 def test_a_nan_in_the_pretrained_model_names_it(experts):
     base, finetuned = experts
     base["model.b"][0] = float("nan")

@@ -101,6 +101,33 @@ def test_tsv_merge_of_all_zero_key_is_zero():
     assert torch.equal(merging.tsv_delta(theta0, experts)["w"], torch.zeros(12, 8))
 
 
+@pytest.mark.parametrize("shape", [(60, 24), (24, 60), (32, 32)])
+def test_leading_triplets_are_the_svds_leading_triplets(shape):
+    from taskmerge.merging.tsv import leading_triplets
+    g = torch.Generator().manual_seed(1)
+    tau = torch.randn(shape, generator=g) @ torch.diag(torch.linspace(3, 0.1, shape[1]))
+    k = min(shape) // 3
+    u, s, vh = leading_triplets(tau, k)
+    u64, s64, vh64 = torch.linalg.svd(tau.double(), full_matrices=False)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    torch.testing.assert_close(s.double(), s64[:k], atol=1e-5, rtol=1e-6)
+    # each triplet up to the sign a pair (u_i, v_i) may share: compare the rank-1 terms
+    for i in range(k):
+        torch.testing.assert_close(torch.outer(u[:, i], vh[i]).double(),
+                                   torch.outer(u64[:, i], vh64[i]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.mT @ u, torch.eye(k), atol=1e-5, rtol=0)
+
+
+def test_leading_triplets_of_a_rank_deficient_matrix_are_the_svds_own():
+    # below rank the singular vectors are arbitrary: the SVD's choice is reproduced exactly
+    from taskmerge.merging.tsv import leading_triplets
+    g = torch.Generator().manual_seed(2)
+    tau = torch.randn(40, 2, generator=g) @ torch.randn(2, 20, generator=g)  # rank 2, k = 5
+    u, s, vh = leading_triplets(tau, 5)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(tau, full_matrices=False)
+    assert torch.equal(u, u_ref[:, :5]) and torch.equal(s, s_ref[:5]) and torch.equal(vh, vh_ref[:5])
+
+
 def test_tsv_compress_at_full_rank_reconstructs_every_expert():
     theta0, experts = make(3)
     tsvc = merging.tsv_compress(theta0, experts, rank=10**6)

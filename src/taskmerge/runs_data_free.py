@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 import torch
 
 from . import merging
+from .allocator import recycle_freed_memory
 from .evaluation import evaluate
 from .experiment import (Setup, encoder_for, evaluate_tasks, finish_run, individual_accuracies,
                          load_heads, resolve_setup, start_run, task_data)
@@ -227,6 +228,7 @@ MERGERS: dict[str, Callable[[Run, dict], Merge]] = {
 def run_data_free(name: str, config: dict, script: str) -> dict:
     """Merge with method `name`, evaluate every task (task t with its own model where the method
     needs task identity), save the merge, and write the log and the JSON report."""
+    recycle_freed_memory()
     run = Run(config, script, name)
     merge = MERGERS[name](run, config)
     pretrained, _ = run.experts()

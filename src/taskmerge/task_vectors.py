@@ -12,6 +12,7 @@ weights are cast back to the pre-trained dtype. Keys whose pre-trained tensor is
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -30,6 +31,11 @@ def as_float(tensor: torch.Tensor) -> torch.Tensor:
 def _dtype(state_dict: StateDict, key: str) -> torch.dtype:
     # Lazy readers know a tensor's dtype from the file header; a dict has the tensor at hand.
     return state_dict.dtype(key) if hasattr(state_dict, "dtype") else state_dict[key].dtype
+
+
+def float_dtype(state_dict: StateDict, key: str) -> torch.dtype:
+    """The dtype `as_float` gives `state_dict[key]`, from the header alone for lazy readers."""
+    return torch.promote_types(_dtype(state_dict, key), torch.float32)
 
 
 def shape_of(state_dict: StateDict, key: str) -> tuple[int, ...]:
@@ -59,14 +65,66 @@ def validate(pretrained: StateDict, finetuned: Experts) -> list[str]:
     return merged_keys(pretrained)
 
 
-def taus_at(theta0: torch.Tensor, finetuned: Experts, key: str) -> Iterator[torch.Tensor]:
-    """τ_t[key] = θ_t[key] − θ0[key] for each task in order, one tensor alive at a time."""
-    for expert in finetuned.values():
-        yield as_float(expert[key]) - theta0
+# Elementwise merges walk large keys in flat chunks of this many elements (a multiple of 8, so that
+# bit-packed masks of consecutive chunks concatenate): their temporaries then stay at a few chunks
+# instead of a few copies of the largest tensor (the text token embedding: 25M floats in ViT-B/32).
+CHUNK = 1 << 21
+Span = tuple[int, int]
+
+
+def numel_of(state_dict: StateDict, key: str) -> int:
+    return torch.Size(shape_of(state_dict, key)).numel()
+
+
+def chunks(numel: int, size: int | None = None) -> Iterator[Span]:
+    """[start, stop) spans of at most `size` (default `CHUNK`) covering range(numel), every start
+    a multiple of 8."""
+    size = CHUNK if size is None else size
+    size = max(8, size - size % 8)
+    for start in range(0, numel, size):
+        yield start, min(start + size, numel)
+    if numel == 0:
+        yield 0, 0
+
+
+def read_flat(state_dict: StateDict, key: str, span: Span | None = None) -> torch.Tensor:
+    """state_dict[key], or only elements [start, stop) of it flattened; lazy readers read just
+    those bytes. A dict's tensor comes back as a view: callers must not write to it."""
+    if span is None:
+        return state_dict[key]
+    if hasattr(state_dict, "read_flat"):
+        return state_dict.read_flat(key, *span)
+    return state_dict[key].reshape(-1)[span[0]:span[1]]
+
+
+def taus_at(theta0: torch.Tensor, finetuned: Experts, key: str,
+            span: Span | None = None) -> Iterator[torch.Tensor]:
+    """τ_t[key] = θ_t[key] − θ0[key] for each task in order, one tensor alive at a time; with
+    `span`, the flat chunk [start, stop) of it (θ0 then holds that chunk). Each is a new tensor."""
+    experts = list(finetuned.values())
+    ahead = _prefetcher().submit(read_flat, experts[0], key, span) if experts else None
+    for i in range(len(experts)):
+        tensor = ahead.result()
+        if i + 1 < len(experts):  # the next expert's read overlaps this task's arithmetic
+            ahead = _prefetcher().submit(read_flat, experts[i + 1], key, span)
+        yield as_float(tensor) - theta0
+
+
+_PREFETCHER: list[ThreadPoolExecutor] = []
+
+
+def _prefetcher() -> ThreadPoolExecutor:
+    """One background reader thread per process (reads release the GIL)."""
+    if not _PREFETCHER:
+        _PREFETCHER.append(ThreadPoolExecutor(1, thread_name_prefix="taskmerge-read"))
+    return _PREFETCHER[0]
 
 
 class TaskVector(Mapping[str, torch.Tensor]):
     """A task vector computed key by key on access; `+`, `-` and scalar `*` stay lazy.
+
+    `compute(key)` must return a tensor nobody else holds (every access computes a new one), so
+    consumers such as `apply` may reuse it in place.
 
     `TaskVector.between(θ0, θ_t)` is τ_t; `sum(TaskVector.between(θ0, θ_t) for …)` is Σ τ_t
     without ever holding more than one key of each operand.
@@ -124,12 +182,18 @@ def task_vector(pretrained: StateDict, finetuned: StateDict) -> TaskVector:
 
 
 def sum_of_task_vectors(pretrained: StateDict, finetuned: Experts) -> TaskVector:
-    """Σ_t τ_t, lazily; θ0[key] is read once per key, not once per task."""
+    """Σ_t τ_t, lazily; θ0[key] is read once per key, not once per task, chunk by chunk."""
     def compute(key: str) -> torch.Tensor:
-        taus = taus_at(as_float(pretrained[key]), finetuned, key)
-        total = next(taus)
-        for tau in taus:
-            total += tau
+        shape = shape_of(pretrained, key)
+        total = torch.empty(shape, dtype=float_dtype(pretrained, key))
+        flat = total.view(-1)
+        for start, stop in chunks(flat.numel()):
+            taus = taus_at(as_float(read_flat(pretrained, key, (start, stop))), finetuned, key,
+                           (start, stop))
+            acc = flat[start:stop]
+            acc.copy_(next(taus))
+            for tau in taus:
+                acc += tau
         return total
     return TaskVector(merged_keys(pretrained), compute)
 
@@ -141,12 +205,18 @@ def apply(pretrained: StateDict, delta: StateDict, coef: float = 1.0,
     `consume=True` takes a delta dict the caller no longer needs and empties it key by key, so a
     full delta and the full θ never sit in memory together.
     """
+    owned = consume or isinstance(delta, TaskVector)  # each tensor we get is ours to overwrite
     out = {}
     for key in pretrained.keys():
         theta0 = pretrained[key]
         if key in delta:
             tau = delta.pop(key) if consume else delta[key]
-            out[key] = (as_float(theta0) + coef * tau).to(theta0.dtype)
+            base = as_float(theta0)
+            if owned and tau.dtype == base.dtype and tau.shape == base.shape:
+                # coef·τ + θ0 rounds exactly as θ0 + coef·τ, without two model-sized temporaries
+                out[key] = tau.mul_(coef).add_(base).to(theta0.dtype)
+            else:
+                out[key] = (base + coef * tau).to(theta0.dtype)
         else:
             out[key] = theta0.clone()
     return out

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import atomic
+from ..checkpoints import SafetensorsReader  # preads into owned memory, never maps the file
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
@@ -39,10 +40,9 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str, header: dict) -> N
 
 def load_file(path: str, expected_format: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, header) of a file written by `save_file`, checking what it holds."""
-    from safetensors import safe_open
-    with safe_open(path, framework="pt", device="cpu") as f:
-        header = json.loads((f.metadata() or {}).get("taskmerge", "{}"))
-        if header.get("format") != expected_format:
-            raise ValueError(f"{path}: holds {header.get('format') or 'no taskmerge result'!r}, "
-                             f"expected {expected_format!r}; was it written by another method?")
-        return {k: f.get_tensor(k) for k in f.keys()}, header
+    reader = SafetensorsReader(path)
+    header = json.loads(reader.metadata.get("taskmerge", "{}"))
+    if header.get("format") != expected_format:
+        raise ValueError(f"{path}: holds {header.get('format') or 'no taskmerge result'!r}, "
+                         f"expected {expected_format!r}; was it written by another method?")
+    return {k: reader[k] for k in reader}, header

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
+from ..task_vectors import (Experts, StateDict, apply, as_float, chunks, merged_keys, numel_of,
+                            read_flat, shape_of, taus_at, validate)
 from . import bitpack
 
 RESCALERS = ("code", "paper")
@@ -73,24 +74,37 @@ def emr_merging(pretrained: StateDict, finetuned: Experts, rescaler: str = "code
     tau_uni, masks = {}, {}
     before = torch.zeros(num_tasks, dtype=torch.float64)   # Σ_n |τ_t,n| (mean or sum per key)
     after = torch.zeros(num_tasks, dtype=torch.float64)    # Σ_n |M_t,n ⊙ τ_uni,n|
-    reduce = torch.mean if rescaler == "code" else torch.sum
     for key in merged_keys(pretrained):
-        theta0 = as_float(pretrained[key])
-        total = None
-        for t, tau in enumerate(taus_at(theta0, finetuned, key)):
-            before[t] += float(reduce(tau.abs()))
-            total = tau if total is None else total.add_(tau)
-        sign = torch.where(total > 0, 1.0, -1.0).to(theta0.dtype)  # mean > 0 ⇔ sum > 0
-        magnitude, packed = torch.zeros_like(theta0), []
-        for tau in taus_at(theta0, finetuned, key):
-            agreement = tau.mul_(sign)                      # τ_t·s, in place: τ_t is ours
-            packed.append(bitpack.pack(agreement > 0))      # M_t
-            # |M_t ⊙ τ_t| = τ_t·s where M_t, else 0: the running max from 0 needs no |·|
-            torch.maximum(magnitude, agreement, out=magnitude)
-        masks[key] = torch.stack(packed)
-        for t in range(num_tasks):  # |M_t ⊙ τ_uni| = M_t ⊙ u
-            after[t] += float(reduce(magnitude * bitpack.unpack(masks[key][t], theta0.shape)))
-        tau_uni[key] = (magnitude * sign).to(torch.float32)
+        numel = numel_of(pretrained, key)
+        uni = torch.empty(numel, dtype=torch.float32)
+        packed = torch.empty(num_tasks, (numel + 7) // 8, dtype=torch.uint8)
+        key_before = torch.zeros(num_tasks, dtype=torch.float64)
+        key_after = torch.zeros(num_tasks, dtype=torch.float64)
+        for start, stop in chunks(numel):  # elementwise: chunks keep temporaries small
+            span, bytes_ = (start, stop), slice(start // 8, (stop + 7) // 8)
+            theta0 = as_float(read_flat(pretrained, key, span))
+            total = None
+            for t, tau in enumerate(taus_at(theta0, finetuned, key, span)):
+                key_before[t] += float(tau.abs().sum(dtype=torch.float64))
+                total = tau if total is None else total.add_(tau)
+            sign = torch.where(total > 0, 1.0, -1.0).to(theta0.dtype)  # mean > 0 ⇔ sum > 0
+            del total
+            magnitude = torch.zeros_like(theta0)
+            for t, tau in enumerate(taus_at(theta0, finetuned, key, span)):
+                agreement = tau.mul_(sign)                      # τ_t·s, in place: τ_t is ours
+                packed[t, bytes_] = bitpack.pack(agreement > 0)  # M_t
+                # |M_t ⊙ τ_t| = τ_t·s where M_t, else 0: the running max from 0 needs no |·|
+                torch.maximum(magnitude, agreement, out=magnitude)
+            for t in range(num_tasks):  # |M_t ⊙ τ_uni| = M_t ⊙ u
+                mask = bitpack.unpack(packed[t, bytes_], (stop - start,))
+                key_after[t] += float(torch.where(mask, magnitude, 0.0).sum(dtype=torch.float64))
+            uni[start:stop] = magnitude.mul_(sign)
+        if rescaler == "code":  # the code's per-tensor means
+            key_before, key_after = key_before / max(numel, 1), key_after / max(numel, 1)
+        before += key_before
+        after += key_after
+        tau_uni[key] = uni.view(shape_of(pretrained, key))
+        masks[key] = packed
     # A task whose τ is 0 everywhere has nothing to rescale (0/0); its model is θ0 for any λ_t.
     rescalers = torch.where(after > 0, before / after.clamp(min=1e-300), torch.ones_like(before))
     return EMRMerged(list(finetuned), tau_uni, masks, rescalers.to(torch.float32), rescaler)

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..task_vectors import (Experts, StateDict, TaskVector, apply, as_float,
+from ..task_vectors import (Experts, StateDict, TaskVector, apply, as_float, chunks, read_flat,
                             sum_of_task_vectors, validate)
 from . import bitpack
 from .ties import ties_delta
@@ -36,14 +36,24 @@ def multitask_vector(pretrained: StateDict, finetuned: Experts, use_ties: bool =
     return sum_of_task_vectors(pretrained, finetuned).materialize()
 
 
+def _tall_mask_chunk(pretrained: StateDict, expert: StateDict, tau: torch.Tensor, key: str,
+                     span, lam: float) -> torch.Tensor:
+    theta0, theta_t = as_float(read_flat(pretrained, key, span)), as_float(read_flat(expert, key, span))
+    # the original's float32 steps, in place on temporaries: |θ0 − θ_t| > |θ0 + τ − θ_t|·λ
+    return (theta0 - theta_t).abs_() > (theta0 + tau).sub_(theta_t).abs_().mul_(lam)
+
+
 def tall_mask(pretrained: StateDict, expert: StateDict, tau_mtl: Mapping[str, torch.Tensor],
               lam: float) -> dict[str, torch.Tensor]:
     """m_t(λ) for one expert θ_t, key by key (bool tensors)."""
     out = {}
     for key, tau in tau_mtl.items():
-        theta0, theta_t = as_float(pretrained[key]), as_float(expert[key])
-        # the original's float32 steps, in place on temporaries: |θ0 − θ_t| > |θ0 + τ − θ_t|·λ
-        out[key] = (theta0 - theta_t).abs_() > (theta0 + tau).sub_(theta_t).abs_().mul_(lam)
+        mask = torch.empty(tau.shape, dtype=torch.bool)
+        flat, tau_flat = mask.view(-1), tau.reshape(-1)
+        for start, stop in chunks(flat.numel()):
+            flat[start:stop] = _tall_mask_chunk(pretrained, expert, tau_flat[start:stop], key,
+                                                (start, stop), lam)
+        out[key] = mask
     return out
 
 
@@ -100,16 +110,25 @@ def tall_masks(pretrained: StateDict, finetuned: Experts, lams: float | Sequence
     masks = {k: torch.empty(len(lams), (v.numel() + 7) // 8, dtype=torch.uint8)
              for k, v in tau_mtl.items()}
     for t, (expert, lam) in enumerate(zip(finetuned.values(), lams)):
-        for key, mask in tall_mask(pretrained, expert, tau_mtl, lam).items():
-            masks[key][t] = bitpack.pack(mask)
+        for key, tau in tau_mtl.items():
+            tau_flat = tau.reshape(-1)
+            for start, stop in chunks(tau_flat.numel()):
+                mask = _tall_mask_chunk(pretrained, expert, tau_flat[start:stop], key,
+                                        (start, stop), lam)
+                masks[key][t, start // 8:(stop + 7) // 8] = bitpack.pack(mask)
     tau_mtl = {k: v.to(torch.float32) for k, v in tau_mtl.items()}
     return TallMasks(list(finetuned), tau_mtl, masks, lams, use_ties)
 
 
 def _consensus_at(tall: TallMasks, key: str, k: int) -> torch.Tensor:
     shape = tall.tau_mtl[key].shape
-    count = sum(bitpack.unpack(row, shape).to(torch.int32) for row in tall.masks[key])
-    return count >= k
+    out = torch.empty(shape, dtype=torch.bool)
+    flat = out.view(-1)
+    for start, stop in chunks(flat.numel()):
+        rows = tall.masks[key][:, start // 8:(stop + 7) // 8]
+        count = sum(bitpack.unpack(row, (stop - start,)).to(torch.int32) for row in rows)
+        flat[start:stop] = torch.as_tensor(count) >= k
+    return out
 
 
 def consensus_mask(tall: TallMasks, k: int = 2) -> dict[str, torch.Tensor]:

@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..task_vectors import (Experts, StateDict, apply, as_float, merged_keys, shape_of, taus_at,
-                            validate)
+from ..task_vectors import (Experts, Span, StateDict, apply, as_float, chunks, float_dtype,
+                            merged_keys, numel_of, read_flat, shape_of, taus_at, validate)
 
 MERGES = ("dis-sum", "dis-mean", "dis-max")
 PRESETS = {
@@ -36,19 +36,20 @@ def trim_thresholds(pretrained: StateDict, finetuned: Experts, k: float) -> list
     if k == 1.0:  # tall_masks' method.k=100 skips the trim entirely
         return [0.0] * len(finetuned)
     keys = merged_keys(pretrained)
-    sizes = [torch.Size(shape_of(pretrained, key)).numel() for key in keys]
+    sizes = [numel_of(pretrained, key) for key in keys]
     dim = sum(sizes)
     kth = dim - int(dim * k)
-    magnitudes = None  # |τ_t| flattened, refilled for every task
+    # |τ_t| flattened, refilled for every task
+    magnitudes = torch.empty(dim, dtype=float_dtype(pretrained, keys[0]))
     thresholds = []
     for expert in finetuned.values():
         offset = 0
         for key, size in zip(keys, sizes):
-            theta_t, theta0 = as_float(expert[key]), as_float(pretrained[key])
-            if magnitudes is None:
-                magnitudes = torch.empty(dim, dtype=theta0.dtype)
-            tau = magnitudes[offset:offset + size].view(theta0.shape)
-            torch.sub(theta_t, theta0, out=tau).abs_()
+            for start, stop in chunks(size):
+                theta0 = as_float(read_flat(pretrained, key, (start, stop)))
+                theta_t = as_float(read_flat(expert, key, (start, stop)))
+                out = magnitudes[offset + start:offset + stop]
+                torch.sub(theta_t.to(out.dtype), theta0.to(out.dtype), out=out).abs_()
             offset += size
         flat = magnitudes.numpy()
         flat.partition(kth - 1)  # the kth-th smallest lands at index kth-1, as kthvalue(kth)
@@ -69,31 +70,42 @@ def elected_signs(pretrained: StateDict, finetuned: Experts,
     """sign(Σ_t trimmed_t) per key as int8, zeros replaced by the model-wide majority sign."""
     signs, votes = {}, 0
     for key in merged_keys(pretrained):
-        taus = taus_at(as_float(pretrained[key]), finetuned, key)
-        mass = None
-        for tau, thr in zip(taus, thresholds):
-            mass = trim(tau, thr) if mass is None else mass.add_(trim(tau, thr))
-        signs[key] = torch.sign(mass).to(torch.int8)
-        votes += int(signs[key].sum(dtype=torch.int64))
+        sign = torch.empty(shape_of(pretrained, key), dtype=torch.int8)
+        flat = sign.view(-1)
+        for start, stop in chunks(flat.numel()):
+            taus = taus_at(as_float(read_flat(pretrained, key, (start, stop))), finetuned, key,
+                           (start, stop))
+            mass = None
+            for tau, thr in zip(taus, thresholds):
+                mass = trim(tau, thr) if mass is None else mass.add_(trim(tau, thr))
+            torch.sign(mass, out=mass)
+            flat[start:stop] = mass
+        signs[key] = sign
+        votes += int(sign.sum(dtype=torch.int64))
     majority = (votes > 0) - (votes < 0)
     for sign in signs.values():
         sign[sign == 0] = majority
     return signs
 
 
-def selected_by_key(pretrained: StateDict, finetuned: Experts, k: float
-                    ) -> Iterator[tuple[str, torch.Tensor, Iterator[torch.Tensor]]]:
-    """(key, elected sign, the T selected tensors of that key one at a time), key after key."""
+def selected_chunks(pretrained: StateDict, finetuned: Experts, k: float
+                    ) -> Iterator[tuple[str, Span, torch.Tensor, Iterator[torch.Tensor]]]:
+    """(key, span, elected sign of that chunk, the T selected chunks one at a time), over every
+    flat chunk of every key in order."""
     thresholds = trim_thresholds(pretrained, finetuned, k)
     signs = elected_signs(pretrained, finetuned, thresholds)
     for key in merged_keys(pretrained):
-        sign = signs.pop(key)
-        theta0 = as_float(pretrained[key])
-        # Keeping τ where sign(τ) = elected sign is clamp(τ·d, min=0)·d with d = ±1; d = −1
-        # also where the elected sign is 0 (majority 0), as the originals' `τ < 0` branch does.
-        direction = torch.where(sign > 0, 1.0, -1.0).to(theta0.dtype)
-        trimmed = (trim(tau, thr) for tau, thr in zip(taus_at(theta0, finetuned, key), thresholds))
-        yield key, sign, (t.mul_(direction).clamp_(min=0).mul_(direction) for t in trimmed)
+        sign = signs.pop(key).view(-1)
+        for span in chunks(sign.numel()):
+            theta0 = as_float(read_flat(pretrained, key, span))
+            chunk_sign = sign[span[0]:span[1]]
+            # Keeping τ where sign(τ) = elected sign is clamp(τ·d, min=0)·d with d = ±1; d = −1
+            # also where the elected sign is 0 (majority 0), as the originals' `τ < 0` branch does.
+            direction = torch.where(chunk_sign > 0, 1.0, -1.0).to(theta0.dtype)
+            trimmed = (trim(tau, thr) for tau, thr in
+                       zip(taus_at(theta0, finetuned, key, span), thresholds))
+            yield key, span, chunk_sign, (t.mul_(direction).clamp_(min=0).mul_(direction)
+                                          for t in trimmed)
 
 
 def disjoint_merge(selected: Iterable[torch.Tensor], sign: torch.Tensor, merge: str
@@ -121,8 +133,12 @@ def ties_delta(pretrained: StateDict, finetuned: Experts, k: float = 0.2, merge:
         raise ValueError(f"merge={merge!r}: expected one of {MERGES}")
     if validate_inputs:
         validate(pretrained, finetuned)
-    return {key: disjoint_merge(selected, sign, merge)
-            for key, sign, selected in selected_by_key(pretrained, finetuned, k)}
+    out = {}
+    for key, (start, stop), sign, selected in selected_chunks(pretrained, finetuned, k):
+        if key not in out:
+            out[key] = torch.empty(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
+        out[key].view(-1)[start:stop] = disjoint_merge(selected, sign, merge)
+    return out
 
 
 def ties_merging(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
@@ -143,7 +159,9 @@ def ties_selected(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
     if validate_inputs:
         validate(pretrained, finetuned)
     out: dict[str, dict[str, torch.Tensor]] = {task: {} for task in finetuned}
-    for key, _, selected in selected_by_key(pretrained, finetuned, k):
+    for key, (start, stop), _, selected in selected_chunks(pretrained, finetuned, k):
         for task, sel in zip(finetuned, selected):
-            out[task][key] = sel
+            if key not in out[task]:
+                out[task][key] = torch.empty(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
+            out[task][key].view(-1)[start:stop] = sel
     return out
