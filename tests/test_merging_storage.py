@@ -40,6 +40,9 @@ def test_save_load_roundtrip_gives_the_same_task_models(tmp_path, name):
         got, want = loaded.task_state_dict(theta0, task), result.task_state_dict(theta0, task)
         assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert loaded.storage_report() == result.storage_report()
+    if name == "tall":  # the loaded τ_MTL is read from the file key by key
+        got, want = (merging.consensus_merging(theta0, t, alpha=0.5) for t in (loaded, result))
+        assert all(torch.equal(got[k], want[k]) for k in want)
     other = "emr" if name != "emr" else "tall"
     with pytest.raises(ValueError, match="expected"):
         type(per_task_results(theta0, experts)[other]).load(path)

@@ -7,8 +7,7 @@ trim threshold: measured here, reading the 8 experts of a ViT-B/32 merge key by 
 that way and 0.5 s with freed blocks recycled, and an out-of-place op on 25M floats 10× longer
 than the same op into an existing buffer. Peak RSS is unchanged in kind (recycled memory was
 resident anyway); a process that calls this keeps its high-water mark until it exits. One arena
-for all threads: the background reader's tensors are freed by the main thread, and per-thread
-arenas would each keep their own high-water mark.
+for all threads, so that memory freed on one thread serves the next allocation on any other.
 """
 from __future__ import annotations
 

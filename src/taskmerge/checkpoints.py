@@ -27,7 +27,6 @@ import pickle
 import struct
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -309,17 +308,10 @@ def validate_experts(pretrained: Mapping[str, torch.Tensor],
                 raise CheckpointError(f"{src}: key {key!r} has dtype {_dtype(expert, key)}, "
                                       f"{base} has {dtype}; convert both to the same precision")
     if check_values:
-        # Reading is most of the check's time and a pread releases the GIL: check the files of
-        # one key side by side, one per torch thread; errors surface in file order.
-        jobs = [(pretrained, base)] + [(expert, sources.get(task, f"the {task} checkpoint"))
-                                       for task, expert in finetuned.items()]
-        workers = max(1, min(torch.get_num_threads(), len(jobs)))
-        with ThreadPoolExecutor(workers) as pool:
-            for key in keys:
-                checks = [pool.submit(lambda sd, src: _check_finite(sd[key], src, key), sd, src)
-                          for sd, src in jobs]
-                for check in checks:
-                    check.result()
+        for key in keys:
+            _check_finite(pretrained[key], base, key)
+            for task, expert in finetuned.items():
+                _check_finite(expert[key], sources.get(task, f"the {task} checkpoint"), key)
 
 
 # --- layouts -------------------------------------------------------------------------------------

@@ -38,11 +38,17 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str, header: dict) -> N
     atomic.save_safetensors(dict(tensors), path, metadata={"taskmerge": json.dumps(header)})
 
 
-def load_file(path: str, expected_format: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, header) of a file written by `save_file`, checking what it holds."""
+def open_file(path: str, expected_format: str) -> tuple[dict, SafetensorsReader]:
+    """(header, lazy reader) of a file written by `save_file`, checking what it holds."""
     reader = SafetensorsReader(path)
     header = json.loads(reader.metadata.get("taskmerge", "{}"))
     if header.get("format") != expected_format:
         raise ValueError(f"{path}: holds {header.get('format') or 'no taskmerge result'!r}, "
                          f"expected {expected_format!r}; was it written by another method?")
+    return header, reader
+
+
+def load_file(path: str, expected_format: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of a file written by `save_file`, checking what it holds."""
+    header, reader = open_file(path, expected_format)
     return {k: reader[k] for k in reader}, header

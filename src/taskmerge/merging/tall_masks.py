@@ -16,8 +16,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..checkpoints import SafetensorsReader
 from ..task_vectors import (Experts, StateDict, TaskVector, apply, as_float, chunks, read_flat,
-                            sum_of_task_vectors, validate)
+                            shape_of, sum_of_task_vectors, validate)
 from . import bitpack
 from .ties import ties_delta
 
@@ -60,14 +61,14 @@ def tall_mask(pretrained: StateDict, expert: StateDict, tau_mtl: Mapping[str, to
 @dataclass
 class TallMasks:
     tasks: list[str]
-    tau_mtl: dict[str, torch.Tensor]     # the multi-task vector, float32
+    tau_mtl: Mapping[str, torch.Tensor]  # the multi-task vector, float32 (lazy when loaded)
     masks: dict[str, torch.Tensor]       # key -> (T, ceil(numel/8)) uint8, row t = task t
     lams: list[float]                    # λ_t each mask was built with
     use_ties: bool = False
 
     def mask(self, task: int | str) -> dict[str, torch.Tensor]:
         t = self.tasks.index(task) if isinstance(task, str) else task
-        return {k: bitpack.unpack(self.masks[k][t], v.shape) for k, v in self.tau_mtl.items()}
+        return {k: bitpack.unpack(self.masks[k][t], shape_of(self.tau_mtl, k)) for k in self.tau_mtl}
 
     def task_delta(self, task: int | str) -> dict[str, torch.Tensor]:
         return {k: self.tau_mtl[k] * m for k, m in self.mask(task).items()}
@@ -83,13 +84,16 @@ class TallMasks:
 
     @classmethod
     def load(cls, path: str) -> "TallMasks":
-        tensors, header = bitpack.load_file(path, FORMAT)
+        """The masks in memory; τ_MTL stays on disk and is read key by key when used (Consensus
+        then holds the masks and its output, not a third model-sized tensor set)."""
+        header, reader = bitpack.open_file(path, FORMAT)
         keys = header["keys"]
-        return cls(header["tasks"], {k: tensors[f"tau_mtl/{k}"] for k in keys},
-                   {k: tensors[f"mask/{k}"] for k in keys}, header["lams"], header["use_ties"])
+        tau_mtl = SafetensorsReader(path, rename={k: f"tau_mtl/{k}" for k in keys})
+        return cls(header["tasks"], tau_mtl, {k: reader[f"mask/{k}"] for k in keys},
+                   header["lams"], header["use_ties"])
 
     def storage_report(self) -> dict:
-        dense = sum(v.numel() * v.element_size() for v in self.tau_mtl.values())
+        dense = sum(torch.Size(shape_of(self.tau_mtl, k)).numel() * 4 for k in self.tau_mtl)
         per_task = sum(m[0].numel() for m in self.masks.values())
         return {"num_tasks": len(self.tasks), "shared_bytes": dense, "per_task_bytes": per_task,
                 "dense_per_task_bytes": dense,
@@ -121,7 +125,7 @@ def tall_masks(pretrained: StateDict, finetuned: Experts, lams: float | Sequence
 
 
 def _consensus_at(tall: TallMasks, key: str, k: int) -> torch.Tensor:
-    shape = tall.tau_mtl[key].shape
+    shape = shape_of(tall.tau_mtl, key)
     out = torch.empty(shape, dtype=torch.bool)
     flat = out.view(-1)
     for start, stop in chunks(flat.numel()):
