@@ -181,7 +181,8 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
         first = info["data_offsets"][0]
         numel = (info["data_offsets"][1] - first) // size
         if not 0 <= start <= stop <= numel:
-            raise IndexError(f"{self.path}: elements [{start}, {stop}) of {key!r} ({numel} elements)")
+            raise IndexError(f"{self.path}: elements [{start}, {stop}) of {key!r}, "
+                             f"which has {numel} elements")
         return self._read(key, first + start * size, first + stop * size, [stop - start])
 
     def _read(self, key: str, start: int, end: int, shape) -> torch.Tensor:

@@ -39,7 +39,8 @@ def multitask_vector(pretrained: StateDict, finetuned: Experts, use_ties: bool =
 
 def _tall_mask_chunk(pretrained: StateDict, expert: StateDict, tau: torch.Tensor, key: str,
                      span, lam: float) -> torch.Tensor:
-    theta0, theta_t = as_float(read_flat(pretrained, key, span)), as_float(read_flat(expert, key, span))
+    theta0 = as_float(read_flat(pretrained, key, span))
+    theta_t = as_float(read_flat(expert, key, span))
     # the original's float32 steps, in place on temporaries: |θ0 − θ_t| > |θ0 + τ − θ_t|·λ
     return (theta0 - theta_t).abs_() > (theta0 + tau).sub_(theta_t).abs_().mul_(lam)
 
@@ -68,7 +69,8 @@ class TallMasks:
 
     def mask(self, task: int | str) -> dict[str, torch.Tensor]:
         t = self.tasks.index(task) if isinstance(task, str) else task
-        return {k: bitpack.unpack(self.masks[k][t], shape_of(self.tau_mtl, k)) for k in self.tau_mtl}
+        return {k: bitpack.unpack(self.masks[k][t], shape_of(self.tau_mtl, k))
+                for k in self.tau_mtl}
 
     def task_delta(self, task: int | str) -> dict[str, torch.Tensor]:
         return {k: self.tau_mtl[k] * m for k, m in self.mask(task).items()}

@@ -162,6 +162,7 @@ def ties_selected(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
     for key, (start, stop), _, selected in selected_chunks(pretrained, finetuned, k):
         for task, sel in zip(finetuned, selected):
             if key not in out[task]:
-                out[task][key] = torch.empty(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
+                out[task][key] = torch.empty(shape_of(pretrained, key),
+                                             dtype=float_dtype(pretrained, key))
             out[task][key].view(-1)[start:stop] = sel
     return out

@@ -34,7 +34,7 @@ def leading_triplets(tau: torch.Tensor, k: int, exact_svd: bool = False):
     whitening (1e12 factors on zero-padded columns) amplifies: that variant reproduces the
     original's arithmetic rather than the exact math."""
     m, n = tau.shape
-    if m < n and not exact_svd:  # LAPACK's SVD of a wide matrix measured 2× slower than of its transpose
+    if m < n and not exact_svd:  # LAPACK's SVD of a wide matrix: 2× slower than of its transpose
         u, s, vh = leading_triplets(tau.mT, k, exact_svd)
         return vh.mT, s, u.mT
     if 0 < k <= n // 2 and not exact_svd:
