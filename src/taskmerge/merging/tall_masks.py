@@ -37,25 +37,25 @@ def multitask_vector(pretrained: StateDict, finetuned: Experts, use_ties: bool =
     return sum_of_task_vectors(pretrained, finetuned).materialize()
 
 
-def _tall_mask_chunk(pretrained: StateDict, expert: StateDict, tau: torch.Tensor, key: str,
-                     span, lam: float) -> torch.Tensor:
-    theta0 = as_float(read_flat(pretrained, key, span))
-    theta_t = as_float(read_flat(expert, key, span))
-    # the original's float32 steps, in place on temporaries: |θ0 − θ_t| > |θ0 + τ − θ_t|·λ
-    return (theta0 - theta_t).abs_() > (theta0 + tau).sub_(theta_t).abs_().mul_(lam)
+def _mask_chunks(pretrained: StateDict, expert: StateDict, tau_mtl: Mapping[str, torch.Tensor],
+                 lam: float):
+    """(key, start, stop, m_t(λ) on that flat chunk) over every chunk of every key."""
+    for key, tau in tau_mtl.items():
+        tau_flat = tau.reshape(-1)
+        for start, stop in chunks(tau_flat.numel()):
+            theta0 = as_float(read_flat(pretrained, key, (start, stop)))
+            theta_t = as_float(read_flat(expert, key, (start, stop)))
+            # the original's float32 steps, in place on temporaries: |θ0 − θ_t| > |θ0 + τ − θ_t|·λ
+            yield key, start, stop, ((theta0 - theta_t).abs_()
+                                     > (theta0 + tau_flat[start:stop]).sub_(theta_t).abs_().mul_(lam))
 
 
 def tall_mask(pretrained: StateDict, expert: StateDict, tau_mtl: Mapping[str, torch.Tensor],
               lam: float) -> dict[str, torch.Tensor]:
     """m_t(λ) for one expert θ_t, key by key (bool tensors)."""
-    out = {}
-    for key, tau in tau_mtl.items():
-        mask = torch.empty(tau.shape, dtype=torch.bool)
-        flat, tau_flat = mask.view(-1), tau.reshape(-1)
-        for start, stop in chunks(flat.numel()):
-            flat[start:stop] = _tall_mask_chunk(pretrained, expert, tau_flat[start:stop], key,
-                                                (start, stop), lam)
-        out[key] = mask
+    out = {key: torch.empty(tau.shape, dtype=torch.bool) for key, tau in tau_mtl.items()}
+    for key, start, stop, mask in _mask_chunks(pretrained, expert, tau_mtl, lam):
+        out[key].view(-1)[start:stop] = mask
     return out
 
 
@@ -95,6 +95,7 @@ class TallMasks:
                    header["lams"], header["use_ties"])
 
     def storage_report(self) -> dict:
+        # τ_MTL is float32 by construction (4 bytes), read from the header when loaded lazily
         dense = sum(torch.Size(shape_of(self.tau_mtl, k)).numel() * 4 for k in self.tau_mtl)
         per_task = sum(m[0].numel() for m in self.masks.values())
         return {"num_tasks": len(self.tasks), "shared_bytes": dense, "per_task_bytes": per_task,
@@ -116,12 +117,8 @@ def tall_masks(pretrained: StateDict, finetuned: Experts, lams: float | Sequence
     masks = {k: torch.empty(len(lams), (v.numel() + 7) // 8, dtype=torch.uint8)
              for k, v in tau_mtl.items()}
     for t, (expert, lam) in enumerate(zip(finetuned.values(), lams)):
-        for key, tau in tau_mtl.items():
-            tau_flat = tau.reshape(-1)
-            for start, stop in chunks(tau_flat.numel()):
-                mask = _tall_mask_chunk(pretrained, expert, tau_flat[start:stop], key,
-                                        (start, stop), lam)
-                masks[key][t, start // 8:(stop + 7) // 8] = bitpack.pack(mask)
+        for key, start, stop, mask in _mask_chunks(pretrained, expert, tau_mtl, lam):
+            masks[key][t, start // 8:(stop + 7) // 8] = bitpack.pack(mask)
     tau_mtl = {k: v.to(torch.float32) for k, v in tau_mtl.items()}
     return TallMasks(list(finetuned), tau_mtl, masks, lams, use_ties)
 
