@@ -9,6 +9,8 @@ import contextlib
 import io
 import json
 import os
+import struct
+import sys
 import tempfile
 from typing import Iterator
 
@@ -70,9 +72,6 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> 
     streams each tensor's own memory to the file; `safetensors.torch.save_file` first copies every
     tensor into a bytes object, so saving a merged ViT-B/32 held a second model copy (0.45 GB).
     Files are read back by `safetensors` and by `checkpoints.SafetensorsReader` alike."""
-    import struct
-    import sys
-
     import torch
     codes = {getattr(torch, name): code for code, name in SAFETENSORS_DTYPES.items()}
     header, offset = {}, 0

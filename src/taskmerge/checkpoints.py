@@ -172,7 +172,7 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         info = self._header[self._keys[key]]
-        return self._read(key, info["data_offsets"][0], info["data_offsets"][1], info["shape"])
+        return self._read(key, info, *info["data_offsets"], info["shape"])
 
     def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened (row-major) tensor, read alone."""
@@ -183,11 +183,11 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
         if not 0 <= start <= stop <= numel:
             raise IndexError(f"{self.path}: elements [{start}, {stop}) of {key!r}, "
                              f"which has {numel} elements")
-        return self._read(key, first + start * size, first + stop * size, [stop - start])
+        return self._read(key, info, first + start * size, first + stop * size, [stop - start])
 
-    def _read(self, key: str, start: int, end: int, shape) -> torch.Tensor:
+    def _read(self, key: str, info: dict, start: int, end: int, shape) -> torch.Tensor:
+        """Bytes [start, end) of the data section as a new tensor of `shape` and `info`'s dtype."""
         stored = self._keys[key]
-        info = self._header[stored]
         out = torch.empty(shape, dtype=_ST_DTYPES[info["dtype"]])
         if end > start:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
