@@ -203,6 +203,40 @@ def test_encode_captions_equals_encode_text():
                                rtol=0, atol=1e-5)
 
 
+def test_tiny_vocabulary_is_every_embedded_caption_token():
+    # the shipped vocabulary must follow the tasks' class names and templates when they change
+    from taskmerge.datasets.embedded import caption_texts
+    from taskmerge.models import PrunedBPETokenizer, tiny_vocabulary_path
+    with open(tiny_vocabulary_path()) as f:
+        shipped = json.load(f)["bpe_ids"]
+    assert shipped == PrunedBPETokenizer.vocabulary(caption_texts())
+    tokenizer = get_tokenizer(TINY_MODEL)
+    assert tokenizer.vocab_size == create_clip(TINY_MODEL).token_embedding.num_embeddings
+    longest = max(int((tokenizer(t) != 0).sum()) for t in caption_texts())
+    assert longest <= tokenizer.context_length  # no caption of a task is cut
+
+
+def test_pruned_bpe_tokenizer_renumbers_clips_own_tokens():
+    import open_clip
+    tokenizer = get_tokenizer(TINY_MODEL)
+    texts = ["a photo of a sneaker.", 'a blurry photo of the number: "7".', "a zebra"]
+    got = tokenizer(texts)
+    clip_ids = open_clip.tokenize(texts, context_length=tokenizer.context_length)
+    back = {new: old for old, new in tokenizer.ids.items()}
+    back.update({0: 0, tokenizer.sot: int(clip_ids[0, 0])})
+    back[tokenizer.eot] = int(clip_ids[0].max())  # CLIP's end of text is its largest id too
+    assert torch.equal(got.apply_(lambda i: back[i]), clip_ids)
+    assert int(tokenizer(texts).max()) == tokenizer.eot == tokenizer.vocab_size - 1
+
+
+def test_pruned_bpe_tokenizer_unknown_words_and_cut():
+    tokenizer = get_tokenizer(TINY_MODEL)
+    (row,) = tokenizer(["a photo of a quokka."])
+    assert tokenizer.unknown in row.tolist()  # "quokka" is no caption's word
+    (long,) = tokenizer(["a photo of a " + "dog " * 40])
+    assert int(long[0]) == tokenizer.sot and int(long[-1]) == tokenizer.eot and bool((long != 0).all())
+
+
 def test_partner_classes_form_one_cycle_per_task():
     partner = partner_classes([4, 1, 3], torch.Generator().manual_seed(0))
     assert partner[4] == 4  # a one-class task has no other class to name
