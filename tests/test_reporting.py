@@ -22,6 +22,17 @@ def test_log_lines_follow_the_originals_format_and_config_comes_first(tmp_path):
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
 
 
+def test_runs_started_in_the_same_second_get_their_own_logs(tmp_path):
+    args = (str(tmp_path), "run", "ViT-B-32", "main_X", "tall_masks")
+    first = log_path(*args, timestamp="20260101_000000")
+    second = log_path(*args, timestamp="20260101_000000")
+    assert first != second and second.endswith("log_main_X_tall_masks_ViT-B-32_20260101_000000_2.txt")
+    RunLogger(first, {"method": "tall_mask"}, echo=False).write_report(accuracy={})
+    RunLogger(second, {"method": "consensus"}, echo=False).write_report(accuracy={})
+    configs = [json.load(open(os.path.splitext(p)[0] + ".json"))["config"] for p in (first, second)]
+    assert configs == [{"method": "tall_mask"}, {"method": "consensus"}]
+
+
 def test_results_table_in_percent_with_average():
     table = results_table({"TA": {"A": 0.5, "B": 1.0}}, ["A", "B"])
     assert table.splitlines()[2] == "| TA | 50.00 | 100.00 | 75.00 |"

@@ -7,6 +7,7 @@ on every line (logs are small), so an interrupted run leaves a complete prefix, 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -17,9 +18,22 @@ from . import atomic
 
 def log_path(log_dir: str, subfolder: str, model_name: str, script_stem: str, method: str,
              timestamp: str | None = None) -> str:
+    """`<log_dir>/<subfolder>/<model>/log_<script>_<method>_<model>_<time>.txt`, claimed for this run.
+
+    The name is taken by creating the file exclusively, so two runs started in the same second
+    (two variants of one script side by side) get two logs, the later with a `_2` suffix, instead
+    of one overwriting the other."""
     timestamp = timestamp or datetime.now().strftime("%Y%m%d_%H%M%S")
-    name = f"log_{script_stem}_{method}_{model_name}_{timestamp}.txt"
-    return os.path.join(log_dir, subfolder, model_name, name)
+    folder = os.path.join(log_dir, subfolder, model_name)
+    os.makedirs(folder, exist_ok=True)
+    stem = f"log_{script_stem}_{method}_{model_name}_{timestamp}"
+    for n in itertools.count(1):
+        path = os.path.join(folder, stem + (f"_{n}" if n > 1 else "") + ".txt")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return path
 
 
 class RunLogger:
