@@ -143,9 +143,13 @@ def test_changed_recipe_rebuilds_only_what_depends_on_it(micro, data_dir, tmp_pa
     shutil.copytree(folder, os.path.join(ckpt, eb.MICRO_MODEL))
     copied = os.path.join(ckpt, eb.MICRO_MODEL)
     before = _files(copied)
+    os.makedirs(os.path.join(copied, "adamerging"))  # coefficients learned on the old experts
+    with open(os.path.join(copied, "adamerging", "lw_adamerging.json"), "w") as f:
+        f.write("{}")
     recipe = copy.deepcopy(eb.MICRO_RECIPE)
     recipe["finetune"]["steps"] = 3
     eb.ensure_embedded_benchmark(ckpt, data_dir, micro=True, progress=False, recipe=recipe)
+    assert not os.path.exists(os.path.join(copied, "adamerging"))
     after = _files(copied)
     new = json.loads(after["manifest.json"])
     assert new["recipe_hash"] != manifest["recipe_hash"] and new["recipe"] == recipe
