@@ -39,7 +39,7 @@ keep_outputs = False
 worker = ""
 num_tasks = 0
 
-from taskmerge.config import configure  # noqa: E402
+from taskmerge.runs.config import configure  # noqa: E402
 
 config = configure(globals())
 
@@ -77,8 +77,9 @@ def structured_change(w, g):
 
 def build_experts(count: int) -> None:
     import torch
-    from taskmerge import atomic
-    from taskmerge.models import build_image_encoder
+
+    from taskmerge.models.encoders import build_image_encoder
+    from taskmerge.storage import atomic
     manifest = os.path.join(cache_dir, "manifest.json")
     info = {"version": GENERATOR_VERSION, "seed": seed, "model": "ViT-B-32"}
     have = json.load(open(manifest)) if os.path.exists(manifest) else {}
@@ -106,11 +107,12 @@ def build_experts(count: int) -> None:
 def run_worker() -> None:
     import torch
     torch.set_num_threads(threads)
-    from taskmerge import atomic, merging
-    from taskmerge.allocator import recycle_freed_memory
+    from taskmerge import merging
+    from taskmerge.storage import atomic
+    from taskmerge.storage.allocator import recycle_freed_memory
     if recycle_memory:
         recycle_freed_memory()
-    from taskmerge.checkpoints import open_state_dict
+    from taskmerge.storage.checkpoints import open_state_dict
     open_reader = open_state_dict
     theta0 = open_reader(pretrained_path())
     experts = {f"task{i:02d}": open_reader(expert_path(i)) for i in range(num_tasks)}
@@ -196,7 +198,7 @@ def main() -> None:
             print(f"{method:<10}{count:>6}{r['wall_s']:>9.1f}{r['merge_s']:>9.1f}{r['cpu_s']:>8.1f}"
                   f"{r['peak_rss_gib']:>10.2f}{fb[0] if fb else '':>7}{fb[1] if fb else '':>8}"
                   f"{TARGET_S.get(method, ''):>10}{r['load_average']:>6.1f}", flush=True)
-    from taskmerge import atomic
+    from taskmerge.storage import atomic
     atomic.write_json(os.path.join(cache_dir, "results.json"),
                       {"config": config, "load_average_after": os.getloadavg(), "rows": rows})
 

@@ -49,27 +49,27 @@ device = "cpu"
 threads = 0                   # 0: torch's default
 phase = "all"                 # all | adamerging | surgery_v1 | surgery_v2
 
-from taskmerge.config import configure  # noqa: E402
+from taskmerge.runs.config import configure  # noqa: E402
 
 config = configure(globals())
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.func import functional_call  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from taskmerge import atomic  # noqa: E402
-from taskmerge.adamerging import adamerging_step, entropy  # noqa: E402
-from taskmerge.adaptation_data import TaskImages  # noqa: E402
+from taskmerge.adaptive.adamerging import adamerging_step, entropy  # noqa: E402
+from taskmerge.adaptive.adaptation_data import TaskImages  # noqa: E402
+from taskmerge.adaptive.feature_cache import features_of  # noqa: E402
+from taskmerge.adaptive.functional_merge import MergedEncoder  # noqa: E402
+from taskmerge.adaptive.surgery import SurgeryConfig, train_surgery  # noqa: E402
+from taskmerge.adaptive.surgery_modules import SurgeryAdapter, deep_forward, make_deep_adapters  # noqa: E402
 from taskmerge.datasets.base import ArrayDataset  # noqa: E402
-from taskmerge.feature_cache import features_of  # noqa: E402
-from taskmerge.functional_merge import MergedEncoder  # noqa: E402
-from taskmerge.heads import ClassificationHead  # noqa: E402
-from taskmerge.models import build_image_encoder, eval_transform  # noqa: E402
-from taskmerge.surgery import SurgeryConfig, train_surgery  # noqa: E402
-from taskmerge.surgery_modules import SurgeryAdapter, deep_forward, make_deep_adapters  # noqa: E402
+from taskmerge.models.encoders import build_image_encoder, eval_transform  # noqa: E402
+from taskmerge.models.heads import ClassificationHead  # noqa: E402
+from taskmerge.storage import atomic  # noqa: E402
 
 
 def sync():

@@ -14,11 +14,11 @@ data_location = "data"          # the embedded tasks are cached under <data_loca
 micro = False                   # the test suite's micro benchmark instead of the full one
 progress = True                 # progress bars
 
-from taskmerge.config import configure  # noqa: E402
+from taskmerge.runs.config import configure  # noqa: E402
 
 config = configure(globals())
 
-from taskmerge.embedded_benchmark import ensure_embedded_benchmark, read_manifest, summary  # noqa: E402
+from taskmerge.embedded.build import ensure_embedded_benchmark, read_manifest, summary  # noqa: E402
 
 folder = ensure_embedded_benchmark(checkpoint_dir, data_location, micro=micro, progress=progress)
 print(f"Embedded benchmark in {folder}")

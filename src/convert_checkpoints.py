@@ -14,11 +14,11 @@ tasks = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD
 family = "auto"   # task_vectors | tall_masks | auto (task_vectors first)
 out_dir = None    # default: <checkpoint_dir>/<model_name>/safetensors
 
-from taskmerge.config import configure  # noqa: E402
+from taskmerge.runs.config import configure  # noqa: E402
 
 config = configure(globals())
 
-from taskmerge.checkpoints import convert_to_safetensors  # noqa: E402
+from taskmerge.storage.checkpoints import convert_to_safetensors  # noqa: E402
 
 done = convert_to_safetensors(checkpoint_dir, model_name, tasks, out=out_dir, family=family)
 print(f"wrote {len(done['written'])} files, skipped {len(done['skipped'])} already converted")

@@ -1,6 +1,6 @@
 """Zero-shot and individual fine-tuned accuracy per task: the two reference rows of every table."""
-from taskmerge.config import configure
-from taskmerge.runs_data_free import run_single_task_eval
+from taskmerge.runs.config import configure
+from taskmerge.runs.data_free import run_single_task_eval
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

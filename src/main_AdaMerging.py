@@ -1,7 +1,7 @@
 """AdaMerging: learn task-wise or layer-wise merging coefficients by entropy minimisation on
 unlabelled test images (METHODS.md §2.4–2.7); ++ uses TIES-selected task vectors."""
-from taskmerge.config import configure
-from taskmerge.runs_adaptive import run_adamerging
+from taskmerge.runs.adaptive import run_adamerging
+from taskmerge.runs.config import configure
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

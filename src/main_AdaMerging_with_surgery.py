@@ -1,6 +1,6 @@
 """AdaMerging + Representation Surgery (v1), or SurgeryV2 with `surgery = "v2"` (METHODS.md §2.8, §2.9)."""
-from taskmerge.config import configure
-from taskmerge.runs_adaptive import run_surgery
+from taskmerge.runs.adaptive import run_surgery
+from taskmerge.runs.config import configure
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

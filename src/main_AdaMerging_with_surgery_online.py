@@ -1,6 +1,6 @@
 """AdaMerging + Surgery, online: batch 1, each test image seen once, tasks in order (METHODS.md §2.8)."""
-from taskmerge.config import configure
-from taskmerge.runs_adaptive import run_surgery
+from taskmerge.runs.adaptive import run_surgery
+from taskmerge.runs.config import configure
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

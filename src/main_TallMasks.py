@@ -1,6 +1,6 @@
 """TALL masks (task localization) and Consensus merging (METHODS.md §2.13, §2.14)."""
-from taskmerge.config import configure
-from taskmerge.runs_data_free import run_data_free
+from taskmerge.runs.config import configure
+from taskmerge.runs.data_free import run_data_free
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def micro_benchmark(tmp_path_factory):
     """The micro embedded benchmark (a few tasks, a few hundred images), built once per session."""
-    from taskmerge.embedded_benchmark import ensure_embedded_benchmark
+    from taskmerge.embedded.build import ensure_embedded_benchmark
     root = tmp_path_factory.mktemp("micro_benchmark")
     ckpt, data = str(root / "checkpoints"), str(root / "data")
     ensure_embedded_benchmark(ckpt, data, micro=True, progress=False)

@@ -2,15 +2,14 @@ import math
 
 import pytest
 import torch
+from training_toys import apply_task_vectors, single_thread, toy_setup  # noqa: F401 (autouse)
 
-from taskmerge.adamerging import (AdaMergingConfig, adamerging_step, entropy, evaluate_merged,
-                                  train_adamerging)
-from taskmerge.adaptation_data import TaskImages, sample_batches
-from taskmerge.functional_merge import MergedEncoder
-from taskmerge.models import build_image_encoder
-from taskmerge.reporting import RunLogger
-
-from training_toys import apply_task_vectors, toy_setup, single_thread  # noqa: F401 (autouse)
+from taskmerge.adaptive.adamerging import (AdaMergingConfig, adamerging_step, entropy, evaluate_merged,
+                                           train_adamerging)
+from taskmerge.adaptive.adaptation_data import TaskImages, sample_batches
+from taskmerge.adaptive.functional_merge import MergedEncoder
+from taskmerge.models.encoders import build_image_encoder
+from taskmerge.runs.reporting import RunLogger
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from taskmerge import checkpoints, models
-from taskmerge.checkpoints import CheckpointError, CheckpointSet
 from test_safe_pickle import TaskVectorsCode, save
+
+from taskmerge.models import encoders as models
+from taskmerge.storage import checkpoints
+from taskmerge.storage.checkpoints import CheckpointError, CheckpointSet
 
 MODEL = models.TINY_MODEL
 TASKS = ["Cars", "MNIST", "DTD"]
@@ -258,7 +259,8 @@ def test_a_single_bad_value_anywhere_is_found(dtype, value):
 
 def test_streamed_safetensors_read_back_with_the_safetensors_library(tmp_path):
     from safetensors import safe_open
-    from taskmerge import atomic
+
+    from taskmerge.storage import atomic
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(3, 5, generator=g), "h": torch.randn(7, generator=g).half(),
                "b": torch.randn(2, 2, generator=g).bfloat16(), "d": torch.randn(3, generator=g).double(),

@@ -1,6 +1,6 @@
 import pytest
 
-from taskmerge.config import configure, parse_overrides
+from taskmerge.runs.config import configure, parse_overrides
 
 DEFAULTS = {"lr": 1e-3, "steps": 500, "method": "ties", "tasks": [], "flag": False, "k": None}
 

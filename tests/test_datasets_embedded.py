@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from taskmerge.datasets import embedded, embedded_sources as sources, get_task
+from taskmerge.embedded import sources
+from taskmerge.embedded import tasks as embedded
 
 
 def available(task):
@@ -153,9 +154,9 @@ def test_val_split_matches_random_split_seed_0(micro_dir):
     assert len(full.test) == len(embedded.load_embedded_arrays(task, root, micro=True)["test_y"])
 
 
-def test_registry_reaches_embedded_tasks(tmp_path):
+def test_embedded_task_builds_its_cache(tmp_path):
     available("LowResDigits")
-    task = get_task("LowResDigits", str(tmp_path), transform=identity)
+    task = embedded.get_embedded_task("LowResDigits", str(tmp_path), transform=identity)
     assert task.num_classes == 10 and task.train is not None
     img, label = task.test[0]
     assert img.shape == (32, 32, 3) and 0 <= label < 10

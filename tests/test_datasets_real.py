@@ -4,8 +4,6 @@ Every image's colour encodes its label (red = 5·label) and position (green), so
 checks that files, labels and the decoded pixels stay paired."""
 import gzip
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -13,8 +11,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from taskmerge.datasets import DatasetLayoutError, get_task, get_templates
-from taskmerge.datasets import registry, templates
+from taskmerge.datasets import DatasetLayoutError, get_task, get_templates, registry, templates
 from taskmerge.datasets.real import read_idx
 
 
@@ -346,9 +343,10 @@ def test_read_idx_rejects_truncated_file(tmp_path):
         get_task("MNIST", str(tmp_path), as_array)
 
 
-def test_default_transform_is_clip_224(tmp_path):
+def test_clip_eval_transform_gives_224_px_tensors(tmp_path):
+    from taskmerge.models.encoders import eval_transform
     make_mnist(str(tmp_path), n_train=10, n_test=2)
-    img, label = get_task("MNIST", str(tmp_path)).test[1]
+    img, label = get_task("MNIST", str(tmp_path), eval_transform(224)).test[1]
     assert isinstance(img, torch.Tensor) and img.shape == (3, 224, 224) and label == 1
 
 
@@ -417,31 +415,13 @@ def test_missing_data_gives_one_clear_error(tmp_path, name, expected):
     assert "Expected under data_location" in msg and "data/README.md" in msg
 
 
-def test_unknown_task_lists_known_names(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "taskmerge.datasets.embedded", types.ModuleType("empty"))
+def test_unknown_task_lists_known_names(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'Nope'.*'SUN397'.*'MNISTVal'"):
-        get_task("Nope", str(tmp_path))
+        get_task("Nope", str(tmp_path), as_array)
     with pytest.raises(ValueError, match="no data reader for task 'CIFAR10'"):
-        get_task("CIFAR10", str(tmp_path))
-
-
-def test_non_real_names_go_to_the_embedded_module(tmp_path, monkeypatch):
-    calls = []
-
-    def get_embedded_task(name, data_location, transform):
-        calls.append((name, data_location, transform))
-        if name != "toy":
-            raise KeyError(name)
-        return "toy task"
-
-    fake = types.ModuleType("taskmerge.datasets.embedded")
-    fake.get_embedded_task = get_embedded_task
-    fake.EMBEDDED_TASKS = ["toy"]
-    monkeypatch.setitem(sys.modules, "taskmerge.datasets.embedded", fake)
-    assert get_task("toy", str(tmp_path)) == "toy task"
-    assert calls == [("toy", str(tmp_path), None)]  # the embedded module picks its own default
-    with pytest.raises(ValueError, match="embedded tasks: \\['toy'\\]"):
-        get_task("other", str(tmp_path))
+        get_task("CIFAR10", str(tmp_path), as_array)
+    with pytest.raises(ValueError, match="unknown task 'LowResDigits'"):
+        get_task("LowResDigits", str(tmp_path), as_array)  # embedded tasks are not the registry's
 
 
 # ---------------------------------------------------------------- templates and task lists

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taskmerge import embedded_benchmark as eb
-from taskmerge.datasets import embedded_sources
-from taskmerge.datasets.embedded import get_embedded_task
-from taskmerge.finetuning import cosine_lr, random_resized_crop
-from taskmerge.heads import ClassificationHead, build_zeroshot_head
-from taskmerge.models import TINY_MODEL, build_image_encoder, create_clip, eval_transform, get_tokenizer
-from taskmerge.pretraining import CaptionedImages, encode_captions, partner_classes
+from taskmerge.embedded import build as eb
+from taskmerge.embedded import sources as embedded_sources
+from taskmerge.embedded.finetuning import cosine_lr, random_resized_crop
+from taskmerge.embedded.pretraining import CaptionedImages, encode_captions, partner_classes
+from taskmerge.embedded.tasks import get_embedded_task
+from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
+from taskmerge.models.heads import ClassificationHead, build_zeroshot_head
+from taskmerge.models.tokenizers import get_tokenizer
 
 # A recipe small enough to build several times in a test: checks mechanics, not accuracy.
 TOY_RECIPE = copy.deepcopy(eb.MICRO_RECIPE)
@@ -209,8 +210,8 @@ def test_encode_captions_equals_encode_text():
 
 def test_tiny_vocabulary_is_every_embedded_caption_token():
     # the shipped vocabulary must follow the tasks' class names and templates when they change
-    from taskmerge.datasets.embedded import caption_texts
-    from taskmerge.models import PrunedBPETokenizer, tiny_vocabulary_path
+    from taskmerge.embedded.tasks import caption_texts
+    from taskmerge.models.tokenizers import PrunedBPETokenizer, tiny_vocabulary_path
     with open(tiny_vocabulary_path()) as f:
         shipped = json.load(f)["bpe_ids"]
     assert shipped == PrunedBPETokenizer.vocabulary(caption_texts())

@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
+from training_toys import apply_task_vectors, single_thread, toy_setup  # noqa: F401 (autouse)
 
-from taskmerge.adamerging_coefficients import (PUBLISHED_PATH, load_coefficients, load_published,
-                                                save_coefficients)
-from taskmerge.functional_merge import MergedEncoder
-from taskmerge.models import build_image_encoder, create_clip, ImageEncoder
-
-from training_toys import apply_task_vectors, toy_setup, single_thread  # noqa: F401 (autouse)
+from taskmerge.adaptive.adamerging_coefficients import (PUBLISHED_PATH, load_coefficients, load_published,
+                                                        save_coefficients)
+from taskmerge.adaptive.functional_merge import MergedEncoder
+from taskmerge.models.encoders import ImageEncoder, build_image_encoder, create_clip
 
 
 @pytest.fixture(scope="module")

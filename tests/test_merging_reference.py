@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from taskmerge import merging
-from taskmerge.checkpoints import open_state_dict
-from taskmerge.models import build_image_encoder
+from taskmerge.models.encoders import build_image_encoder
+from taskmerge.storage.checkpoints import open_state_dict
 
 TASKS = ["A", "B", "C", "D"]
 ATOL = 1e-6
@@ -319,7 +319,7 @@ CHUNKED = {
 def test_chunked_keys_give_the_whole_key_results(models, tmp_path, monkeypatch, name):
     # Large keys are merged in flat chunks; here every key of the tiny model is cut into chunks
     # of 1000 elements (and a ragged last one) and read back from files chunk by chunk.
-    from taskmerge import task_vectors
+    from taskmerge.merging import task_vectors
     theta0, experts = models
     want = _parts(CHUNKED[name](theta0, experts))
     save_file(theta0, str(tmp_path / "zeroshot.safetensors"))

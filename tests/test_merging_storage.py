@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_merging_invariants import SHAPES, make
 
 from taskmerge import merging
-from taskmerge.checkpoints import CheckpointError, open_state_dict
 from taskmerge.merging import bitpack
-from taskmerge.task_vectors import validate
-from test_merging_invariants import SHAPES, make
+from taskmerge.merging.task_vectors import validate
+from taskmerge.storage.checkpoints import CheckpointError, open_state_dict
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (2, 3, 4)])

@@ -1,11 +1,10 @@
 """Task vectors as lazy mappings: arithmetic, `apply`, and nothing read before it is used."""
 import pytest
 import torch
+from test_merging_storage import CountingReader
 
 from taskmerge import merging
-from taskmerge.task_vectors import (TaskVector, apply, merged_keys, sum_of_task_vectors,
-                                    task_vector)
-from test_merging_storage import CountingReader
+from taskmerge.merging.task_vectors import TaskVector, apply, merged_keys, sum_of_task_vectors, task_vector
 
 
 def models():

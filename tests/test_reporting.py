@@ -1,7 +1,7 @@
 import json
 import os
 
-from taskmerge.reporting import RunLogger, log_path, results_table
+from taskmerge.runs.reporting import RunLogger, log_path, results_table
 
 
 def test_log_lines_follow_the_originals_format_and_config_comes_first(tmp_path):

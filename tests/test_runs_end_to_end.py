@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from taskmerge.runs_adaptive import run_adamerging, run_surgery
-from taskmerge.runs_data_free import run_data_free, run_single_task_eval
+from taskmerge.runs.adaptive import run_adamerging, run_surgery
+from taskmerge.runs.data_free import run_data_free, run_single_task_eval
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from taskmerge import checkpoints, models, safe_pickle
-from taskmerge.safe_pickle import CheckpointError
+from taskmerge.models import encoders as models
+from taskmerge.storage import checkpoints, safe_pickle
+from taskmerge.storage.safe_pickle import CheckpointError
 
 # --- fakes of the original code, so that pickles carry the real checkpoints' class paths ---------
 

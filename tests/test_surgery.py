@@ -4,19 +4,19 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from training_toys import apply_task_vectors, expert_encoders, single_thread, toy_setup  # noqa: F401
 
-from taskmerge.adaptation_data import TaskImages
-from taskmerge.feature_cache import (FeatureCache, base_and_expert_features, encoder_features,
-                                     expert_features)
-from taskmerge.models import ImageEncoder
-from taskmerge.representation_bias import bias_profile, bias_report, draw_representation_bias, mean_l1
-from taskmerge.surgery import (SurgeryConfig, adam_step, online_eval_points, train_surgery,
-                               train_surgery_online)
-from taskmerge.surgery_v2 import deep_surgery_pass, train_surgery_v2
-from taskmerge.surgery_modules import (SurgeryAdapter, deep_forward, encoder_sizes, make_adapters,
-                                       make_deep_adapters)
-
-from training_toys import apply_task_vectors, expert_encoders, toy_setup, single_thread  # noqa: F401
+from taskmerge.adaptive.adaptation_data import TaskImages
+from taskmerge.adaptive.feature_cache import (FeatureCache, base_and_expert_features, encoder_features,
+                                              expert_features)
+from taskmerge.adaptive.representation_bias import (bias_profile, bias_report, draw_representation_bias,
+                                                    mean_l1)
+from taskmerge.adaptive.surgery import (SurgeryConfig, adam_step, online_eval_points, train_surgery,
+                                        train_surgery_online)
+from taskmerge.adaptive.surgery_modules import (SurgeryAdapter, deep_forward, encoder_sizes, make_adapters,
+                                                make_deep_adapters)
+from taskmerge.adaptive.surgery_v2 import deep_surgery_pass, train_surgery_v2
+from taskmerge.models.encoders import ImageEncoder
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_adapter_starts_as_identity_and_step0_is_the_base(toy):
 
 
 def test_surgery_v1_reduces_l1_and_logs_every_eval(toy, tmp_path):
-    from taskmerge.reporting import RunLogger
+    from taskmerge.runs.reporting import RunLogger
     base, experts, tasks, images, heads, bf, ef, labels = toy
     config = SurgeryConfig(rank=8, iterations=30, lr=1e-2, batch_size=8, eval_every=10)
     logger = RunLogger(str(tmp_path / "log.txt"), {"method": "surgery"}, echo=False)

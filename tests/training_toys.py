@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taskmerge.adaptation_data import TaskImages
-from taskmerge.heads import ClassificationHead
-from taskmerge.models import build_image_encoder
+from taskmerge.adaptive.adaptation_data import TaskImages
+from taskmerge.models.encoders import build_image_encoder
+from taskmerge.models.heads import ClassificationHead
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,2 +1,7 @@
-"""taskmerge: multi-task model merging of CLIP ViT image encoders, with Representation Surgery."""
+"""taskmerge: multi-task model merging of CLIP ViT image encoders, with Representation Surgery.
+
+One folder per layer, lowest first; a module may import from its own layer and the ones before it,
+never from a later one (tests/test_layers.py reads every import to check it)."""
 __version__ = "0.1.0"
+
+LAYERS = ("storage", "datasets", "models", "merging", "adaptive", "embedded", "runs")

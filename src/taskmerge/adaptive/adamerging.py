@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .adaptation_data import TaskImages, sample_batches
-from .functional_merge import MergedEncoder
-from .training_state import TrainingCheckpoint
+from taskmerge.adaptive.adaptation_data import TaskImages, sample_batches
+from taskmerge.adaptive.functional_merge import MergedEncoder
+from taskmerge.adaptive.training_state import TrainingCheckpoint
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from . import atomic
+from taskmerge.storage import atomic
 
 PUBLISHED_PATH = os.path.join(os.path.dirname(__file__), "data", "adamerging_coefficients.json")
 PUBLISHED_METHODS = ("tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp")
@@ -62,7 +62,7 @@ class CoefficientTable:
             raise ValueError(
                 f"{self.source}: {len(self.rows)} layer-wise rows but the encoder has {len(names)} "
                 f"state-dict tensors; this table belongs to {self.model_name}; build the encoder with "
-                f"taskmerge.models.build_image_encoder({self.model_name!r})")
+                f"taskmerge.models.encoders.build_image_encoder({self.model_name!r})")
         if self.param_names is not None:
             for j, (a, b) in enumerate(zip(self.param_names, names)):
                 if a != b:

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets.base import stack_dataset
+from taskmerge.datasets.base import stack_dataset
 
 DEFAULT_MAX_PRELOAD_BYTES = 2 << 30
 

@@ -17,11 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from . import atomic
-from .adaptation_data import TaskImages
-from .models import ImageEncoder
-from .surgery_modules import deep_forward
-from .training_state import run_hash
+from taskmerge.adaptive.adaptation_data import TaskImages
+from taskmerge.adaptive.surgery_modules import deep_forward
+from taskmerge.adaptive.training_state import run_hash
+from taskmerge.models.encoders import ImageEncoder
+from taskmerge.storage import atomic
 
 
 @torch.no_grad()

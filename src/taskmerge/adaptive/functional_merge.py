@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .models import ImageEncoder, load_encoder_state
+from taskmerge.models.encoders import ImageEncoder, load_encoder_state
 
 MODES = ("task", "layer")
 

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import atomic
+from taskmerge.storage import atomic
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 

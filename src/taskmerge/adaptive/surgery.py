@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .adaptation_data import sample_batches
-from .surgery_modules import make_adapters
-from .training_state import TrainingCheckpoint, grad_presence, restore_grad_presence
+from taskmerge.adaptive.adaptation_data import sample_batches
+from taskmerge.adaptive.surgery_modules import make_adapters
+from taskmerge.adaptive.training_state import TrainingCheckpoint, grad_presence, restore_grad_presence
 
 ZERO_GRAD_MODES = {
     "zero": "torch 1.x zero_grad(set_to_none=False): modules used before keep moving with Adam momentum",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ImageEncoder
+from taskmerge.models.encoders import ImageEncoder
 
 
 class SurgeryAdapter(nn.Module):

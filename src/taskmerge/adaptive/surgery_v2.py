@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .adaptation_data import TaskImages
-from .models import ImageEncoder
-from .surgery import SurgeryConfig, SurgeryResult, accuracy, eval_round, final_features, train_loop
-from .surgery_modules import deep_forward, make_deep_adapters
+from taskmerge.adaptive.adaptation_data import TaskImages
+from taskmerge.adaptive.surgery import (SurgeryConfig, SurgeryResult, accuracy, eval_round, final_features,
+                                        train_loop)
+from taskmerge.adaptive.surgery_modules import deep_forward, make_deep_adapters
+from taskmerge.models.encoders import ImageEncoder
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import atomic
+from taskmerge.storage import atomic
 
 
 def run_hash(kind: str, key: dict) -> str:

@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import ArrayDataset, TaskData
-from .templates import (CLASSNAMES, RESISC45_FOLDERS, cars_classname, dtd_classname,
-                        eurosat_classname, get_templates, sun397_classname)
+from taskmerge.datasets.base import ArrayDataset, TaskData
+from taskmerge.datasets.templates import (CLASSNAMES, RESISC45_FOLDERS, cars_classname, dtd_classname,
+                                          eurosat_classname, get_templates, sun397_classname)
 
 # torchvision's ImageFolder extensions, so a folder holds exactly the images the originals saw.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -1,22 +1,21 @@
-"""`get_task(name, data_location, transform)`: one entry point for real and embedded tasks.
+"""`get_task(name, data_location, transform)`: one entry point for the real tasks.
 
-A name is a real task (`READERS`), its validation variant `<Task>Val`, or else whatever
-`datasets/embedded.py` knows. `<Task>Val` follows task_vectors/tall_masks (METHODS.md §5.1, §3.2):
+A name is a real task (`READERS`) or its validation variant `<Task>Val` (the embedded benchmark's
+tasks live a layer up, in `embedded/tasks.py`, and reuse `split_train_val`). `<Task>Val` follows task_vectors/tall_masks (METHODS.md §5.1, §3.2):
 the training set is cut by `torch.utils.data.random_split` with a generator seeded 0 into
 [train_size, val_size], val_size = min(int(0.1 · |train|), 5000); `.test` is the held-out part,
 `.train` the rest. EuroSATVal instead evaluates on EuroSAT's real `val` folder.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 from torch.utils.data import random_split
 
-from .base import TaskData
-from .real import READERS, read_eurosat
-from .templates import base_task
+from taskmerge.datasets.base import TaskData
+from taskmerge.datasets.real import READERS, read_eurosat
+from taskmerge.datasets.templates import base_task
 
 # EnnengYang / EMR order: coefficient vectors and logs follow it.
 PAPER_8 = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
@@ -52,54 +51,27 @@ def split_train_val(task: TaskData, name: str) -> TaskData:
     return TaskData(name, list(task.classnames), list(task.templates), test=val, train=train, info=info)
 
 
-def default_transform():
-    # The CLIP eval transform is the one every original evaluates with (METHODS.md §1.2). Imported
-    # here, not at module level, so that reading data does not need open_clip.
-    from taskmerge.models import eval_transform
-    return eval_transform(224)
+def get_task(name: str, data_location: str, transform) -> TaskData:
+    """The real task `name` (e.g. "MNIST", "MNISTVal") read from `data_location`.
 
-
-def get_task(name: str, data_location: str, transform=None) -> TaskData:
-    """The task `name` (e.g. "MNIST", "MNISTVal", or an embedded task) read from `data_location`.
-
-    `transform` maps a PIL RGB image to what the model takes; None means the CLIP eval transform
-    at 224 px for real tasks (an embedded task gets None and picks its own). Images are decoded
-    only when indexed."""
+    `transform` maps a PIL RGB image to what the model takes (the model layer's CLIP eval transform,
+    `models.encoders.eval_transform`, in every run). Images are decoded only when indexed."""
     data_location = os.path.expanduser(os.fspath(data_location))
     base = base_task(name)
     if base in READERS:
-        transform = default_transform() if transform is None else transform
         if name == "EuroSATVal":
             task = read_eurosat(data_location, transform, test_split="val")
             return TaskData(name, task.classnames, task.templates, test=task.test, train=task.train,
                             info=task.info)
         task = READERS[base](data_location, transform)
         return task if name == base else split_train_val(task, name)
-    return _embedded_task(name, data_location, transform)
+    raise ValueError(_unknown_task_message(name))
 
 
-def _embedded_task(name: str, data_location: str, transform) -> TaskData:
-    try:
-        embedded = importlib.import_module(f"{__package__}.embedded")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.embedded":
-            raise
-        embedded = None
-    get_embedded = getattr(embedded, "get_embedded_task", None)
-    if get_embedded is not None:
-        try:
-            return get_embedded(name, data_location, transform)
-        except KeyError:
-            pass  # not one of its tasks: fall through to the one unknown-task error
-    raise ValueError(_unknown_task_message(name, embedded))
-
-
-def _unknown_task_message(name: str, embedded) -> str:
+def _unknown_task_message(name: str) -> str:
     known = REAL_TASKS + [t + "Val" for t in REAL_TASKS]
-    embedded_names = list(getattr(embedded, "EMBEDDED_TASKS", None) or [])
     if base_task(name) in TALL_20:
         return (f"no data reader for task {name!r} yet: it is in the tall_masks 14/20-task list, "
                 f"but taskmerge reads only {REAL_TASKS} (templates and fixed class names are in "
                 f"taskmerge.datasets.templates)")
-    return (f"unknown task {name!r}; real tasks: {known}"
-            + (f"; embedded tasks: {embedded_names}" if embedded_names else ""))
+    return f"unknown task {name!r}; real tasks: {known}"

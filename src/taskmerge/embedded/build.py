@@ -55,11 +55,12 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from . import atomic
-from .datasets.base import ArrayDataset
-from .heads import ClassificationHead, build_zeroshot_head
-from .models import TINY_MODEL, build_image_encoder, create_clip, eval_transform, get_tokenizer
-from .pretraining import CaptionedImages, partner_classes
+from taskmerge.datasets.base import ArrayDataset
+from taskmerge.embedded.pretraining import CaptionedImages, partner_classes
+from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
+from taskmerge.models.heads import ClassificationHead, build_zeroshot_head
+from taskmerge.models.tokenizers import get_tokenizer
+from taskmerge.storage import atomic
 
 MICRO_MODEL = TINY_MODEL + "-micro"
 # A fixed thread count (not the machine's): float sums then do not depend on the core count. Two
@@ -126,7 +127,7 @@ def dataset_tensors(dataset, image_size: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def load_task_tensors(name: str, data_location: str, image_size: int, micro: bool) -> TaskTensors:
-    from .datasets.embedded import get_embedded_task
+    from taskmerge.embedded.tasks import get_embedded_task
     transform = eval_transform(image_size)
     task = get_embedded_task(name, data_location, transform, micro=micro)
     val_task = get_embedded_task(name + "Val", data_location, transform, micro=micro)
@@ -246,7 +247,8 @@ def _tqdm(progress: bool, **kwargs):
 def model_config(model_name: str = TINY_MODEL) -> dict:
     """The open_clip config of `model_name` (taskmerge's own configs registered)."""
     import open_clip
-    from .models import _register_configs
+
+    from taskmerge.models.encoders import _register_configs
     _register_configs()
     return open_clip.get_model_config(model_name)
 
@@ -255,7 +257,7 @@ def load_tasks(data_location: str, micro: bool = False, progress: bool = True,
                model_name: str = TINY_MODEL) -> list[TaskTensors]:
     """Every embedded task whose data can be built, preloaded; a task whose package is missing has
     already been reported in one line by `build_embedded_data` and is left out."""
-    from .datasets.embedded import build_embedded_data
+    from taskmerge.embedded.tasks import build_embedded_data
     available = build_embedded_data(data_location, micro=micro, progress=progress)
     if not available:
         raise RuntimeError(f"no embedded task could be built under {data_location!r} (see the lines "
@@ -275,9 +277,9 @@ def build_benchmark(folder: str, recipe: dict, tasks: list[TaskTensors], stages:
     the same hashes; returns the manifest (written last)."""
     from safetensors.torch import load_file
 
-    from .finetuning import finetune_many
-    from .models import ImageEncoder
-    from .pretraining import pretrain_clip
+    from taskmerge.embedded.finetuning import finetune_many
+    from taskmerge.embedded.pretraining import pretrain_clip
+    from taskmerge.models.encoders import ImageEncoder
 
     t_start = time.time()
     seconds: dict[str, float] = {}

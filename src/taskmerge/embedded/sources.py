@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from .real import read_idx  # MNIST's idx format, shared with the real MNIST reader
+from taskmerge.datasets.real import read_idx  # MNIST's idx format, shared with the real MNIST reader
 
 # Debian packages, at the paths `dpkg -L <package>` lists.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"        # dataset-fashion-mnist

@@ -42,10 +42,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from .. import atomic
-from . import embedded_sources as sources
-from .base import ArrayDataset, TaskData
-from .templates import DTD_TEMPLATES, GTSRB_TEMPLATES, NUMBER_TEMPLATES, base_task
+from taskmerge.datasets.base import ArrayDataset, TaskData
+from taskmerge.datasets.registry import split_train_val
+from taskmerge.datasets.templates import DTD_TEMPLATES, GTSRB_TEMPLATES, NUMBER_TEMPLATES, base_task
+from taskmerge.embedded import sources
+from taskmerge.models.encoders import eval_transform
+from taskmerge.storage import atomic
 
 SIZE = 32  # every embedded image is SIZE × SIZE × 3 uint8
 
@@ -560,7 +562,6 @@ def get_embedded_task(name: str, data_location: str = "data", transform=None, mi
         raise KeyError(f"{name} (not in the micro set {MICRO_TASKS})")
     arrays = load_embedded_arrays(base, data_location, micro)
     if transform is None:
-        from taskmerge.models import eval_transform  # here, so that reading data does not need open_clip
         transform = eval_transform(SIZE)
     info = dict(arrays["info"], cache=cache_path(base, data_location, micro))
     task = TaskData(base, arrays["classnames"], arrays["templates"],
@@ -568,5 +569,4 @@ def get_embedded_task(name: str, data_location: str = "data", transform=None, mi
                     train=ArrayDataset(arrays["train_x"], arrays["train_y"], transform), info=info)
     if name == base:
         return task
-    from .registry import split_train_val  # registry imports this module lazily; no cycle at load
     return split_train_val(task, name)

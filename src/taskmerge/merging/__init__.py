@@ -1,4 +1,5 @@
-"""Data-free merge math, one file per method (METHODS.md §2.1–2.3, §2.10–2.14).
+"""Layer 3, merging: task vectors and the data-free merge math, one file per method (METHODS.md
+§2.1–2.3, §2.10–2.14). May import storage.
 
 Every function takes θ0 as a state dict and the experts as `{task: state dict}` (dicts or lazy
 readers, see task_vectors.py), validates them before any work, and reads one key at a time.
@@ -6,14 +7,17 @@ Single-model methods return the merged θ (a dict of tensors in θ0's dtype); th
 return a compact object with `.task_state_dict(θ0, task)`, `.save(path)`, `.load(path)` and
 `.storage_report()`.
 """
-from .emr import EMRMerged, emr_merging
-from .tall_masks import (LAMS as TALL_LAMS, TallMasks, consensus_mask, consensus_merging,
-                         multitask_vector, tall_mask, tall_masks)
-from .task_arithmetic import DEFAULT_LAM, LAM_GRID_TALL, LAM_GRID_TSV, task_arithmetic
-from .ties import PRESETS as TIES_PRESETS, ties_delta, ties_merging, ties_selected
-from .tsv import ALPHA_GRID as TSV_ALPHA_GRID, tsv_delta, tsv_merging
-from .tsv_compress import TSVCompressed, tsv_compress
-from .weight_averaging import weight_averaging
+from taskmerge.merging.emr import EMRMerged, emr_merging
+from taskmerge.merging.tall_masks import LAMS as TALL_LAMS
+from taskmerge.merging.tall_masks import (TallMasks, consensus_mask, consensus_merging, multitask_vector,
+                                          tall_mask, tall_masks)
+from taskmerge.merging.task_arithmetic import DEFAULT_LAM, LAM_GRID_TALL, LAM_GRID_TSV, task_arithmetic
+from taskmerge.merging.ties import PRESETS as TIES_PRESETS
+from taskmerge.merging.ties import ties_delta, ties_merging, ties_selected
+from taskmerge.merging.tsv import ALPHA_GRID as TSV_ALPHA_GRID
+from taskmerge.merging.tsv import tsv_delta, tsv_merging
+from taskmerge.merging.tsv_compress import TSVCompressed, tsv_compress
+from taskmerge.merging.weight_averaging import weight_averaging
 
 __all__ = ["weight_averaging", "task_arithmetic", "DEFAULT_LAM", "LAM_GRID_TALL", "LAM_GRID_TSV",
            "ties_merging", "ties_delta", "ties_selected", "TIES_PRESETS",

@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .. import atomic
-from ..checkpoints import SafetensorsReader  # preads into owned memory, never maps the file
+from taskmerge.storage import atomic
+from taskmerge.storage.checkpoints import SafetensorsReader  # preads into owned memory, never maps the file
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:

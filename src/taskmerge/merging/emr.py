@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..task_vectors import (Experts, StateDict, apply, as_float, chunks, merged_keys, numel_of,
-                            read_flat, shape_of, taus_at, validate)
-from . import bitpack
+from taskmerge.merging import bitpack
+from taskmerge.merging.task_vectors import (Experts, StateDict, apply, as_float, chunks, merged_keys,
+                                            numel_of, read_flat, shape_of, taus_at, validate)
 
 RESCALERS = ("code", "paper")
 FORMAT = "taskmerge.emr/1"

@@ -16,11 +16,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..checkpoints import SafetensorsReader
-from ..task_vectors import (Experts, StateDict, TaskVector, apply, as_float, chunks, read_flat,
-                            shape_of, sum_of_task_vectors, validate)
-from . import bitpack
-from .ties import ties_delta
+from taskmerge.merging import bitpack
+from taskmerge.merging.task_vectors import (Experts, StateDict, TaskVector, apply, as_float, chunks,
+                                            read_flat, shape_of, sum_of_task_vectors, validate)
+from taskmerge.merging.ties import ties_delta
+from taskmerge.storage.checkpoints import SafetensorsReader
 
 LAMS = (0.2, 0.3, 0.4, 0.5, 0.6)
 FORMAT = "taskmerge.tall/1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..task_vectors import Experts, StateDict, apply, sum_of_task_vectors, validate
+from taskmerge.merging.task_vectors import Experts, StateDict, apply, sum_of_task_vectors, validate
 
 DEFAULT_LAM = 0.3
 # linspace(0, 1, n)[1:] with n = 21 (tall_masks: 0.05 … 1.0) and n = 31 (TSV: 1/30 … 1.0)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from .checkpoints import validate_experts
+from taskmerge.storage.checkpoints import validate_experts
 
 StateDict = Mapping[str, torch.Tensor]
 Experts = Mapping[str, StateDict]

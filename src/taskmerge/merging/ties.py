@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..task_vectors import (Experts, Span, StateDict, apply, as_float, chunks, float_dtype,
-                            merged_keys, numel_of, read_flat, shape_of, taus_at, validate)
+from taskmerge.merging.task_vectors import (Experts, Span, StateDict, apply, as_float, chunks, float_dtype,
+                                            merged_keys, numel_of, read_flat, shape_of, taus_at, validate)
 
 MERGES = ("dis-sum", "dis-mean", "dis-max")
 PRESETS = {

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import torch
 
-from ..task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
+from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
 
 METHODS = ("TSVM", "TSVM_2")
 

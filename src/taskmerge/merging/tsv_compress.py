@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
-from . import bitpack
-from .tsv import leading_triplets
+from taskmerge.merging import bitpack
+from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
+from taskmerge.merging.tsv import leading_triplets
 
 FORMAT = "taskmerge.tsvc/1"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..task_vectors import Experts, StateDict, apply, sum_of_task_vectors, validate
+from taskmerge.merging.task_vectors import Experts, StateDict, apply, sum_of_task_vectors, validate
 
 
 def weight_averaging(pretrained: StateDict, finetuned: Experts, drop_last: bool = False,

@@ -1,6 +1,6 @@
 """The data-dependent entry scripts: AdaMerging, and Surgery v1 / online / SurgeryV2 on any base.
 
-A Surgery base is any method of runs_data_free.MERGERS (WA, TA, TIES, EMR, TSV-M, Consensus) or
+A Surgery base is any method of runs.data_free.MERGERS (WA, TA, TIES, EMR, TSV-M, Consensus) or
 task-/layer-wise AdaMerging(++) with published, saved or freshly learned coefficients. Its fixed
 encoder (one per task for EMR/TSV-C/TALL) gives the features the modules are trained on; the
 experts' features are cached on disk (keyed by checkpoint digest), so a second run never touches
@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import os
 
-from . import merging
-from .adamerging import AdaMergingConfig, train_adamerging
-from .adamerging_coefficients import (PUBLISHED_PATH, load_coefficients, load_published,
-                                      save_coefficients)
-from .adaptation_data import TaskImages
-from .checkpoints import file_digest
-from .experiment import task_data
-from .feature_cache import FeatureCache, base_and_expert_features
-from .functional_merge import MergedEncoder
-from .models import build_image_encoder
-from .representation_bias import bias_report, draw_representation_bias
-from .runs_data_free import MERGERS, Run
-from .surgery import SurgeryConfig, corrected_features, train_surgery, train_surgery_online
-from .surgery_v2 import train_surgery_v2
-from .task_vectors import task_vector
+from taskmerge import merging
+from taskmerge.adaptive.adamerging import AdaMergingConfig, train_adamerging
+from taskmerge.adaptive.adamerging_coefficients import (PUBLISHED_PATH, load_coefficients, load_published,
+                                                        save_coefficients)
+from taskmerge.adaptive.adaptation_data import TaskImages
+from taskmerge.adaptive.feature_cache import FeatureCache, base_and_expert_features
+from taskmerge.adaptive.functional_merge import MergedEncoder
+from taskmerge.adaptive.representation_bias import bias_report, draw_representation_bias
+from taskmerge.adaptive.surgery import SurgeryConfig, corrected_features, train_surgery, train_surgery_online
+from taskmerge.adaptive.surgery_v2 import train_surgery_v2
+from taskmerge.merging.task_vectors import task_vector
+from taskmerge.models.encoders import build_image_encoder
+from taskmerge.runs.data_free import MERGERS, Run
+from taskmerge.runs.setup import task_data
+from taskmerge.storage.checkpoints import file_digest
 
 # method_name → (coefficient granularity, TIES-selected source vectors?)
 ADAMERGING = {"tw_adamerging": ("task", False), "lw_adamerging": ("layer", False),

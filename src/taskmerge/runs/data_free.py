@@ -3,7 +3,7 @@
 `MERGERS[name](run, config)` builds one method's merge from a run's experts, choosing a coefficient
 on the `<Task>Val` splits where the method's family does; `run_data_free(name, config, script)`
 is what an entry script calls: merge, evaluate every task, log and report. Surgery uses the same
-mergers for its base models (runs_adaptive.py). The merge math itself lives in `merging/`.
+mergers for its base models (runs/adaptive.py). The merge math itself lives in `merging/`.
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import merging
-from .allocator import recycle_freed_memory
-from .evaluation import evaluate
-from .experiment import (Setup, encoder_for, evaluate_tasks, finish_run, individual_accuracies,
-                         load_heads, resolve_setup, start_run, task_data)
-from .merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
-from .reporting import RunLogger, results_table
-from .selection import select_coefficient, select_per_task
-from .task_vectors import apply
+from taskmerge import merging
+from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
+from taskmerge.merging.task_vectors import apply
+from taskmerge.runs.evaluation import evaluate
+from taskmerge.runs.reporting import RunLogger, results_table
+from taskmerge.runs.selection import select_coefficient, select_per_task
+from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, finish_run, individual_accuracies,
+                                  load_heads, resolve_setup, start_run, task_data)
+from taskmerge.storage.allocator import recycle_freed_memory
 
 VAL_GRIDS = {"tall_masks": LAM_GRID_TALL, "tsv": LAM_GRID_TSV, "tsv_alpha": merging.TSV_ALPHA_GRID}
 
@@ -75,7 +75,7 @@ class Run:
         if hasattr(obj, "save"):
             obj.save(path)
         else:
-            from .atomic import save_safetensors
+            from taskmerge.storage.atomic import save_safetensors
             save_safetensors(dict(obj), path, metadata={"method": name, "model": self.setup.model_name})
         self.log.info(f"Saved {path}")
         return path

@@ -13,7 +13,7 @@ import os
 import time
 from datetime import datetime
 
-from . import atomic
+from taskmerge.storage import atomic
 
 
 def log_path(log_dir: str, subfolder: str, model_name: str, script_stem: str, method: str,

@@ -15,13 +15,14 @@ from typing import Mapping
 
 import torch
 
-from . import atomic
-from .checkpoints import CheckpointSet, file_digest, load_head, load_state_dict
-from .datasets.registry import PAPER_8, get_task
-from .evaluation import evaluate
-from .heads import ClassificationHead, build_zeroshot_head
-from .models import TINY_MODEL, build_image_encoder, create_clip, eval_transform, get_tokenizer
-from .reporting import RunLogger, log_path, results_table
+from taskmerge.datasets.registry import PAPER_8, get_task
+from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
+from taskmerge.models.heads import ClassificationHead, build_zeroshot_head
+from taskmerge.models.tokenizers import get_tokenizer
+from taskmerge.runs.evaluation import evaluate
+from taskmerge.runs.reporting import RunLogger, log_path, results_table
+from taskmerge.storage import atomic
+from taskmerge.storage.checkpoints import CheckpointSet, file_digest, load_head, load_state_dict
 
 EMBEDDED_MODELS = (TINY_MODEL, TINY_MODEL + "-micro")
 
@@ -68,7 +69,7 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
                   f"offline benchmark ({TINY_MODEL}). See README 'Real checkpoints' to use real ones.")
     embedded = model_name in EMBEDDED_MODELS
     if embedded:
-        from .embedded_benchmark import ensure_embedded_benchmark
+        from taskmerge.embedded.build import ensure_embedded_benchmark
         micro = model_name.endswith("-micro")
         model_dir = ensure_embedded_benchmark(checkpoint_dir, data_location, micro=micro)
         with open(os.path.join(model_dir, "manifest.json")) as f:
@@ -90,7 +91,7 @@ def task_data(setup: Setup, task: str, split: str = "test"):
     name = task + "Val" if split == "val" else task
     transform = eval_transform(_image_size(setup))
     if setup.embedded:
-        from .datasets.embedded import get_embedded_task
+        from taskmerge.embedded.tasks import get_embedded_task
         return get_embedded_task(name, setup.data_location, transform, micro=setup.micro)
     return get_task(name, setup.data_location, transform)
 

@@ -32,8 +32,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-from . import atomic, safe_pickle
-from .safe_pickle import CheckpointError
+from taskmerge.storage import atomic, safe_pickle
+from taskmerge.storage.safe_pickle import CheckpointError
 
 FAMILIES = ("safetensors", "task_vectors", "tall_masks")
 CONVERTED_DIR = "safetensors"
@@ -465,8 +465,8 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
     head file exists), each atomically, with metadata naming the source file and its digest. A file
     whose source digest is unchanged is skipped. Returns {"written": [...], "skipped": [...]}.
     """
-    from tqdm import tqdm
     from safetensors import safe_open
+    from tqdm import tqdm
     if family == "safetensors":
         raise ValueError("convert_to_safetensors reads the original layouts, not the converted one")
     tasks = tuple(tasks)
