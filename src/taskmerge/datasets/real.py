@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from taskmerge.datasets.base import ArrayDataset, TaskData
 from taskmerge.datasets.templates import (CLASSNAMES, RESISC45_FOLDERS, cars_classname, dtd_classname,
                                           eurosat_classname, get_templates, sun397_classname)
+from taskmerge.storage.errors import InputError
 
 # torchvision's ImageFolder extensions, so a folder holds exactly the images the originals saw.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -71,7 +72,7 @@ LAYOUTS = {
 }
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(InputError):
     """A task's data is missing or not in the layout its reader expects."""
 
 

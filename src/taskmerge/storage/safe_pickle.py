@@ -32,8 +32,10 @@ from typing import Any, BinaryIO
 
 import torch
 
+from taskmerge.storage.errors import InputError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(InputError):
     """A checkpoint that cannot be read: names the file, what is wrong and how to fix it."""
 
 
