@@ -1,4 +1,5 @@
-"""Run logs in the originals' line format, and a JSON report beside each log.
+"""Run logs in the originals' line format, a JSON report beside each log, and the label that says
+what a report's run was (the row name of every results table, a run's own and the summary's).
 
 Log lines are those of EnnengYang's scripts, so a researcher can diff ours against theirs:
 `Eval: step: <k> dataset: <Name> ACC: <fraction>` and `Eval: step: <k> Avg ACC:<fraction>`.
@@ -81,3 +82,97 @@ def results_table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
         cells = ["–" if v is None else f"{100 * v:.2f}" for v in vals]
         out.append(f"| {method} | " + " | ".join(cells) + f" | {100 * avg:.2f} |")
     return "\n".join(out)
+
+
+ADAMERGING_METHODS = ("tw_adamerging", "lw_adamerging", "tw_adamergingpp", "lw_adamergingpp")
+
+
+def _num(value) -> str:
+    """A coefficient as the scripts write it: 0.3, 0.65, 1.0 (grid values such as 1/30 to 4 digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    text = f"{value:.4g}"
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+def _on_val(report: dict) -> str:
+    # a coefficient chosen on the <Task>Val splits leaves its search curve in the report
+    return " on val" if report.get("val_curve") else ""
+
+
+def _merge_name(report: dict) -> str:
+    # data-free reports name their merge `merge`; Surgery reports name their base's merge `base`
+    return str(report.get("merge") or report.get("base") or "")
+
+
+def _adamerging_label(method: str, report: dict) -> str:
+    source = report.get("coefficients_source")
+    if source == "learn":
+        steps = (report.get("config") or {}).get("adamerging_steps")
+        return f"{method} (learned" + (f", {steps} steps)" if steps is not None else ")")
+    if source == "published":
+        return f"{method} (published coefficients)"
+    if source:
+        return f"{method} (coefficients {os.path.basename(str(source))})"
+    return method
+
+
+def _base_label(method: str, report: dict) -> str:
+    """The merge's label; `method` is the data-free method or the Surgery script's base name."""
+    merge = _merge_name(report)
+    if method in ADAMERGING_METHODS:
+        return _adamerging_label(method, report)
+    if method == "weight_averaging":
+        return "weight_averaging (drop last)" if report.get("drop_last") else "weight_averaging"
+    if method == "task_arithmetic" and "scaling_coef" in report:
+        return f"task_arithmetic (λ {_num(report['scaling_coef'])}{_on_val(report)})"
+    if method == "ties_merging" and isinstance(report.get("ties"), dict):
+        ties = report["ties"]
+        return (f"ties_merging ({ties.get('merge')}, K {_num(ties.get('k'))}, "
+                f"λ {_num(report.get('scaling_coef'))}{_on_val(report)})")
+    if method == "emr_merging":
+        return f"emr_merging ({report['rescaler']} rescaler)" if report.get("rescaler") else method
+    if method == "tsv_merging":
+        if merge == "TSVC":
+            return "tsv_merging (TSVC)"
+        alpha = _num(report.get("alpha"))
+        return f"tsv_merging ({report.get('tsv_method')}, α {alpha}{_on_val(report)})"
+    if method in ("tall_masks", "consensus"):
+        ties = "TIES τ_MTL, " if report.get("use_ties") else ""
+        if merge.startswith("TALL_mask"):
+            return f"tall_mask ({ties}λ per task on val)"
+        if "prun_thre_k" in report:
+            alpha = _num(report.get("alpha"))
+            return f"consensus ({ties}k {report['prun_thre_k']}, α {alpha}{_on_val(report)})"
+    return method
+
+
+def uses_task_identity(report: dict) -> bool:
+    """Whether task t was evaluated with its own reconstructed model (EMR, TSV-C, TALL masks)."""
+    if "task_identity" in report:
+        return bool(report["task_identity"])
+    merge = _merge_name(report)
+    return merge.startswith(("emr_", "TALL_mask")) or merge == "TSVC"
+
+
+def method_label(report: dict) -> str:
+    """What a report's run was, e.g. `task_arithmetic (λ 0.3) + Surgery v1`,
+    `ties_merging (dis-sum, K 0.2, λ 0.3)`, `consensus (k 2, α 0.65 on val)`; † marks task identity.
+
+    Read from the report's own fields (what the run actually used), never from defaults, and never
+    raises: a field it does not know leaves the label at the method's name."""
+    method = str(report.get("method", "?"))
+    return (_base_label(method, report) + (" †" if uses_task_identity(report) else "")
+            + surgery_suffix(report))
+
+
+def surgery_suffix(report: dict) -> str:
+    """` + Surgery v1`, ` + Surgery v1 online`, ` + SurgeryV2`, or "" for a run without Surgery."""
+    surgery = report.get("surgery")
+    if not surgery:
+        return ""
+    if surgery == "v2":
+        return " + SurgeryV2"
+    return f" + Surgery {surgery}" + (" online" if report.get("online") else "")

@@ -20,7 +20,7 @@ from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_cl
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head
 from taskmerge.models.tokenizers import get_tokenizer
 from taskmerge.runs.evaluation import evaluate
-from taskmerge.runs.reporting import RunLogger, log_path, results_table
+from taskmerge.runs.reporting import RunLogger, log_path, method_label, results_table
 from taskmerge.storage import atomic
 from taskmerge.storage.checkpoints import CheckpointSet, file_digest, load_head, load_state_dict
 
@@ -201,6 +201,7 @@ def finish_run(logger: RunLogger, setup: Setup, method: str, accs: dict[str, flo
         report["normalized_accuracy"] = norm
         report["average_normalized_accuracy"] = sum(norm.values()) / max(len(norm), 1)
     report.update(extra)
-    logger.info(results_table({method: accs, **({"Individual": individual} if individual else {})},
+    label = method_label({"config": logger.config, **report})  # the summary's row name for this run
+    logger.info(results_table({label: accs, **({"Individual": individual} if individual else {})},
                               setup.tasks))
     return logger.write_report(**report)
