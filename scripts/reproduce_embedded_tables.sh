@@ -5,13 +5,15 @@
 #
 #   bash scripts/reproduce_embedded_tables.sh [log_dir]       # default: src/logs/embedded_tables
 #   DRY_RUN=1 bash scripts/reproduce_embedded_tables.sh       # print the commands, run nothing
+#   ONLY='^(ta|surgery_v2_ta)$' bash scripts/reproduce_embedded_tables.sh   # only the runs so named
 #
 # As the README's rows were logged: at most two runs at a time, one torch thread each (the scripts
 # leave the thread count to torch, which reads OMP_NUM_THREADS). About 1 h on 2 cores once the
 # benchmark is built. Every training run starts from scratch (resume_dir=""), and the Surgery runs on
 # AdaMerging bases learn their coefficients again (same seed, so the same coefficients), so no run
 # depends on another's leftovers and the order does not matter.
-# Environment: MODEL (taskmerge-tiny), CHECKPOINT_DIR (checkpoints), DATA_LOCATION (data), JOBS (2).
+# Environment: MODEL (taskmerge-tiny), CHECKPOINT_DIR (checkpoints), DATA_LOCATION (data), JOBS (2),
+# ONLY (an extended regular expression on the run names below; empty: every run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,13 +23,14 @@ CHECKPOINT_DIR="${CHECKPOINT_DIR:-checkpoints}"
 DATA_LOCATION="${DATA_LOCATION:-data}"
 JOBS="${JOBS:-2}"
 DRY_RUN="${DRY_RUN:-0}"
+ONLY="${ONLY:-}"
 COMMON="--model_name=$MODEL --checkpoint_dir=$CHECKPOINT_DIR --data_location=$DATA_LOCATION --log_dir=$LOG_DIR"
 TRAINING="--resume_dir="
 MICRO=False
 [[ "$MODEL" == *-micro ]] && MICRO=True
 
 RUNS=()   # "name|script and its overrides" (COMMON is added to each)
-add() { RUNS+=("$1|$2"); }
+add() { if [[ -z "$ONLY" ]] || grep -Eq -- "$ONLY" <<< "$1"; then RUNS+=("$1|$2"); fi; }
 
 # Results table: reference rows, data-free merges, AdaMerging (learned, 500 steps), per-task models.
 add zeroshot_individual "src/eval_single_task.py"

@@ -147,3 +147,16 @@ def test_a_script_run_then_summarized_from_its_logs(micro_benchmark, tmp_path):
     with open(csv_path, newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["report"] == report_path and float(row["average_accuracy"]) == report["average_accuracy"]
+
+
+def test_rows_with_task_identity_come_after_the_single_merged_models(tmp_path):
+    for i, (method, fields) in enumerate([
+            ("tsv_merging", {"merge": "TSVC", "task_identity": True, "alpha": 1.0}),
+            ("emr_merging", {"merge": "emr_code", "task_identity": True, "rescaler": "code"}),
+            ("tsv_merging", {"merge": "TSVM_1.0", "task_identity": False, "tsv_method": "TSVM",
+                             "alpha": 1.0}),
+            ("lw_adamerging", {"coefficients_source": "published"})]):
+        write(tmp_path, f"log_{i}.json", report(method, {"A": 0.5, "B": 0.5}, **fields))
+    assert [r.label for r in collect(str(tmp_path)).rows] == [
+        "tsv_merging (TSVM, α 1.0)", "lw_adamerging (published coefficients)",
+        "emr_merging (code rescaler) †", "tsv_merging (TSVC) †"]

@@ -18,14 +18,15 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from taskmerge.runs.reporting import ADAMERGING_METHODS, method_label, surgery_suffix
+from taskmerge.runs.reporting import ADAMERGING_METHODS, method_label, surgery_suffix, uses_task_identity
 from taskmerge.storage import atomic
 from taskmerge.storage.errors import ConfigError
 
-# Row order of the tables: the README's (references, one-model merges, AdaMerging, per-task
-# models); Surgery rows follow their bases' order after every plain row.
+# Row order of the tables: the README's (references, one-model merges, AdaMerging, then the methods
+# with task identity); Surgery rows follow, in their bases' order.
 METHOD_ORDER = ("single_task", "weight_averaging", "task_arithmetic", "ties_merging", "tsv_merging",
-                "tall_masks", "consensus", *ADAMERGING_METHODS, "emr_merging")
+                "tall_masks", "consensus", *ADAMERGING_METHODS)
+TASK_IDENTITY_ORDER = ("emr_merging", "tall_masks", "consensus", "tsv_merging")
 _STAMP = re.compile(r"_(\d{8}_\d{6})(?:_(\d+))?$")
 
 
@@ -66,8 +67,9 @@ def _mean(values) -> float | None:
 def _rows_of(report: dict, path: str) -> list[Row]:
     model, family = str(report.get("model", "?")), str(report.get("checkpoint_family", "?"))
     method = str(report["method"])
-    surgery = bool(report.get("surgery"))
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    surgery, identity = bool(report.get("surgery")), uses_task_identity(report)
+    order = TASK_IDENTITY_ORDER if identity else METHOD_ORDER
+    rank = (int(identity), order.index(method) if method in order else len(order))
     if method == "single_task":
         split = "" if report.get("split", "test") == "test" else f" ({report['split']} split)"
         zeroshot, individual = report["zeroshot_accuracy"], report["individual_accuracy"]
@@ -124,7 +126,7 @@ def collect(log_dir: str, model: str = "", family: str = "", method: str = "") -
     `task_arithmetic` keeps Task Arithmetic with and without Surgery)."""
     if not os.path.isdir(log_dir):
         raise ConfigError(f"log_dir={log_dir!r} is not a folder: point --log_dir at the runs' "
-                                f"log folder (the scripts' log_dir, src/logs by default)")
+                          f"log folder (the scripts' log_dir, src/logs by default)")
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(log_dir)
                    for name in names if name.endswith(".json"))
     newest: dict[tuple[str, str], Row] = {}
