@@ -157,7 +157,8 @@ def test_wudi_adam_takes_the_originals_steps_on_the_literal_loss():
 def test_wudi_limits_one_task_orthogonal_rows_and_proportional_tasks():
     (tau,) = small_problem(1)
     for solver in wudi.SOLVERS:
-        theta0, experts = {"attn.out_proj.weight": torch.zeros(4, 6)}, {"a": {"attn.out_proj.weight": tau.float()}}
+        theta0 = {"attn.out_proj.weight": torch.zeros(4, 6)}
+        experts = {"a": {"attn.out_proj.weight": tau.float()}}
         got = merging.wudi_merging(theta0, experts, solver=solver, lr=1e-2)["attn.out_proj.weight"]
         torch.testing.assert_close(got, tau.float(), rtol=1e-5, atol=1e-6)  # T = 1: ∇L(τ) = 0
     left, right = small_problem(2, inp=3)
