@@ -198,6 +198,9 @@ def test_wudi_singular_a_takes_the_min_norm_solution():
     torch.testing.assert_close(exact @ a, b, rtol=1e-9, atol=1e-9)
     null = torch.linalg.svd(a)[0][:, 6:]  # A's null space: the min-norm X has no part there
     assert (exact @ null).abs().max() < 1e-9
+    damped = wudi.closed_form(a, b, ridge=0.1)  # ε = 0.1·tr(A)/8 = 0.1·2/8
+    torch.testing.assert_close(damped @ (a + 0.025 * torch.eye(8, dtype=a.dtype)), b, rtol=1e-9, atol=1e-9)
+    assert damped.norm() < exact.norm()
 
 
 # --- CART -----------------------------------------------------------------------------------------

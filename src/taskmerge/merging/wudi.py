@@ -6,10 +6,11 @@ Per optimised key, with n_t = ‖τ_t‖²_F, the merged task vector X minimises
 solver="adam" (the original): Adam(lr=1e-5, β = (0.9, 0.999), ε = 1e-8) for 300 full-batch steps from
 X₀ = Σ_t τ_t. A and B are precomputed once per key in float64, so a step costs one out × in × in
 product instead of the literal loss's T products of out × in × out; the iterates equal the
-original's up to rounding (see `adam`). solver="closed_form" (ours): the exact minimiser X* = B A⁺ (A's
-min-norm pseudo-inverse in float64, `torch.linalg.pinv`, which is B A⁻¹ when A is invertible;
-`c_proj` with fewer than 4 tasks has a singular A). A task with n_t = 0 on a key drops out of that
-key's objective (the literal loss is 0/0 = NaN there); a key whose tasks are all zero merges to 0.
+original's up to rounding (see `adam`). solver="closed_form" (ours): the exact minimiser X* = B A⁺
+(A's min-norm pseudo-inverse in float64, `torch.linalg.pinv`, which is B A⁻¹ when A is invertible;
+`c_proj` with fewer than 4 tasks has a singular A; `ridge` > 0 solves with A + ε I instead). A task
+with n_t = 0 on a key drops out of that key's objective (the literal loss is 0/0 = NaN there); a key
+whose tasks are all zero merges to 0.
 
 The original optimises only the block matrices (`in_proj`, `out_proj`, `c_fc`, `c_proj`) and leaves
 every other key at θ0 (`others="pretrained"`); FusionBench optimises every 2-D key for 400 steps and
@@ -62,9 +63,14 @@ def gradient(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 2 * (x @ a - b)
 
 
-def closed_form(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """X* = B A⁺ (float64)."""
-    return b @ torch.linalg.pinv(a, hermitian=True)
+def closed_form(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """X* = B A⁺ (float64); with ridge > 0, B (A + ε I)⁻¹ with ε = ridge·tr(A)/in (tr A = T, so ε is
+    relative to A's mean eigenvalue). A near-singular A (c_proj with T = 4, rank ≤ 4·out = in) gives
+    the exact X* large components along its weakest directions; the ridge damps them."""
+    if ridge == 0.0:
+        return b @ torch.linalg.pinv(a, hermitian=True)
+    eps = ridge * float(torch.trace(a)) / a.shape[0]
+    return torch.linalg.solve(a + eps * torch.eye(a.shape[0], dtype=a.dtype), b.mT).mT
 
 
 def adam(x0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, steps: int = 300, lr: float = 1e-5
@@ -86,7 +92,7 @@ def adam(x0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, steps: int = 300, l
 
 
 def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", steps: int = 300,
-               lr: float = 1e-5, keys: str = "blocks", others: str = "pretrained",
+               lr: float = 1e-5, keys: str = "blocks", others: str = "pretrained", ridge: float = 0.0,
                validate_inputs: bool = True) -> dict[str, torch.Tensor]:
     """The merged task vector X per optimised key (and the mean τ per other key if others="mean");
     keys left out stay at θ0 under `apply`."""
@@ -95,6 +101,8 @@ def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", 
     if keys not in ("blocks", "all_2d") or others not in ("pretrained", "mean"):
         raise ValueError(f"keys={keys!r}, others={others!r}: expected keys in ('blocks', 'all_2d') and "
                          f"others in ('pretrained', 'mean')")
+    if ridge < 0 or (ridge > 0 and solver != "closed_form"):
+        raise ValueError(f"ridge={ridge}: a ridge ≥ 0 applies to solver='closed_form' only")
     if steps < 0 or not lr > 0:
         raise ValueError(f"steps={steps}, lr={lr}: Adam needs steps ≥ 0 and lr > 0 (the original: 300, 1e-5)")
     if validate_inputs:
@@ -107,7 +115,7 @@ def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", 
             if a is None:  # every τ_t is zero: no objective, X stays X₀ = 0
                 delta[key] = tau_sum
             elif solver == "closed_form":
-                delta[key] = closed_form(a, b).to(tau_sum.dtype)
+                delta[key] = closed_form(a, b, ridge).to(tau_sum.dtype)
             else:
                 delta[key] = adam(tau_sum, a, b, steps, lr)
         elif others == "mean":
@@ -120,9 +128,9 @@ def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", 
 
 
 def wudi_merging(pretrained: StateDict, finetuned: Experts, solver: str = "adam", steps: int = 300,
-                 lr: float = 1e-5, keys: str = "blocks", others: str = "pretrained",
+                 lr: float = 1e-5, keys: str = "blocks", others: str = "pretrained", ridge: float = 0.0,
                  validate_inputs: bool = True) -> dict[str, torch.Tensor]:
     """θ0 + X. The original by default; `wudi_merging(θ0, experts, **PRESETS["fusionbench"])` for
     FusionBench's variant, `solver="closed_form"` for the exact minimiser of the same objective."""
-    return apply(pretrained, wudi_delta(pretrained, finetuned, solver, steps, lr, keys, others,
+    return apply(pretrained, wudi_delta(pretrained, finetuned, solver, steps, lr, keys, others, ridge,
                                         validate_inputs), consume=True)
