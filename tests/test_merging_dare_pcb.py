@@ -141,3 +141,16 @@ def test_pcb_needs_one_lambda_per_task():
     theta0, experts = vit_like(2)
     with pytest.raises(ValueError, match="one λ_t per task"):
         merging.pcb_merging(theta0, experts, lams=[1.0, 1.0, 1.0])
+
+
+def test_pcb_quantile_of_a_stream_is_the_sorts_after_many_shrinks():
+    from taskmerge.merging.pcb import CHUNK, LargestValues
+    g = torch.Generator().manual_seed(2)
+    stream = torch.cat([torch.randn(3 * CHUNK, generator=g), torch.zeros(CHUNK)])  # ties at 0
+    stream = stream[torch.randperm(stream.numel(), generator=g)]
+    for count in (1, 1000, CHUNK + 7, 2 * CHUNK):  # the last: its count-th largest is a tied 0
+        largest = LargestValues(count)
+        for piece in stream.split(CHUNK // 3):
+            largest.add(piece)
+        ordered = stream.sort().values
+        assert largest.lowest_and_highest() == [float(ordered[-count]), float(ordered[-1])], count

@@ -13,9 +13,10 @@ budget 100), which belongs with the search, not here. A constant row (max = min,
 would divide by zero in minmax; here it normalises to 0.
 
 After clamping, a_t's minimum and maximum are the two clamp bounds, so minmax needs no extra pass.
-The quantiles are in-place selections (numpy's introselect) in one d-sized buffer instead of sorts,
-at the originals' exact indices. β_t needs its own row quantile, so β is kept for all tasks: T·d
-floats (the original holds about eight T × d arrays).
+The quantiles are selections (numpy's introselect) instead of sorts, at the originals' exact indices:
+|τ_t|'s in one d-sized buffer, task by task; β_t's from its r·d largest values, gathered while the
+chunks stream past (≈ 2·r·d floats per task), so memory stays far below the original's T × d arrays
+and β is computed twice instead of stored.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from taskmerge.merging.task_vectors import (Experts, StateDict, apply, as_float, chunks, float_dtype,
+from taskmerge.merging.task_vectors import (CHUNK, Experts, StateDict, apply, as_float, chunks, float_dtype,
                                             merged_keys, numel_of, read_flat, shape_of, taus_at, validate)
 
 LAM = 1.2
@@ -76,6 +77,32 @@ def balancing_score(taus: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return torch.exp(len(taus) * normed.square()) * inter
 
 
+class LargestValues:
+    """The `count` largest values of a stream, holding about twice that many, not the stream."""
+
+    def __init__(self, count: int):
+        self.count, self.floor, self.parts, self.held = count, -float("inf"), [], 0
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values[values >= self.floor]  # below the count-th largest seen so far: never needed
+        self.parts.append(values)
+        self.held += values.numel()
+        if self.held >= 2 * self.count + CHUNK:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        pool = torch.cat(self.parts)
+        if pool.numel() > self.count:
+            self.floor = kth_smallest(pool, [pool.numel() - self.count])[0]
+            pool = pool[pool.numel() - self.count:].clone()
+        self.parts, self.held = [pool], pool.numel()
+
+    def lowest_and_highest(self) -> list[float]:
+        """[the count-th largest, the largest]."""
+        self._shrink()
+        return [float(self.parts[0].min()), float(self.parts[0].max())]
+
+
 def stacked_chunks(pretrained: StateDict, finetuned: Experts, keys: list[str]):
     """(key, span, (T, c) task vectors) over every flat chunk of every key, in order."""
     for key in keys:
@@ -99,24 +126,20 @@ def pcb_delta(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
         validate(pretrained, finetuned)
     keys = merged_keys(pretrained)
     bounds = magnitude_bounds(pretrained, finetuned, keys)
-    offsets, dim = {}, 0
-    for key in keys:
-        offsets[key], dim = dim, dim + numel_of(pretrained, key)
-    beta = torch.empty(num_tasks, dim, dtype=bounds.dtype)
-    for key, (start, stop), taus in stacked_chunks(pretrained, finetuned, keys):
-        beta[:, offsets[key] + start:offsets[key] + stop] = balancing_score(taus, bounds)
-    scratch = torch.empty(dim, dtype=beta.dtype)
-    beta_bounds = []
-    for row in beta:
-        scratch.copy_(row)
-        beta_bounds.append(kth_smallest(scratch, [int(dim * (1 - ratio)), -1]))
-    del scratch
-    beta_bounds = torch.tensor(beta_bounds, dtype=beta.dtype)
-    lam = torch.tensor(lams, dtype=beta.dtype)[:, None]
+    dim = sum(numel_of(pretrained, key) for key in keys)
+    count = dim - int(dim * (1 - ratio))  # q(β_t, ⌊(1 − r)·d⌋) is β_t's count-th largest
+    if count < 1:
+        raise ValueError(f"ratio={ratio}: keeps no entry of the {dim} task-vector entries; use a larger r")
+    largest = [LargestValues(count) for _ in range(num_tasks)]
+    for _, _, taus in stacked_chunks(pretrained, finetuned, keys):
+        for row, beta in zip(largest, balancing_score(taus, bounds)):
+            row.add(beta)
+    beta_bounds = torch.tensor([row.lowest_and_highest() for row in largest], dtype=bounds.dtype)
+    del largest
+    lam = torch.tensor(lams, dtype=bounds.dtype)[:, None]
     delta = {}
     for key, (start, stop), taus in stacked_chunks(pretrained, finetuned, keys):
-        span = slice(offsets[key] + start, offsets[key] + stop)
-        weights = minmax(beta[:, span], beta_bounds[:, :1], beta_bounds[:, 1:])
+        weights = minmax(balancing_score(taus, bounds), beta_bounds[:, :1], beta_bounds[:, 1:])
         if key not in delta:
             delta[key] = torch.empty(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
         delta[key].view(-1)[start:stop] = ((lam * clamped(taus, bounds) * weights).sum(0)
