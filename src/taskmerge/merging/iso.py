@@ -55,7 +55,9 @@ def iso_cts_key(pretrained: StateDict, finetuned: Experts, key: str, tau_sum: to
     for tau in taus_at(as_float(pretrained[key]), finetuned, key):
         residual = tau - u @ (u.mT @ tau)  # only the common column space is projected out
         p, rho, qh = leading_triplets(residual, k)
-        blocks_u.append(p), blocks_s.append(rho), blocks_v.append(qh)
+        blocks_u.append(p)
+        blocks_s.append(rho)
+        blocks_v.append(qh)
     u_cat = torch.cat(blocks_u + [u], dim=1)
     s_cat = torch.cat(blocks_s + [sigma])
     v_cat = torch.cat(blocks_v + [vh], dim=0)
