@@ -7,6 +7,7 @@ import torch
 
 from taskmerge import merging
 from taskmerge.merging import dare as dare_module
+from taskmerge.storage.errors import ConfigError
 from vit_toys import TEXT_LEFTOVERS, vit_like
 
 
@@ -73,7 +74,7 @@ def test_dare_ties_is_seeded_and_dare_rejects_p_one():
     assert_same(merging.dare_ties(theta0, experts, seed=1), merging.dare_ties(theta0, experts, seed=1))
     assert not torch.equal(merging.dare_ties(theta0, experts, seed=1)["model.visual.proj"],
                            merging.dare_ties(theta0, experts, seed=2)["model.visual.proj"])
-    with pytest.raises(ValueError, match="p=1.0"):
+    with pytest.raises(ConfigError, match="p=1.0"):
         merging.drop_and_rescale(theta0, experts, p=1.0)
 
 
@@ -139,7 +140,7 @@ def test_pcb_is_the_originals_algorithm_on_a_vit_shaped_model():
 
 def test_pcb_needs_one_lambda_per_task():
     theta0, experts = vit_like(2)
-    with pytest.raises(ValueError, match="one λ_t per task"):
+    with pytest.raises(ConfigError, match="one λ_t per task"):
         merging.pcb_merging(theta0, experts, lams=[1.0, 1.0, 1.0])
 
 

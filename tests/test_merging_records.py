@@ -5,6 +5,7 @@ import torch
 
 from taskmerge import merging
 from taskmerge.merging import cart, iso, wudi
+from taskmerge.storage.errors import ConfigError
 from vit_toys import TEXT_LEFTOVERS, is_block_matrix, taus_of, vit_like
 
 ONES = torch.ones(2, 2)
@@ -108,7 +109,7 @@ def test_iso_cts_without_task_subspaces_is_iso_c():
 
 def test_iso_rejects_an_unknown_method():
     theta0, experts = vit_like(1)
-    with pytest.raises(ValueError, match="iso_cts"):
+    with pytest.raises(ConfigError, match="iso_cts"):
         merging.iso_delta(theta0, experts, method="iso")
 
 
@@ -250,5 +251,5 @@ def test_cart_at_full_or_zero_rank_is_weight_averaging_for_any_lambda():
     at_full = merging.cart_merging(theta0, experts, lam=2.0, rank_ratio=1.0)
     for key in theta0:
         torch.testing.assert_close(at_full[key], averaged[key], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="rank_ratio"):
+    with pytest.raises(ConfigError, match="rank_ratio"):
         merging.cart_merging(theta0, experts, rank_ratio=1.5)

@@ -19,6 +19,7 @@ import torch
 
 from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
 from taskmerge.merging.tsv import leading_triplets
+from taskmerge.storage.errors import ConfigError
 
 # configs/CART/ViT-b-32_{8,14,20}_CART.yaml
 PRESETS = {8: {"lam": 2.0, "rank_ratio": 0.12},
@@ -52,8 +53,8 @@ def cart_delta(pretrained: StateDict, finetuned: Experts, lam: float = 2.0, rank
                validate_inputs: bool = True) -> dict[str, torch.Tensor]:
     """θ − θ0 per key: τ̄, plus λ Σ_t LR_k(c_t) on the block matrices."""
     if not 0.0 <= rank_ratio <= 1.0:
-        raise ValueError(f"rank_ratio={rank_ratio}: ρ is a fraction of min(m, n) in [0, 1] "
-                         f"(the 8-task preset: 0.12)")
+        raise ConfigError(f"rank_ratio={rank_ratio}: ρ is a fraction of min(m, n) in [0, 1] "
+                          f"(the 8-task preset: 0.12)")
     if validate_inputs:
         validate(pretrained, finetuned)
     inverse_t = 1.0 / len(finetuned)

@@ -23,10 +23,11 @@ from typing import Iterator, Mapping
 
 import torch
 
+from taskmerge.merging.task_arithmetic import task_arithmetic
 from taskmerge.merging.task_vectors import (Experts, StateDict, as_float, numel_of, read_flat, shape_of,
                                             source_name, validate)
-from taskmerge.merging.task_arithmetic import task_arithmetic
 from taskmerge.merging.ties import ties_merging
+from taskmerge.storage.errors import ConfigError
 
 DRAW_BLOCK = 1 << 16  # part of the mask's definition: changing it changes every mask
 # config/method/dare/{task_arithmetic,ties_merging}.yaml; FusionBench runs no search
@@ -92,7 +93,7 @@ def drop_and_rescale(pretrained: StateDict, finetuned: Experts, p: float = 0.5, 
                      seed: int = 0, validate_inputs: bool = True) -> dict[str, DroppedExpert]:
     """{task: θ0 + τ̃_t} as lazy experts, in task order; task t's masks depend on (seed, t, key)."""
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"p={p}: the drop probability is in [0, 1) (FusionBench's default 0.5)")
+        raise ConfigError(f"p={p}: the drop probability is in [0, 1) (FusionBench's default 0.5)")
     if validate_inputs:
         validate(pretrained, finetuned)
     return {task: DroppedExpert(pretrained, expert, t, p, rescale, seed)

@@ -22,6 +22,7 @@ import torch
 
 from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
 from taskmerge.merging.tsv import _polar, leading_triplets
+from taskmerge.storage.errors import ConfigError
 
 METHODS = ("iso_c", "iso_cts")
 COMMON_SPACE_FRACTION = 0.8  # config/method/iso_cts.yaml
@@ -32,8 +33,8 @@ def subspace_sizes(r: int, num_tasks: int, fraction: float = COMMON_SPACE_FRACTI
     """(c, k): the common-space size and the per-task size, c + T·k = r (the original's rounding)."""
     shared = num_tasks * round((r - int(r * fraction)) / num_tasks)
     if shared > r:
-        raise ValueError(f"fraction={fraction}: with r={r} and {num_tasks} tasks the task subspaces "
-                         f"({shared}) exceed r; use a larger common-space fraction")
+        raise ConfigError(f"fraction={fraction}: with r={r} and {num_tasks} tasks the task subspaces "
+                          f"({shared}) exceed r; use a larger common-space fraction")
     return r - shared, shared // num_tasks
 
 
@@ -69,9 +70,10 @@ def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
               ) -> dict[str, torch.Tensor]:
     """The unscaled Iso-C / Iso-CTS task vector, key by key (θ = θ0 + α·Δ with `apply`)."""
     if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+        raise ConfigError(f"method={method!r}: expected one of {METHODS}")
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction={fraction}: the common-space fraction is in [0, 1] (0.8 in the original)")
+        raise ConfigError(f"fraction={fraction}: the common-space fraction is in [0, 1] "
+                          f"(0.8 in the original)")
     if validate_inputs:
         validate(pretrained, finetuned)
     delta = {}

@@ -26,6 +26,7 @@ import torch
 
 from taskmerge.merging.task_vectors import (CHUNK, Experts, StateDict, apply, as_float, chunks, float_dtype,
                                             merged_keys, numel_of, read_flat, shape_of, taus_at, validate)
+from taskmerge.storage.errors import ConfigError
 
 LAM = 1.2
 RATIO = 0.05
@@ -118,10 +119,11 @@ def pcb_delta(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
     num_tasks = len(finetuned)
     lams = [float(lams)] * num_tasks if isinstance(lams, (int, float)) else [float(x) for x in lams]
     if len(lams) != num_tasks:
-        raise ValueError(f"lams has {len(lams)} values for {num_tasks} tasks: give one λ_t per task, "
-                         f"or one λ")
+        raise ConfigError(f"lams has {len(lams)} values for {num_tasks} tasks: give one λ_t per task, "
+                          f"or one λ")
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio={ratio}: the kept fraction r is in (0, 1] (the original's pcb_ratio: 0.05)")
+        raise ConfigError(f"ratio={ratio}: the kept fraction r is in (0, 1] "
+                          f"(the original's pcb_ratio: 0.05)")
     if validate_inputs:
         validate(pretrained, finetuned)
     keys = merged_keys(pretrained)
@@ -129,7 +131,8 @@ def pcb_delta(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
     dim = sum(numel_of(pretrained, key) for key in keys)
     count = dim - int(dim * (1 - ratio))  # q(β_t, ⌊(1 − r)·d⌋) is β_t's count-th largest
     if count < 1:
-        raise ValueError(f"ratio={ratio}: keeps no entry of the {dim} task-vector entries; use a larger r")
+        raise ConfigError(f"ratio={ratio}: keeps no entry of the {dim} task-vector entries; "
+                          f"use a larger r")
     largest = [LargestValues(count) for _ in range(num_tasks)]
     for _, _, taus in stacked_chunks(pretrained, finetuned, keys):
         for row, beta in zip(largest, balancing_score(taus, bounds)):

@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
+from taskmerge.storage.errors import ConfigError
 
 BLOCK_MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SOLVERS = ("adam", "closed_form")
@@ -97,14 +98,15 @@ def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", 
     """The merged task vector X per optimised key (and the mean τ per other key if others="mean");
     keys left out stay at θ0 under `apply`."""
     if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
+        raise ConfigError(f"solver={solver!r}: expected one of {SOLVERS}")
     if keys not in ("blocks", "all_2d") or others not in ("pretrained", "mean"):
-        raise ValueError(f"keys={keys!r}, others={others!r}: expected keys in ('blocks', 'all_2d') and "
-                         f"others in ('pretrained', 'mean')")
+        raise ConfigError(f"keys={keys!r}, others={others!r}: expected keys in ('blocks', 'all_2d') and "
+                          f"others in ('pretrained', 'mean')")
     if ridge < 0 or (ridge > 0 and solver != "closed_form"):
-        raise ValueError(f"ridge={ridge}: a ridge ≥ 0 applies to solver='closed_form' only")
+        raise ConfigError(f"ridge={ridge}: a ridge ≥ 0 applies to solver='closed_form' only")
     if steps < 0 or not lr > 0:
-        raise ValueError(f"steps={steps}, lr={lr}: Adam needs steps ≥ 0 and lr > 0 (the original: 300, 1e-5)")
+        raise ConfigError(f"steps={steps}, lr={lr}: Adam needs steps ≥ 0 and lr > 0 "
+                          f"(the original: 300, 1e-5)")
     if validate_inputs:
         validate(pretrained, finetuned)
     delta = {}
