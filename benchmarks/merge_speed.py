@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 # what to run
 tasks = [8, 14, 20]
-methods = ["wa", "ta", "ties", "emr", "tall", "consensus", "tsvm"]
+methods = ["wa", "ta", "ties", "emr", "tall", "consensus", "tsvm",
+           "iso_c", "iso_cts", "wudi", "wudi_closed_form", "cart", "dare_ta", "dare_ties", "pcb"]
 threads = 2                 # torch intra-op threads per run (the targets assume 2 CPU cores)
 recycle_memory = True       # as the entry scripts: freed buffers stay in the process (allocator.py)
 # where the experts live
@@ -46,7 +47,8 @@ config = configure(globals())
 # FusionBench 0.2.33, 8 experts, whole process: (seconds, GiB). Targets: seconds (≤ 2 GiB each).
 FUSIONBENCH = {"wa": (22, 4.2), "ta": (23, 4.9), "ties": (98, 23.0), "emr": (38, 8.5),
                "tsvm": (199, 7.5)}
-TARGET_S = {"wa": 8, "ta": 8, "ties": 25, "emr": 25, "tall": 25, "tsvm": 60}
+TARGET_S = {"wa": 8, "ta": 8, "ties": 25, "emr": 25, "tall": 25, "tsvm": 60,
+            "iso_c": 60, "wudi": 600}  # issue 14: Iso-C ≤ TSV-M; WUDI's 300 Adam steps ≤ 10 min
 MAX_TASKS = 20
 GENERATOR_VERSION = 1
 
@@ -136,6 +138,18 @@ def run_worker() -> None:
     elif worker == "tall":  # λ_t = 0.4 for every task stands in for the validation choice
         result = merging.tall_masks(theta0, experts, 0.4)
         out = tall_file
+    elif worker in ("iso_c", "iso_cts"):
+        result = merging.iso_merging(theta0, experts, alpha=1.0, method=worker)
+    elif worker in ("wudi", "wudi_closed_form"):
+        result = merging.wudi_merging(theta0, experts, solver="adam" if worker == "wudi" else "closed_form")
+    elif worker == "cart":  # the 8-task preset stands in where the repository has none
+        result = merging.cart_merging(theta0, experts, **merging.CART_PRESETS.get(num_tasks,
+                                                                                  merging.CART_PRESETS[8]))
+    elif worker in ("dare_ta", "dare_ties"):
+        merge = merging.dare_task_arithmetic if worker == "dare_ta" else merging.dare_ties
+        result = merge(theta0, experts, **merging.DARE_PRESETS[f"fusionbench_{worker[5:]}"], seed=seed)
+    elif worker == "pcb":
+        result = merging.pcb_merging(theta0, experts)
     elif worker == "consensus":  # reads the TALL masks the "tall" run left on disk
         result = merging.consensus_merging(theta0, merging.TallMasks.load(tall_file), alpha=0.3)
     else:
