@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -18,6 +18,19 @@ def run_hash(kind: str, key: dict) -> str:
     """A short digest of everything that determines a run's numbers."""
     text = json.dumps({"kind": kind, **key}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differing_fields(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """The (dotted) fields whose values differ between two keys, for the log line that says why a
+    saved state or cached value was not reused."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += differing_fields(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 class TrainingCheckpoint:
