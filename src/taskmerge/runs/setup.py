@@ -178,8 +178,8 @@ def individual_accuracies(setup: Setup, heads: dict[str, ClassificationHead], ba
     cache_path = os.path.join(setup.model_dir, f"individual_accuracies_{split}.json")
     cache = {}
     if os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cache = json.load(f)
+        with open(cache_path) as f:  # entries of the older, expert-only format are dropped
+            cache = {k: v for k, v in json.load(f).items() if isinstance(v, dict) and "key" in v}
     out, changed = {}, False
     for task in setup.tasks:
         data = task_data(setup, task, split).test
@@ -188,8 +188,7 @@ def individual_accuracies(setup: Setup, heads: dict[str, ClassificationHead], ba
                "data": data_identity(task, split, setup.data_location, data)}
         entry = cache.get(short_hash(key))
         if not isinstance(entry, dict) or entry.get("key") != as_json(key):
-            old = [e["key"] for e in cache.values() if isinstance(e, dict) and "key" in e
-                   and e["key"].get("task") == task]
+            old = [e["key"] for e in cache.values() if e["key"].get("task") == task]
             why = (f"{', '.join(differing_fields(old[-1], as_json(key)))} changed" if old
                    else "not cached yet")
             log(f"Individual accuracy of {task} ({split}): computing ({why})")
