@@ -36,15 +36,15 @@ class CoefficientTable:
     def __post_init__(self):
         self.rows = torch.as_tensor(self.rows, dtype=torch.float32)
         if self.rows.dim() != 2 or self.rows.shape[1] != len(self.task_order) + 1:
-            raise ValueError(f"{self.source}: rows must be R × (1 + {len(self.task_order)} tasks), "
+            raise InputError(f"{self.source}: rows must be R × (1 + {len(self.task_order)} tasks), "
                              f"got {tuple(self.rows.shape)}")
         if not bool(torch.isfinite(self.rows).all()):
             raise InputError(f"{self.source}: the coefficients hold NaN/Inf values; learn them again "
                              f"(coefficients=\"learn\") or fix the file")
         if not torch.all(self.rows[:, 0] == 1.0):
-            raise ValueError(f"{self.source}: column 0 (pre-trained coefficient) must be 1.0 in every row")
+            raise InputError(f"{self.source}: column 0 (pre-trained coefficient) must be 1.0 in every row")
         if self.mode == "layer" and self.param_names is not None and len(self.param_names) != len(self.rows):
-            raise ValueError(f"{self.source}: {len(self.rows)} rows but {len(self.param_names)} param_names")
+            raise InputError(f"{self.source}: {len(self.rows)} rows but {len(self.param_names)} param_names")
 
     @property
     def mode(self) -> str:
@@ -58,7 +58,7 @@ class CoefficientTable:
         """λ with its columns in the order of `tasks` (rows × len(tasks))."""
         missing = [t for t in tasks if t not in self.task_order]
         if missing:
-            raise ValueError(f"{self.source}: no coefficients for tasks {missing}; the table covers "
+            raise InputError(f"{self.source}: no coefficients for tasks {missing}; the table covers "
                              f"{self.task_order}")
         return self.lam[:, [self.task_order.index(t) for t in tasks]]
 
@@ -66,14 +66,14 @@ class CoefficientTable:
         if self.mode == "task":
             return
         if len(self.rows) != len(names):
-            raise ValueError(
+            raise InputError(
                 f"{self.source}: {len(self.rows)} layer-wise rows but the encoder has {len(names)} "
                 f"state-dict tensors; this table belongs to {self.model_name}; build the encoder with "
                 f"taskmerge.models.encoders.build_image_encoder({self.model_name!r})")
         if self.param_names is not None:
             for j, (a, b) in enumerate(zip(self.param_names, names)):
                 if a != b:
-                    raise ValueError(
+                    raise InputError(
                         f"{self.source}: row {j} is {a!r} but the encoder's tensor {j} is {b!r}; rows "
                         f"follow state-dict order of open_clip's {self.model_name} ImageEncoder")
 
@@ -81,13 +81,14 @@ class CoefficientTable:
 def load_published(method: str, model_name: str, path: str = PUBLISHED_PATH) -> CoefficientTable:
     """The published table `<method>/<model_name>`, e.g. ("lw_adamerging", "ViT-B-32")."""
     if method not in PUBLISHED_METHODS:
-        raise ValueError(f"unknown AdaMerging method {method!r}; published tables exist for {PUBLISHED_METHODS}")
+        raise InputError(f"unknown AdaMerging method {method!r}; published tables exist for "
+                         f"{PUBLISHED_METHODS}")
     with open(path) as f:
         data = json.load(f)
     key = f"{method}/{model_name}"
     if key not in data["coefficients"]:
         have = sorted(k for k in data["coefficients"] if k.startswith(method + "/"))
-        raise ValueError(
+        raise InputError(
             f"{path}: no published {method} table for model {model_name!r} (published: {have}); "
             f"learn the coefficients with taskmerge.adamerging.train_adamerging and load them with "
             f"load_coefficients(path) instead")

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from taskmerge.storage import atomic
+from taskmerge.storage.errors import ConfigError, InputError
 
 
 def run_hash(kind: str, key: dict) -> str:
@@ -38,7 +39,7 @@ class TrainingCheckpoint:
 
     def __init__(self, folder: str | None, kind: str, key: dict, every: int):
         if every is not None and every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 (got {every})")
+            raise ConfigError(f"checkpoint_every must be >= 1 (got {every})")
         self.key_hash = run_hash(kind, key)
         self.every = every
         self.path = None if folder is None else os.path.join(folder, f"{kind}_{self.key_hash}.pt")
@@ -48,7 +49,7 @@ class TrainingCheckpoint:
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key_hash") != self.key_hash:
-            raise ValueError(f"{self.path}: written by a different run configuration "
+            raise InputError(f"{self.path}: written by a different run configuration "
                              f"({state.get('key_hash')} != {self.key_hash}); delete it to start over")
         return state
 

@@ -24,7 +24,9 @@ from taskmerge.runs.evaluation import evaluate
 from taskmerge.runs.identity import as_json, data_identity, differing_fields, head_digest, short_hash
 from taskmerge.runs.reporting import RunLogger, log_path, results_table
 from taskmerge.storage import atomic
-from taskmerge.storage.checkpoints import CheckpointSet, file_digest, load_head, load_state_dict
+from taskmerge.storage.checkpoints import (CheckpointError, CheckpointSet, file_digest, load_head,
+                                           load_state_dict)
+from taskmerge.storage.errors import ConfigError
 
 EMBEDDED_MODELS = (TINY_MODEL, TINY_MODEL + "-micro")
 
@@ -79,8 +81,8 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
         tasks = list(tasks or built)
         missing = [t for t in tasks if t not in built]
         if missing:
-            raise ValueError(f"tasks {missing} are not in the embedded benchmark {model_dir} "
-                             f"(built: {built})")
+            raise ConfigError(f"tasks {missing} are not in the embedded benchmark {model_dir} "
+                              f"(built: {built})")
         checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
         return Setup(model_name, TINY_MODEL, checkpoints, tasks, data_location, True, micro)
     tasks = list(tasks or PAPER_8)
@@ -135,7 +137,7 @@ def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
                       ("clip_pretrained.safetensors", "clip_pretrained.pt", "open_clip_pytorch_model.bin")
                       if os.path.exists(os.path.join(setup.model_dir, n))), None)
     if clip_path is None:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{os.path.join(setup.model_dir, 'head_' + task + '.pt')} is missing, and building it needs "
             f"the pre-trained CLIP text tower: put the open_clip OpenAI weights of {setup.arch} at "
             f"{os.path.join(setup.model_dir, 'open_clip_pytorch_model.bin')} (or copy the heads from "
