@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,11 +12,14 @@ from safetensors import safe_open
 from taskmerge.adaptive.adamerging_coefficients import save_coefficients
 from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.adaptive.feature_cache import FeatureCache, base_and_expert_features
+from taskmerge.datasets.base import ArrayDataset
 from taskmerge.embedded.build import ensure_embedded_benchmark
+from taskmerge.models.heads import ClassificationHead
 from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.adaptive import run_adamerging, run_surgery
 from taskmerge.runs.data_free import run_data_free, run_single_task_eval
 from taskmerge.runs.evaluation import evaluate
+from taskmerge.runs.identity import data_identity, head_digest
 from taskmerge.runs.setup import encoder_for, load_heads, resolve_setup, task_data
 
 MODEL = "taskmerge-tiny-micro"
@@ -145,3 +149,20 @@ def test_expert_features_are_cached_per_checkpoint_and_data_and_base_features_ne
     features(base0, fashion)  # same dataset name, other images
     features(base0, digits, digest="d2")  # another checkpoint
     assert len(loads) == 3
+
+
+def test_data_identity_and_head_digest_follow_the_values():
+    images = np.zeros((6, 4, 4, 3), dtype=np.uint8)
+    labels = [0, 1, 2, 0, 1, 2]
+
+    def dataset(x, y):
+        return ArrayDataset(x, y, transform=lambda im: torch.from_numpy(np.array(im)))
+
+    base = data_identity("T", "test", "data", dataset(images, labels))
+    relabelled = data_identity("T", "test", "data", dataset(images, labels[:3] + [2] + labels[4:]))
+    shorter = data_identity("T", "test", "data", dataset(images[:5], labels[:5]))
+    val = data_identity("T", "val", "data", dataset(images, labels))
+    assert len({json.dumps(d, sort_keys=True) for d in (base, relabelled, shorter, val)}) == 4
+    weight = torch.randn(3, 8)
+    assert head_digest(ClassificationHead(weight.clone())) == head_digest(ClassificationHead(weight.clone()))
+    assert head_digest(ClassificationHead(weight)) != head_digest(ClassificationHead(-weight))
