@@ -91,7 +91,8 @@ def test_adamerging_resume_and_saved_coefficients_are_keyed_by_the_prior(bench):
     other = _adamerging(config, coefficients="auto", prior=0.45)
     assert other["coefficients_source"] == "learn"
     assert "no saved coefficients learned from these inputs" in _log(other, config)
-    assert "init" in _log(other, config).split("no saved coefficients")[1].splitlines()[0]
+    why = _log(other, config).split("no saved coefficients")[1].splitlines()[0]
+    assert "learned with other prior)" in why
 
 
 def test_surgery_does_not_resume_on_a_base_with_other_coefficients(bench, tmp_path):

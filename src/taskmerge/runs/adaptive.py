@@ -123,7 +123,7 @@ def _run_key(run: Run, method: str) -> dict:
 def coefficients_key(run: Run, method: str, merged: MergedEncoder, cfg: AdaMergingConfig) -> dict:
     """What learned coefficients depend on: the run's inputs, the starting coefficients (`prior`)
     and the training settings (steps, lr, seed, batches; not how often it evaluates or saves)."""
-    return {**_run_key(run, method), "init": tensor_digest(merged.lam_raw),
+    return {**_run_key(run, method), "prior": tensor_digest(merged.lam_raw),  # λ before training
             "adamerging": {k: v for k, v in asdict(cfg).items()
                            if k not in ("eval_every", "checkpoint_every")}}
 
