@@ -22,6 +22,7 @@ from taskmerge.adaptive.surgery_modules import deep_forward
 from taskmerge.adaptive.training_state import run_hash
 from taskmerge.models.encoders import ImageEncoder
 from taskmerge.storage import atomic
+from taskmerge.storage.errors import InputError
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ class FeatureCache:
         with safe_open(path, framework="pt") as f:
             stored = (f.metadata() or {}).get("key")
         if stored != text:
-            raise ValueError(f"{path}: cached for {stored}, not {text}; delete the file")
+            raise InputError(f"{path}: cached for {stored}, not {text}; delete the file")
         return load_file(path)
 
     def store(self, key: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from taskmerge.storage import atomic
+from taskmerge.storage.errors import ConfigError, InputError
 
 
 def run_hash(kind: str, key: dict) -> str:
@@ -20,12 +21,25 @@ def run_hash(kind: str, key: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def differing_fields(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """The (dotted) fields whose values differ between two keys, for the log line that says why a
+    saved state or cached value was not reused."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += differing_fields(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 class TrainingCheckpoint:
     """`<folder>/<kind>_<hash>.pt`, saved every `every` steps and at the end; no-op if folder is None."""
 
     def __init__(self, folder: str | None, kind: str, key: dict, every: int):
         if every is not None and every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 (got {every})")
+            raise ConfigError(f"checkpoint_every must be >= 1 (got {every})")
         self.key_hash = run_hash(kind, key)
         self.every = every
         self.path = None if folder is None else os.path.join(folder, f"{kind}_{self.key_hash}.pt")
@@ -35,7 +49,7 @@ class TrainingCheckpoint:
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key_hash") != self.key_hash:
-            raise ValueError(f"{self.path}: written by a different run configuration "
+            raise InputError(f"{self.path}: written by a different run configuration "
                              f"({state.get('key_hash')} != {self.key_hash}); delete it to start over")
         return state
 

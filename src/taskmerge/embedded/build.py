@@ -47,7 +47,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -271,6 +270,18 @@ def _task_arithmetic(theta0: dict, experts: list[dict], lam: float) -> dict:
     return {k: theta0[k] + lam * sum(theta[k] - theta0[k] for theta in experts) for k in theta0}
 
 
+def _save_if_changed(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """torch.save `tensors` unless `path` already holds exactly them (same keys, dtypes, bits)."""
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        old = None
+    if (isinstance(old, dict) and list(old) == list(tensors)
+            and all(old[k].dtype == v.dtype and torch.equal(old[k], v) for k, v in tensors.items())):
+        return
+    atomic.torch_save(tensors, path)
+
+
 def build_benchmark(folder: str, recipe: dict, tasks: list[TaskTensors], stages: dict[str, str],
                     progress: bool = True) -> dict:
     """Write the benchmark into `folder`, reusing the stages `build_state.json` marks as done with
@@ -287,9 +298,10 @@ def build_benchmark(folder: str, recipe: dict, tasks: list[TaskTensors], stages:
     manifest_path = os.path.join(folder, "manifest.json")
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # from another recipe: the folder is no longer what it describes
-    # AdaMerging saves the coefficients it learns beside the experts (`<folder>/adamerging/`); they
-    # belong to the experts being replaced, and `coefficients="auto"` would otherwise reuse them.
-    shutil.rmtree(os.path.join(folder, "adamerging"), ignore_errors=True)
+    # AdaMerging's learned coefficients (`<folder>/adamerging/`) stay: each file records the expert,
+    # head and data digests it was learned from, and `coefficients="auto"` reuses only a match. The
+    # zero-shot model and heads are rewritten only when their values change, so that rebuilding a
+    # lost head leaves every digest, and the coefficients of the experts that were kept, valid.
     state_path = os.path.join(folder, "build_state.json")
     state = _read_json(state_path) or {}
     model_name = recipe["model"]
@@ -323,11 +335,11 @@ def build_benchmark(folder: str, recipe: dict, tasks: list[TaskTensors], stages:
     heads = {}
     for t in tasks:
         heads[t.name] = build_zeroshot_head(clip, tokenizer, t.classnames, t.templates)
-        atomic.torch_save({"weight": heads[t.name].weight.detach().clone(),
-                           "bias": heads[t.name].bias.detach().clone()},
-                          os.path.join(folder, f"head_{t.name}.pt"))
+        _save_if_changed({"weight": heads[t.name].weight.detach().clone(),
+                          "bias": heads[t.name].bias.detach().clone()},
+                         os.path.join(folder, f"head_{t.name}.pt"))
     theta0 = {k: v.detach().clone() for k, v in ImageEncoder(clip).state_dict().items()}
-    atomic.torch_save(theta0, os.path.join(folder, "zeroshot.pt"))
+    _save_if_changed(theta0, os.path.join(folder, "zeroshot.pt"))
     seconds["heads"] = time.time() - t0
 
     # 3. One expert per task: the vision tower fine-tuned through the frozen zero-shot head.

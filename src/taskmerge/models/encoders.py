@@ -19,6 +19,8 @@ import open_clip
 import torch
 from torch import nn
 
+from taskmerge.storage.safe_pickle import CheckpointError
+
 TINY_MODEL = "taskmerge-tiny"
 REAL_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
@@ -99,22 +101,30 @@ def build_image_encoder(model_name: str, state_dict: Mapping[str, torch.Tensor] 
     return encoder.eval()
 
 
-def load_encoder_state(encoder: ImageEncoder, state_dict: Mapping[str, torch.Tensor],
-                       source: str = "state dict") -> None:
+def check_encoder_state(encoder: ImageEncoder, state_dict: Mapping[str, torch.Tensor],
+                        source: str = "state dict") -> None:
+    """Refuse a state dict whose keys or shapes are not the encoder's (shapes are read from a lazy
+    reader's header when it has one, so nothing is loaded)."""
     own = encoder.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: keys do not match the image encoder "
             f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}); "
             f"is it a checkpoint of a different model?")
     for k, v in own.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: key {k!r} has shape {tuple(state_dict[k].shape)}, "
-                             f"the model expects {tuple(v.shape)}; wrong model_name?")
-    encoder.load_state_dict({k: state_dict[k] for k in own}, strict=True)
+        shape = tuple(state_dict.shape(k) if hasattr(state_dict, "shape") else state_dict[k].shape)
+        if shape != tuple(v.shape):
+            raise CheckpointError(f"{source}: key {k!r} has shape {shape}, the model expects "
+                                  f"{tuple(v.shape)}; wrong model_name, or a checkpoint of another model?")
+
+
+def load_encoder_state(encoder: ImageEncoder, state_dict: Mapping[str, torch.Tensor],
+                       source: str = "state dict") -> None:
+    check_encoder_state(encoder, state_dict, source)
+    encoder.load_state_dict({k: state_dict[k] for k in encoder.state_dict()}, strict=True)
 
 
 def eval_transform(image_size: int):

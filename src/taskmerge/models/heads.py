@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from taskmerge.storage.safe_pickle import CheckpointError
+
 
 class ClassificationHead(nn.Linear):
     """task_vectors' ClassificationHead: a Linear whose input is L2-normalised first."""
@@ -32,6 +34,24 @@ class ClassificationHead(nn.Linear):
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "ClassificationHead":
         return cls(state["weight"].float(), state.get("bias"))
+
+
+def check_head(head: ClassificationHead, source: str, classnames: Sequence[str], feature_dim: int) -> None:
+    """Refuse a head that does not fit its task and encoder: one row per class name, the encoder's
+    feature width, finite values. A wrong class count would be evaluated silently (argmax over the
+    wrong classes), a wrong width fails deep in a matmul."""
+    fix = "delete it to rebuild it from the text tower, or copy the right head file"
+    rows, dim = head.weight.shape
+    if rows != len(classnames):
+        raise CheckpointError(f"{source}: the head has {rows} classes but the task has "
+                              f"{len(classnames)} ({', '.join(classnames[:3])}, …); {fix}")
+    if dim != feature_dim:
+        raise CheckpointError(f"{source}: the head takes {dim}-wide features but the encoder gives "
+                              f"{feature_dim}; it belongs to another model; {fix}")
+    for name, t in (("weight", head.weight), ("bias", head.bias)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise CheckpointError(f"{source}: the head's {name} has {bad} NaN/Inf values; {fix}")
 
 
 def format_templates(templates: Sequence[str | Callable[[str], str]], classname: str) -> list[str]:

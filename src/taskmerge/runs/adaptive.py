@@ -9,11 +9,12 @@ the experts again.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 from taskmerge import merging
 from taskmerge.adaptive.adamerging import AdaMergingConfig, train_adamerging
-from taskmerge.adaptive.adamerging_coefficients import (PUBLISHED_PATH, load_coefficients, load_published,
-                                                        save_coefficients)
+from taskmerge.adaptive.adamerging_coefficients import (PUBLISHED_PATH, find_saved, load_coefficients,
+                                                        load_published, save_coefficients, saved_path)
 from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.adaptive.feature_cache import FeatureCache, base_and_expert_features
 from taskmerge.adaptive.functional_merge import MergedEncoder
@@ -23,7 +24,10 @@ from taskmerge.adaptive.surgery_v2 import train_surgery_v2
 from taskmerge.merging.task_vectors import task_vector
 from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.data_free import MERGERS, Run
+from taskmerge.runs.identity import (checkpoint_digests, data_identity, head_digest, merge_settings,
+                                     tensor_digest)
 from taskmerge.runs.setup import task_data
+from taskmerge.runs.validation import check_finite_model, check_merged
 from taskmerge.storage.checkpoints import file_digest
 
 # method_name → (coefficient granularity, TIES-selected source vectors?)
@@ -65,10 +69,17 @@ def adamerging_encoder(run: Run, method: str, config: dict, images=None) -> tupl
     merged = MergedEncoder(build_image_encoder(setup.arch), theta0, vectors, mode=mode,
                            init=config.get("prior", 0.3))
     source = config.get("coefficients", "auto")
-    saved = os.path.join(setup.model_dir, "adamerging", f"{method}.json")
+    key = coefficients_key(run, method, merged, _adamerging_config(config))
+    folder = os.path.join(setup.model_dir, "adamerging")
     if source == "auto":
-        source = ("published" if _published_exists(method, setup.model_name)
-                  else saved if os.path.exists(saved) else "learn")
+        saved, why = find_saved(folder, method, key)
+        if _published_exists(method, setup.model_name):
+            source = "published"
+        elif saved is not None:
+            source = saved
+        else:
+            run.log.info(f"AdaMerging {method}: no saved coefficients learned from these inputs ({why})")
+            source = "learn"
     run.log.info(f"AdaMerging {method}: coefficients from {source}")
     info = {"adamerging": method, "coefficients_source": source}
     if source == "published":
@@ -77,15 +88,19 @@ def adamerging_encoder(run: Run, method: str, config: dict, images=None) -> tupl
         result = train_adamerging(merged, tasks, images or task_images(run), run.heads,
                                   _adamerging_config(config), logger=run.log,
                                   checkpoint_dir=config.get("resume_dir") or None,
-                                  run_key=_run_key(run, method))
+                                  run_key=key)
         names = merged.param_names if mode == "layer" else None
+        saved = saved_path(folder, method, key)
         save_coefficients(saved, result.coefficients, method=method, model_name=setup.model_name,
-                          tasks=tasks, param_names=names)
+                          tasks=tasks, param_names=names, key=key)
         run.log.info(f"Saved learned coefficients to {saved}")
         info.update(adamerging_history=result.history, adamerging_entropy=result.losses[-1:],
                     coefficients_file=saved)
     else:
         merged.load_table(load_coefficients(source), tasks)
+    info["coefficients_digest"] = tensor_digest(merged.coefficient_rows())
+    check_finite_model(merged.merged_state_dict(), f"AdaMerging {method} (coefficients from {source})",
+                       "check the coefficients and the experts")
     return merged, info
 
 
@@ -96,10 +111,21 @@ def _published_exists(method: str, model_name: str) -> bool:
 
 
 def _run_key(run: Run, method: str) -> dict:
-    ckpt = run.setup.checkpoints
-    return {"method": method, "model": run.setup.model_name,
-            "checkpoints": {t: file_digest(ckpt.finetuned_path(t)) for t in run.setup.tasks},
-            "pretrained": file_digest(ckpt.zeroshot_path)}
+    """The inputs every adaptive run depends on: model, checkpoints, heads and test data."""
+    setup = run.setup
+    return {"method": method, "model": setup.model_name,
+            "checkpoints": checkpoint_digests(setup.checkpoints),
+            "heads": {t: head_digest(run.heads[t]) for t in setup.tasks},
+            "data": {t: data_identity(t, "test", setup.data_location, task_data(setup, t).test)
+                     for t in setup.tasks}}
+
+
+def coefficients_key(run: Run, method: str, merged: MergedEncoder, cfg: AdaMergingConfig) -> dict:
+    """What learned coefficients depend on: the run's inputs, the starting coefficients (`prior`)
+    and the training settings (steps, lr, seed, batches; not how often it evaluates or saves)."""
+    return {**_run_key(run, method), "prior": tensor_digest(merged.lam_raw),  # λ before training
+            "adamerging": {k: v for k, v in asdict(cfg).items()
+                           if k not in ("eval_every", "checkpoint_every")}}
 
 
 def run_adamerging(config: dict, script: str) -> dict:
@@ -124,11 +150,20 @@ def base_encoders(run: Run, method: str, config: dict, images) -> tuple[dict, di
     name, defaults = BASES[method]
     merge = MERGERS[name](run, {**defaults, **{k: v for k, v in config.items() if v is not None}})
     pretrained, _ = run.experts()
+    check_merged(merge.name, merge.model, merge.per_task, merge.extra, pretrained, tasks)
     if merge.per_task:  # EMR / TSV-C / TALL: task t's modules sit on task t's own model
         return {t: build_image_encoder(run.setup.arch, merge.model.task_state_dict(pretrained, t))
                 for t in tasks}, {"base": merge.name, **merge.extra}
     base = build_image_encoder(run.setup.arch, merge.model)
     return {t: base for t in tasks}, {"base": merge.name, **merge.extra}
+
+
+def base_identity(method: str, base_info: dict) -> dict:
+    """What fixes a Surgery base's weights: AdaMerging's actual coefficients (learned, saved or
+    published alike), or a data-free merge's method, settings and chosen coefficient."""
+    if "coefficients_digest" in base_info:
+        return {"adamerging": method, "coefficients": base_info["coefficients_digest"]}
+    return {"base": base_info.get("base", method), "settings": merge_settings(base_info)}
 
 
 def run_surgery(config: dict, script: str) -> dict:
@@ -156,7 +191,7 @@ def run_surgery(config: dict, script: str) -> dict:
                          zero_grad_mode=config.get("zero_grad_mode", "zero"), seed=config.get("seed", 0),
                          eval_batch_size=run.batch_size)
     labels = {t: images[t].labels for t in tasks}
-    key = {**_run_key(run, method), "base": base_info.get("base", method), "surgery": version,
+    key = {**_run_key(run, method), "base": base_identity(method, base_info), "surgery": version,
            "online": online}
     common = dict(logger=run.log, checkpoint_dir=config.get("resume_dir") or None, run_key=key)
     run.log.info(f"Surgery {version}{' online' if online else ''} on {method}: rank {scfg.rank}, "

@@ -7,6 +7,7 @@ mergers for its base models (runs/adaptive.py). The merge math itself lives in `
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -17,10 +18,12 @@ from taskmerge import merging
 from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
 from taskmerge.merging.task_vectors import apply
 from taskmerge.runs.evaluation import evaluate
+from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
 from taskmerge.runs.reporting import RunLogger, results_table
 from taskmerge.runs.selection import select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, finish_run, individual_accuracies,
-                                  load_heads, resolve_setup, start_run, task_data)
+                                  load_heads, resolve_setup, start_run, task_data, validate_checkpoints)
+from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
 
 VAL_GRIDS = {"tall_masks": LAM_GRID_TALL, "tsv": LAM_GRID_TSV, "tsv_alpha": merging.TSV_ALPHA_GRID}
@@ -38,15 +41,15 @@ class Run:
                                         config.get("log_dir", "src/logs"))
         self.batch_size = config.get("batch_size", 128)
         self.heads = load_heads(self.setup)
-        self.individual = individual_accuracies(self.setup, self.heads, self.batch_size)
+        validate_checkpoints(self.setup)  # before the first evaluation reads any of them
+        self.individual = individual_accuracies(self.setup, self.heads, self.batch_size, log=self.log.info)
         self._individual_val = None
         self._experts = None
 
     def experts(self):
-        """θ0 and {task: θ_t} as lazy readers, validated once before any merge work."""
+        """θ0 and {task: θ_t} as lazy readers (validated in __init__, before any work)."""
         if self._experts is None:
             ckpt = self.setup.checkpoints
-            ckpt.validate()
             self._experts = ckpt.pretrained(), {t: ckpt.finetuned(t) for t in self.setup.tasks}
         return self._experts
 
@@ -56,7 +59,8 @@ class Run:
     @property
     def individual_val(self) -> dict[str, float]:
         if self._individual_val is None:
-            self._individual_val = individual_accuracies(self.setup, self.heads, self.batch_size, "val")
+            self._individual_val = individual_accuracies(self.setup, self.heads, self.batch_size, "val",
+                                                         log=self.log.info)
         return self._individual_val
 
     def select(self, grid, merged_at: Callable[[float], Mapping[str, torch.Tensor]]) -> tuple[float, dict]:
@@ -66,17 +70,24 @@ class Run:
         self.log.info(f"Chosen coefficient: {best}")
         return best, {str(k): v for k, v in curve.items()}
 
-    def save_merged(self, obj, name: str) -> str | None:
-        """The merged model (or a per-task method's compact form) as safetensors."""
+    def save_merged(self, obj, name: str, extra: Mapping | None = None) -> str | None:
+        """The merged model (or a per-task method's compact form) as safetensors, named by the
+        method and a digest of the tasks, checkpoints and settings it came from (a 2-task and a
+        4-task merge never share a file); a plain state dict also records them in its header."""
         save_dir = self.config.get("save_dir")
         if not save_dir:
             return None
-        path = os.path.join(save_dir, self.setup.model_name, f"{name}.safetensors")
+        provenance = {"method": name, "model": self.setup.model_name, "tasks": self.setup.tasks,
+                      "checkpoints": checkpoint_digests(self.setup.checkpoints),
+                      "settings": merge_settings(extra or {})}
+        path = os.path.join(save_dir, self.setup.model_name,
+                            f"{name}_{short_hash(provenance, 8)}.safetensors")
         if hasattr(obj, "save"):
             obj.save(path)
         else:
             from taskmerge.storage.atomic import save_safetensors
-            save_safetensors(dict(obj), path, metadata={"method": name, "model": self.setup.model_name})
+            save_safetensors(dict(obj), path, metadata={"method": name, "model": self.setup.model_name,
+                                                        "provenance": json.dumps(provenance, default=str)})
         self.log.info(f"Saved {path}")
         return path
 
@@ -232,12 +243,13 @@ def run_data_free(name: str, config: dict, script: str) -> dict:
     run = Run(config, script, name)
     merge = MERGERS[name](run, config)
     pretrained, _ = run.experts()
-    run.save_merged(merge.model, merge.name)
+    check_merged(merge.name, merge.model, merge.per_task, merge.extra, pretrained, run.setup.tasks)
+    saved = run.save_merged(merge.model, merge.name, merge.extra)
     if merge.per_task:
         run.log.info("Evaluation uses task identity: task t is evaluated with its own reconstructed model.")
     accs = run.evaluate(merge.state_dicts(pretrained), per_task=merge.per_task)
     run.log.eval_step(0, accs)
-    return run.finish(accs, merge=merge.name, task_identity=merge.per_task, **merge.extra)
+    return run.finish(accs, merge=merge.name, merged_file=saved, task_identity=merge.per_task, **merge.extra)
 
 
 def run_single_task_eval(config: dict, script: str) -> dict:

@@ -17,12 +17,16 @@ import torch
 
 from taskmerge.datasets.registry import PAPER_8, get_task
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
-from taskmerge.models.heads import ClassificationHead, build_zeroshot_head
+from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer
+from taskmerge.runs import validation
 from taskmerge.runs.evaluation import evaluate
+from taskmerge.runs.identity import as_json, data_identity, differing_fields, head_digest, short_hash
 from taskmerge.runs.reporting import RunLogger, log_path, method_label, results_table
 from taskmerge.storage import atomic
-from taskmerge.storage.checkpoints import CheckpointSet, file_digest, load_head, load_state_dict
+from taskmerge.storage.checkpoints import (CheckpointError, CheckpointSet, file_digest, load_head,
+                                           load_state_dict)
+from taskmerge.storage.errors import ConfigError
 
 EMBEDDED_MODELS = (TINY_MODEL, TINY_MODEL + "-micro")
 
@@ -77,8 +81,8 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
         tasks = list(tasks or built)
         missing = [t for t in tasks if t not in built]
         if missing:
-            raise ValueError(f"tasks {missing} are not in the embedded benchmark {model_dir} "
-                             f"(built: {built})")
+            raise ConfigError(f"tasks {missing} are not in the embedded benchmark {model_dir} "
+                              f"(built: {built})")
         checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
         return Setup(model_name, TINY_MODEL, checkpoints, tasks, data_location, True, micro)
     tasks = list(tasks or PAPER_8)
@@ -97,22 +101,35 @@ def task_data(setup: Setup, task: str, split: str = "test"):
 
 
 def _image_size(setup: Setup) -> int:
+    return _encoder(setup).image_size
+
+
+def _encoder(setup: Setup):
+    """The run's one ImageEncoder module (weights are loaded into it per evaluation)."""
     enc = setup._encoder_cache.get("encoder")
     if enc is None:
         enc = setup._encoder_cache["encoder"] = build_image_encoder(setup.arch)
-    return enc.image_size
+    return enc
 
 
 def load_heads(setup: Setup) -> dict[str, ClassificationHead]:
-    """Each task's zero-shot head, from `head_<Task>.pt` or built (and cached) from the text tower."""
+    """Each task's zero-shot head, from `head_<Task>.pt` or built (and cached) from the text tower,
+    checked against its task's classes and the encoder's feature width before it is used."""
     heads = {}
+    width = _encoder(setup).feature_dim
     for task in setup.tasks:
         path = setup.checkpoints.head_path(task)
         if os.path.exists(path):
             heads[task] = ClassificationHead.from_state_dict(load_head(path))
         else:
             heads[task] = _build_and_cache_head(setup, task)
+        check_head(heads[task], path, task_data(setup, task).classnames, width)
     return heads
+
+
+def validate_checkpoints(setup: Setup) -> None:
+    """Every checkpoint against the architecture's encoder, before the first evaluation."""
+    validation.validate_checkpoints(setup.checkpoints, _encoder(setup))
 
 
 def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
@@ -120,7 +137,7 @@ def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
                       ("clip_pretrained.safetensors", "clip_pretrained.pt", "open_clip_pytorch_model.bin")
                       if os.path.exists(os.path.join(setup.model_dir, n))), None)
     if clip_path is None:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{os.path.join(setup.model_dir, 'head_' + task + '.pt')} is missing, and building it needs "
             f"the pre-trained CLIP text tower: put the open_clip OpenAI weights of {setup.arch} at "
             f"{os.path.join(setup.model_dir, 'open_clip_pytorch_model.bin')} (or copy the heads from "
@@ -136,9 +153,7 @@ def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
 
 def encoder_for(setup: Setup, state_dict: Mapping[str, torch.Tensor]):
     """The image encoder with `state_dict` loaded (one module reused across calls)."""
-    enc = setup._encoder_cache.get("encoder")
-    if enc is None:
-        enc = setup._encoder_cache["encoder"] = build_image_encoder(setup.arch)
+    enc = _encoder(setup)
     enc.load_state_dict({k: state_dict[k] for k in enc.state_dict()}, strict=True)
     return enc.eval()
 
@@ -158,23 +173,33 @@ def evaluate_tasks(setup: Setup, state_dicts: Mapping[str, Mapping[str, torch.Te
 
 
 def individual_accuracies(setup: Setup, heads: dict[str, ClassificationHead], batch_size: int = 128,
-                          split: str = "test") -> dict[str, float]:
-    """Each expert on its own task, cached in the model folder (keyed by checkpoint digests), since
-    every report divides by it (normalized accuracy)."""
+                          split: str = "test", log=print) -> dict[str, float]:
+    """Each expert on its own task, cached in the model folder, since every report divides by it
+    (normalized accuracy). An entry is reused only for the same expert file, head values and data
+    (the batch size does not change it); `log` says which tasks are recomputed, and why."""
     cache_path = os.path.join(setup.model_dir, f"individual_accuracies_{split}.json")
     cache = {}
     if os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cache = json.load(f)
+        with open(cache_path) as f:  # entries of the older, expert-only format are dropped
+            cache = {k: v for k, v in json.load(f).items() if isinstance(v, dict) and "key" in v}
     out, changed = {}, False
     for task in setup.tasks:
-        key = f"{task}:{file_digest(setup.checkpoints.finetuned_path(task))}"
-        if key not in cache:
+        data = task_data(setup, task, split).test
+        key = {"task": task, "expert": file_digest(setup.checkpoints.finetuned_path(task)),
+               "head": head_digest(heads[task]),
+               "data": data_identity(task, split, setup.data_location, data)}
+        entry = cache.get(short_hash(key))
+        if not isinstance(entry, dict) or entry.get("key") != as_json(key):
+            old = [e["key"] for e in cache.values() if e["key"].get("task") == task]
+            why = (f"{', '.join(differing_fields(old[-1], as_json(key)))} changed" if old
+                   else "not cached yet")
+            log(f"Individual accuracy of {task} ({split}): computing ({why})")
             enc = encoder_for(setup, setup.checkpoints.finetuned(task))
-            cache[key] = evaluate(enc, heads[task], task_data(setup, task, split).test, batch_size,
-                                  desc=f"expert {task}")
+            entry = {"key": as_json(key), "accuracy": evaluate(enc, heads[task], data, batch_size,
+                                                               desc=f"expert {task}")}
+            cache[short_hash(key)] = entry
             changed = True
-        out[task] = cache[key]
+        out[task] = entry["accuracy"]
     if changed:
         atomic.write_json(cache_path, cache)
     return out

@@ -1,0 +1,169 @@
+"""Caches, resume states and saved artefacts are reused only when every input that changes their value
+matches (checkpoints, heads, data, settings); otherwise they are recomputed and the log says why."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from taskmerge.adaptive.adamerging_coefficients import save_coefficients
+from taskmerge.adaptive.adaptation_data import TaskImages
+from taskmerge.adaptive.feature_cache import FeatureCache, base_and_expert_features
+from taskmerge.datasets.base import ArrayDataset
+from taskmerge.embedded.build import ensure_embedded_benchmark
+from taskmerge.models.heads import ClassificationHead
+from taskmerge.models.encoders import build_image_encoder
+from taskmerge.runs.adaptive import run_adamerging, run_surgery
+from taskmerge.runs.data_free import run_data_free, run_single_task_eval
+from taskmerge.runs.evaluation import evaluate
+from taskmerge.runs.identity import data_identity, head_digest
+from taskmerge.runs.setup import encoder_for, load_heads, resolve_setup, task_data
+
+MODEL = "taskmerge-tiny-micro"
+
+
+@pytest.fixture
+def bench(micro_benchmark, tmp_path):
+    """A private copy of the micro benchmark (its caches are what these tests change)."""
+    ckpt, data = micro_benchmark
+    shutil.copytree(os.path.join(ckpt, MODEL), tmp_path / "ckpt" / MODEL,
+                    ignore=shutil.ignore_patterns("individual_accuracies_*", "adamerging", "feature_cache"))
+    config = {"model_name": MODEL, "checkpoint_dir": str(tmp_path / "ckpt"), "data_location": data,
+              "tasks": [], "log_dir": str(tmp_path / "logs"), "save_dir": str(tmp_path / "merged"),
+              "resume_dir": str(tmp_path / "resume"), "batch_size": 128, "seed": 0}
+    return config, tmp_path / "ckpt" / MODEL
+
+
+def _log(report, config):
+    return next(open(os.path.join(r, f)).read() for r, _, fs in os.walk(config["log_dir"])
+                for f in fs if f == report["log"])
+
+
+def test_replaced_head_recomputes_the_individual_accuracy(bench):
+    config, folder = bench
+    first = run_single_task_eval({**config, "split": "test"}, script="eval_single_task.py")
+    head = torch.load(folder / "head_Animals.pt", weights_only=True)
+    head["weight"] = -head["weight"]  # the expert's argmax becomes its argmin
+    torch.save(head, folder / "head_Animals.pt")
+    setup = resolve_setup(MODEL, config["checkpoint_dir"], config["data_location"])
+    expert = encoder_for(setup, setup.checkpoints.finetuned("Animals"))
+    expected = evaluate(expert, load_heads(setup)["Animals"], task_data(setup, "Animals").test)
+    assert expected != first["individual_accuracy"]["Animals"]  # else this test could not tell
+    second = run_single_task_eval({**config, "split": "test"}, script="eval_single_task.py")
+    assert second["individual_accuracy"]["Animals"] == expected
+    assert {t: a for t, a in second["individual_accuracy"].items() if t != "Animals"} == \
+        {t: a for t, a in first["individual_accuracy"].items() if t != "Animals"}
+    assert "Individual accuracy of Animals (test): computing (head changed)" in _log(second, config)
+    assert "Individual accuracy of Digits" not in _log(second, config)
+
+
+def test_merges_of_different_task_lists_are_saved_apart_with_their_provenance(bench):
+    config, _ = bench
+    two = run_data_free("task_arithmetic", {**config, "tasks": ["Digits", "Fashion"], "scaling_coef": 0.3},
+                        script="ta.py")
+    four = run_data_free("task_arithmetic", {**config, "scaling_coef": 0.3}, script="ta.py")
+    assert two["merged_file"] != four["merged_file"]
+    for report in (two, four):
+        with safe_open(report["merged_file"], framework="pt") as f:
+            provenance = json.loads(f.metadata()["provenance"])
+        assert provenance["tasks"] == report["tasks"] and provenance["settings"]["scaling_coef"] == 0.3
+        assert set(provenance["checkpoints"]) == {"pretrained", *report["tasks"]}
+
+
+def _adamerging(config, **kw):
+    return run_adamerging({**config, "method_name": "tw_adamerging", "adamerging_steps": 2,
+                           "adamerging_eval_every": 2, "checkpoint_every": 1, **kw}, script="ada.py")
+
+
+def test_adamerging_resume_and_saved_coefficients_are_keyed_by_the_prior(bench):
+    config, _ = bench
+    low = _adamerging(config, coefficients="learn", prior=0.3)
+    high = _adamerging(config, coefficients="learn", prior=0.6)
+    fresh = _adamerging({**config, "resume_dir": ""}, coefficients="learn", prior=0.6)
+    assert high["coefficients"] == fresh["coefficients"] != low["coefficients"]
+    assert "Resumed" not in _log(high, config)
+    again = _adamerging(config, coefficients="auto", prior=0.6)  # reuses the saved 0.6 coefficients
+    assert again["coefficients_source"] == high["coefficients_file"]
+    assert again["coefficients"] == high["coefficients"]
+    other = _adamerging(config, coefficients="auto", prior=0.45)
+    assert other["coefficients_source"] == "learn"
+    assert "no saved coefficients learned from these inputs" in _log(other, config)
+    why = _log(other, config).split("no saved coefficients")[1].splitlines()[0]
+    assert "learned with other prior)" in why
+
+
+def test_surgery_does_not_resume_on_a_base_with_other_coefficients(bench, tmp_path):
+    config, _ = bench
+    setup = resolve_setup(MODEL, config["checkpoint_dir"], config["data_location"])
+    files = []
+    for lam in (0.2, 0.5):
+        path = str(tmp_path / f"coef_{lam}.json")
+        save_coefficients(path, torch.tensor([[1.0] + [lam] * len(setup.tasks)]), method="tw_adamerging",
+                          model_name=MODEL, tasks=setup.tasks)
+        files.append(path)
+    surgery = {"method_name": "tw_adamerging", "surgery": "v1", "online": False, "iterations": 2,
+               "eval_iterations": 2, "rank": 4, "checkpoint_every": 1}
+    first = run_surgery({**config, **surgery, "coefficients": files[0]}, script="surgery.py")
+    second = run_surgery({**config, **surgery, "coefficients": files[1]}, script="surgery.py")
+    fresh = run_surgery({**config, **surgery, "coefficients": files[1], "resume_dir": ""},
+                        script="surgery.py")
+    assert "Resumed" not in _log(second, config)
+    assert second["history"] == fresh["history"] != first["history"]
+
+
+def test_rebuilding_a_lost_head_keeps_the_learned_coefficients(bench):
+    config, folder = bench
+    learned = _adamerging(config, coefficients="auto", prior=0.3)
+    assert learned["coefficients_source"] == "learn"
+    os.remove(folder / "head_Digits.pt")
+    ensure_embedded_benchmark(config["checkpoint_dir"], config["data_location"], micro=True, progress=False)
+    assert os.path.exists(learned["coefficients_file"])
+    again = _adamerging(config, coefficients="auto", prior=0.3)
+    assert again["coefficients_source"] == learned["coefficients_file"]
+    assert again["accuracy"] == learned["accuracy"]
+
+
+def test_expert_features_are_cached_per_checkpoint_and_data_and_base_features_never(bench, tmp_path):
+    config, _ = bench
+    setup = resolve_setup(MODEL, config["checkpoint_dir"], config["data_location"])
+    digits = TaskImages(task_data(setup, "Digits").test, name="Digits")
+    fashion = TaskImages(task_data(setup, "Fashion").test, name="Fashion")
+    cache, loads = FeatureCache(str(tmp_path / "features")), []
+
+    def load_expert():
+        loads.append(1)
+        return build_image_encoder(setup.arch, setup.checkpoints.finetuned("Digits"))
+
+    def features(base, images, digest="d1"):
+        return base_and_expert_features(base, cache, load_expert, images, model_name=MODEL,
+                                        checkpoint_digest=digest, dataset_id="Digits/test@data", blocks=False)
+
+    base0, base1 = (build_image_encoder(setup.arch, sd) for sd in
+                    (setup.checkpoints.pretrained(), setup.checkpoints.finetuned("Fashion")))
+    b0, e0 = features(base0, digits)
+    b1, e1 = features(base1, digits)  # expert from the cache, the other base computed
+    assert len(loads) == 1 and torch.equal(e0["final"], e1["final"])
+    assert not torch.equal(b0["final"], b1["final"])
+    features(base0, fashion)  # same dataset name, other images
+    features(base0, digits, digest="d2")  # another checkpoint
+    assert len(loads) == 3
+
+
+def test_data_identity_and_head_digest_follow_the_values():
+    images = np.zeros((6, 4, 4, 3), dtype=np.uint8)
+    labels = [0, 1, 2, 0, 1, 2]
+
+    def dataset(x, y):
+        return ArrayDataset(x, y, transform=lambda im: torch.from_numpy(np.array(im)))
+
+    base = data_identity("T", "test", "data", dataset(images, labels))
+    relabelled = data_identity("T", "test", "data", dataset(images, labels[:3] + [2] + labels[4:]))
+    shorter = data_identity("T", "test", "data", dataset(images[:5], labels[:5]))
+    val = data_identity("T", "val", "data", dataset(images, labels))
+    assert len({json.dumps(d, sort_keys=True) for d in (base, relabelled, shorter, val)}) == 4
+    weight = torch.randn(3, 8)
+    assert head_digest(ClassificationHead(weight.clone())) == head_digest(ClassificationHead(weight.clone()))
+    assert head_digest(ClassificationHead(weight)) != head_digest(ClassificationHead(-weight))
