@@ -32,14 +32,14 @@ from typing import Iterator, Mapping
 
 import torch
 
-from taskmerge.storage import atomic, safe_pickle
+from taskmerge.storage import atomic, safe_pickle, safetensors_header
 from taskmerge.storage.safe_pickle import CheckpointError
 
 FAMILIES = ("safetensors", "task_vectors", "tall_masks")
 CONVERTED_DIR = "safetensors"
 _FORMAT_TAG = "taskmerge-checkpoint-v1"
 _README = 'see the README section "Real checkpoints"'
-_ST_DTYPES = {code: getattr(torch, name) for code, name in atomic.SAFETENSORS_DTYPES.items()}
+_ST_DTYPES = safetensors_header.DTYPES
 
 
 # --- single files --------------------------------------------------------------------------------
@@ -149,24 +149,22 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
         # peak memory would grow with the number of experts.
         try:
             with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise ValueError("header longer than the file")
-                header = json.loads(f.read(n))
-            metadata = header.pop("__metadata__", None) or {}
-            for key, info in header.items():
-                start, end = info["data_offsets"]
-                if info["dtype"] not in _ST_DTYPES or end > size - 8 - n or start > end:
-                    raise ValueError(f"tensor {key!r} lies outside the file or has dtype {info['dtype']}")
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read this safetensors file "
-                                  f"({type(e).__name__}: {e}); it is truncated or corrupt") from e
-        self._base, self._header = 8 + n, header
+                self._base, self._header, metadata = safetensors_header.read_header(
+                    f, self.path, os.fstat(f.fileno()).st_size)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found; {_README}") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read this file ({e})") from None
         self.metadata = dict(metadata)
-        stored = list(header)
-        order = json.loads(metadata.get("key_order", "[]"))
-        if sorted(order) == sorted(stored):
+        stored = list(self._header)
+        try:
+            order = json.loads(metadata.get("key_order", "[]"))
+        except ValueError:
+            raise CheckpointError(f"{self.path}: the __metadata__ record key_order is not a JSON "
+                                  f"list; the file is corrupt (re-run src/convert_checkpoints.py)"
+                                  ) from None
+        if (isinstance(order, list) and all(isinstance(k, str) for k in order)
+                and sorted(order) == sorted(stored)):
             stored = order
         self._keys = dict(rename) if rename is not None else {k: k for k in stored}
 
