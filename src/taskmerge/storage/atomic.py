@@ -2,25 +2,102 @@
 
 Everything is written to a temporary file in the destination folder and moved into place with
 `os.replace`, which is atomic on POSIX; an interrupted run leaves either the old file or none.
+
+A run killed mid-write (kill -9, out of memory, power loss) cannot remove its temporary, which
+would stay forever (1.2 GB for a ViT-L merge). So every write first sweeps the folder's stale
+temporaries of our own naming, `.<name>.<host>-<pid>.<random>.tmp`: one is stale when its writer
+ran on this host (same boot, same pid namespace) and that process is gone, or (written elsewhere,
+or named the older way, `.<name>.<random>.tmp`) when nothing has written to it for `STALE_AFTER_S`.
+A live writer's temporary is never removed: its process exists, and it writes as it goes.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import re
+import socket
+import stat
 import struct
 import sys
 import tempfile
+import time
 from typing import Iterator
+
+STALE_AFTER_S = 24 * 3600
+
+
+def _pid_space() -> str:
+    """Where a pid means one process: this host, since its last boot, in this pid namespace (two
+    containers sharing a folder and a host name still see different processes under one pid)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+_HOST = _pid_space()
+_RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkstemp's random part
+_OURS = re.compile(rf"\..+\.(?P<host>[0-9a-f]{{8}})-(?P<pid>[0-9]+)\.{_RANDOM}\.tmp")
+_OURS_BEFORE_PIDS = re.compile(rf"\..+\.{_RANDOM}\.tmp")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_temporaries(folder: str) -> list[str]:
+    """Remove the stale temporaries that killed atomic writes left in `folder`; returns their paths.
+
+    Only regular files named by `atomic_path` are candidates (see the module docstring for which
+    are stale); every error is ignored, since a concurrent sweep may have removed a file first."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        ours = _OURS.fullmatch(entry.name)
+        if ours is None and not _OURS_BEFORE_PIDS.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if ours is not None and ours["host"] == _HOST:
+                stale = not _process_exists(int(ours["pid"]))
+            else:
+                stale = now - st.st_mtime > STALE_AFTER_S
+            if stale:
+                os.remove(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            continue
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it vanishes."""
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it vanishes.
+
+    Stale temporaries of killed writes in the same folder are swept first."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    sweep_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.",
+                               suffix=".tmp", dir=folder)
     os.close(fd)
     # mkstemp creates 0600; give the final file the permissions a plain open() would have.
     umask = os.umask(0)
