@@ -108,3 +108,44 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(TypeError):
         atomic.write_json(str(path), {"v": object()})
     assert path.read_text() == '{\n  "v": 1\n}\n' and temporaries(tmp_path) == []
+
+
+def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "safetensors"
+    with atomic.atomic_folder(str(out)) as staging:
+        atomic.write_text(os.path.join(staging, "a"), "1")
+        assert not out.exists()
+    assert sorted(os.listdir(out)) == ["a"] and os.stat(out).st_mode & 0o777 == 0o777 & ~current_umask()
+    inode = os.stat(out / "a").st_ino
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_folder(str(out)) as staging:
+            atomic.write_text(os.path.join(staging, "a"), "2")
+            atomic.write_text(os.path.join(staging, "b"), "2")
+            raise RuntimeError("the third file is refused")
+    assert sorted(os.listdir(out)) == ["a"] and (out / "a").read_text() == "1"
+    assert sorted(os.listdir(tmp_path)) == ["safetensors"]
+    with atomic.atomic_folder(str(out)) as staging:
+        atomic.write_text(os.path.join(staging, "b"), "3")
+    assert sorted(os.listdir(out)) == ["a", "b"] and os.stat(out / "a").st_ino == inode  # linked
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_a_killed_folder_writers_staging_folder_is_swept(tmp_path):
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {SRC!r})
+        from taskmerge.storage import atomic
+        with atomic.atomic_folder({str(tmp_path / "safetensors")!r}) as staging:
+            atomic.write_bytes(os.path.join(staging, "zeroshot.safetensors"), b"x" * 1000)
+            os.kill(os.getpid(), 9)
+    """)
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    left = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert len(left) == 1 and os.path.isdir(tmp_path / left[0])
+    atomic.write_text(str(tmp_path / "log.txt"), "x")
+    assert sorted(os.listdir(tmp_path)) == ["log.txt"]

@@ -455,3 +455,54 @@ def test_a_malformed_key_order_record_is_a_checkpoint_error(tmp_path):
     path = write_raw_safetensors(tmp_path / "ko.safetensors", header, DATA)
     with pytest.raises(CheckpointError, match="key_order"):
         checkpoints.SafetensorsReader(path)
+
+
+# --- conversion is all or nothing (issue #11 §4) ------------------------------------------------
+
+def folder_state(folder):
+    """{name: (inode, bytes)} of a folder's files, or None if it does not exist."""
+    if not folder.exists():
+        return None
+    return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_a_conversion_with_one_refused_file_writes_no_folder(code, tmp_path):
+    task_vectors_folder(code, tmp_path)
+    model_dir = tmp_path / MODEL
+    (model_dir / "DTD" / "finetuned.pt").write_bytes(b"\x80\x02corrupt")  # converted last of 3
+    with pytest.raises(CheckpointError, match="DTD"):
+        checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    assert not (model_dir / "safetensors").exists()
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_failed_reconversion_leaves_the_previous_folder_intact(code, tmp_path):
+    task_vectors_folder(code, tmp_path)
+    model_dir, out = tmp_path / MODEL, tmp_path / MODEL / "safetensors"
+    checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    before = folder_state(out)
+    for task in ("Cars", "DTD"):  # both changed since; Cars converts fine, DTD is refused
+        expert = code.image_encoder(seed=7)
+        save(expert, model_dir / task / "finetuned.pt", "zip")
+    (model_dir / "DTD" / "finetuned.pt").write_bytes(b"\x80\x02corrupt")
+    with pytest.raises(CheckpointError, match="DTD"):
+        checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    assert folder_state(out) == before  # not even Cars.safetensors was replaced
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_reconversion_keeps_the_files_it_does_not_redo(code, tmp_path):
+    task_vectors_folder(code, tmp_path)
+    out = tmp_path / MODEL / "safetensors"
+    checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    (out / "notes.txt").write_text("mine")
+    before = folder_state(out)
+    expert = code.image_encoder(seed=9)
+    save(expert, tmp_path / MODEL / "Cars" / "finetuned.pt", "zip")
+    done = checkpoints.convert_to_safetensors(tmp_path, MODEL, ["Cars"])  # a subset of the tasks
+    assert done["written"] == [str(out / "Cars.safetensors")]
+    after = folder_state(out)
+    assert set(after) == set(before) and after["Cars.safetensors"] != before["Cars.safetensors"]
+    assert {k: v for k, v in after.items() if k != "Cars.safetensors"} == \
+        {k: v for k, v in before.items() if k != "Cars.safetensors"}  # same files, not copies
+    assert_same(checkpoints.open_state_dict(str(out / "Cars.safetensors")), expert.state_dict())

@@ -460,8 +460,9 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
     """Convert a task_vectors / tall_masks folder to `<root>/<model>/safetensors/` once.
 
     Writes zeroshot.safetensors, <Task>.safetensors and head_<Task>.safetensors (heads only where a
-    head file exists), each atomically, with metadata naming the source file and its digest. A file
-    whose source digest is unchanged is skipped. Returns {"written": [...], "skipped": [...]}.
+    head file exists), with metadata naming the source file and its digest. A file whose source
+    digest is unchanged is skipped. All or nothing: if one file is refused, `out` is left as it
+    was (or absent). Returns {"written": [...], "skipped": [...]}.
     """
     from safetensors import safe_open
     from tqdm import tqdm
@@ -479,7 +480,8 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
         if os.path.exists(head):
             jobs.append(("head", head, os.path.join(out, f"head_{t}.safetensors")))
     done: dict[str, list[str]] = {"written": [], "skipped": []}
-    for kind, src, dst in tqdm(jobs, desc=f"converting {model_name}", unit="file"):
+    todo = []
+    for kind, src, dst in jobs:
         digest = file_digest(src)
         if os.path.exists(dst):
             try:
@@ -489,13 +491,21 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
                         continue
             except Exception:
                 pass  # unreadable: convert again
-        tensors = load_encoder_state_dict(src) if kind == "encoder" else load_head(src)
-        metadata = {"format": _FORMAT_TAG, "kind": kind, "family": source.family,
-                    "source": os.path.relpath(src, str(root)), "source_digest": digest,
-                    "key_order": json.dumps(list(tensors))}
-        atomic.save_safetensors(tensors, dst, metadata=metadata)
-        done["written"].append(dst)
-        del tensors
+        todo.append((kind, src, dst, digest))
+    if not todo:
+        return done
+    # All or nothing: the files are written into a copy of `out` that replaces it only once every
+    # one of them converted, so a refused file leaves the previous folder (or none) as it was.
+    with atomic.atomic_folder(out) as staging:
+        for kind, src, dst, digest in tqdm(todo, desc=f"converting {model_name}", unit="file"):
+            tensors = load_encoder_state_dict(src) if kind == "encoder" else load_head(src)
+            metadata = {"format": _FORMAT_TAG, "kind": kind, "family": source.family,
+                        "source": os.path.relpath(src, str(root)), "source_digest": digest,
+                        "key_order": json.dumps(list(tensors))}
+            atomic.save_safetensors(tensors, os.path.join(staging, os.path.basename(dst)),
+                                    metadata=metadata)
+            done["written"].append(dst)
+            del tensors
     return done
 
 
