@@ -100,7 +100,9 @@ def cars_annotations(fnames, classes):
     return {"annotations": rec}
 
 
-CARS_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi_TT Coupe 2012"]
+# Stanford Cars' 196 classes: three real names, then stand-ins.
+CARS_NAMES = (["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi_TT Coupe 2012"]
+              + [f"Car {i} 2012" for i in range(193)])
 
 
 def make_cars(data, test_annos_in_devkit=True):
@@ -263,7 +265,8 @@ def test_resisc45_missing_split_file(tmp_path):
 def test_cars_test_annotations_in_either_place(tmp_path, in_devkit):
     splits = make_cars(str(tmp_path), in_devkit)
     task = get_task("Cars", str(tmp_path), as_array)
-    assert task.classnames == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi TT Coupe 2012"]
+    assert task.classnames[:3] == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012",
+                                   "Audi TT Coupe 2012"] and len(task.classnames) == 196
     assert len(task.templates) == 8
     assert task.train.labels == [c - 1 for c in splits["train"]]
     assert task.test.labels == [c - 1 for c in splits["test"]]
@@ -586,3 +589,51 @@ def test_a_gz_file_that_is_not_gzip_is_refused_naming_it(tmp_path):
     path.write_bytes(b"this is not gzip data")
     with pytest.raises(DatasetLayoutError, match="t10k-labels-idx1-ubyte.gz"):
         get_task("MNIST", str(tmp_path), as_array)
+
+
+# ---------------------------------------------------------------- other malformed files
+def test_a_cars_meta_without_196_classes_is_refused(tmp_path):
+    make_cars(str(tmp_path))
+    scipy.io.savemat(str(tmp_path / "stanford_cars" / "devkit" / "cars_meta.mat"),
+                     {"class_names": np.array(CARS_NAMES[:-1], dtype=object)})
+    with pytest.raises(DatasetLayoutError, match=r"(?s)195 class names, expected 196.*cars_meta"):
+        get_task("Cars", str(tmp_path), as_array)
+
+
+def test_a_cars_class_that_is_not_a_number_is_refused(tmp_path):
+    make_cars(str(tmp_path))
+    mat = str(tmp_path / "stanford_cars" / "devkit" / "cars_train_annos.mat")
+    annotations = cars_annotations(["00001.jpg"], ["seven"])
+    scipy.io.savemat(mat, annotations)
+    with pytest.raises(DatasetLayoutError, match=r"(?s)'seven'.*cars_train_annos"):
+        get_task("Cars", str(tmp_path), as_array)
+
+
+def test_svhn_images_that_are_not_uint8_are_refused(tmp_path):
+    make_svhn(str(tmp_path))
+    path = tmp_path / "svhn" / "test_32x32.mat"
+    mat = scipy.io.loadmat(str(path))
+    scipy.io.savemat(str(path), {"X": mat["X"].astype(np.float64) * 2, "y": mat["y"]})
+    with pytest.raises(DatasetLayoutError, match=r"(?s)float64.*test_32x32.mat"):
+        len(get_task("SVHN", str(tmp_path), as_array).test)
+
+
+@pytest.mark.parametrize("which", ["gtsrb", "resisc45"])
+def test_a_split_list_that_is_not_text_is_refused(tmp_path, which):
+    if which == "gtsrb":
+        make_gtsrb(str(tmp_path))
+        path = tmp_path / "gtsrb" / "GT-final_test.csv"
+    else:
+        make_resisc45(str(tmp_path))
+        path = tmp_path / "resisc45" / "resisc45-test.txt"
+    path.write_bytes(b"\xff\xfe\x00binary\x80\x81")
+    with pytest.raises(DatasetLayoutError, match=os.path.basename(path)):
+        get_task("GTSRB" if which == "gtsrb" else "RESISC45", str(tmp_path), as_array)
+
+
+def test_an_image_too_large_to_decode_is_a_layout_error(tmp_path, monkeypatch):
+    make_dtd(str(tmp_path), {}, {})
+    task = get_task("DTD", str(tmp_path), as_array)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # our 16×16 images are now "bombs"
+    with pytest.raises(DatasetLayoutError, match=r"img_1000\.png"):
+        task.test[0]

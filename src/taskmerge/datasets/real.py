@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from taskmerge.datasets.base import ArrayDataset, TaskData
-from taskmerge.datasets.templates import (CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS, GTSRB_FOLDERS,
+from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS, GTSRB_FOLDERS,
                                           RESISC45_FOLDERS, SUN397_CLASS_COUNT, cars_classname,
                                           dtd_classname, eurosat_classname, get_templates,
                                           sun397_classname)
@@ -114,8 +114,10 @@ class ImageFileDataset(Dataset):
         try:
             with open(path, "rb") as f:
                 img = Image.open(f).convert("RGB")
-        except OSError as e:  # missing file, or not an image PIL can decode
-            raise DatasetLayoutError(f"{self.task}: cannot read image {path}: {e}") from e
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # missing, truncated, not an image PIL can decode, or too large to decode safely
+            raise DatasetLayoutError(f"{self.task}: cannot read image {path} ({type(e).__name__}: "
+                                     f"{e}); replace the file or remove it") from e
         if self.transform is not None:
             img = self.transform(img)
         return img, label
@@ -287,8 +289,8 @@ def read_resisc45(data_location: str, transform=None) -> TaskData:
         # The split files list bare file names (from "In-domain representation learning for
         # remote sensing"); the originals keep an image iff its file name is listed.
         list_path = _require_file(task, data_location, os.path.join(root, f"resisc45-{name}.txt"))
-        with open(list_path) as f:
-            listed = {line.strip() for line in f if line.strip()}
+        listed = {line.strip() for line in _read_text(task, data_location, list_path).splitlines()
+                  if line.strip()}
         samples = list_images(task, data_location, image_root, class_to_idx,
                               is_valid=lambda path: os.path.basename(path) in listed,
                               require_images=False)  # the listed files are checked below
@@ -302,6 +304,14 @@ def read_resisc45(data_location: str, transform=None) -> TaskData:
 
     return TaskData(task, list(CLASSNAMES[task]), get_templates(task), test=split("test"),
                     train=split("train"), info={"root": root, "test_split": "test"})
+
+
+def _read_text(task: str, data_location: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise layout_error(task, data_location, path, f"not a text file ({e})") from None
 
 
 def _load_mat(task: str, data_location: str, path: str, what: str) -> dict:
@@ -324,7 +334,11 @@ def _cars_annotations(data_location: str, mat_path: str, images_dir: str,
                            "(for the test split: the *_withlabels.mat file)")
     samples = []
     for a in np.atleast_1d(annotations):
-        label = int(a["class"]) - 1  # the .mat labels are 1-based
+        try:
+            label = int(a["class"]) - 1  # the .mat labels are 1-based
+        except (TypeError, ValueError):
+            raise layout_error(task, data_location, mat_path,
+                               f"class {a['class']!r} of {a['fname']} is not a number") from None
         if not 0 <= label < num_classes:
             raise layout_error(task, data_location, mat_path,
                                f"class {label + 1} outside 1..{num_classes} (cars_meta.mat)")
@@ -341,6 +355,10 @@ def read_cars(data_location: str, transform=None) -> TaskData:
     if "class_names" not in meta:
         raise layout_error(task, data_location, meta_path, "no 'class_names' variable")
     classnames = [cars_classname(str(c)) for c in np.atleast_1d(meta["class_names"]).tolist()]
+    if len(classnames) != CARS_CLASS_COUNT:
+        raise layout_error(task, data_location, meta_path,
+                           f"{len(classnames)} class names, expected {CARS_CLASS_COUNT} (Stanford "
+                           f"Cars); labels would not match the head")
 
     # EnnengYang keeps the labelled test annotations in devkit/, task_vectors next to it.
     candidates = [os.path.join(devkit, "cars_test_annos_withlabels.mat"),
@@ -373,8 +391,8 @@ def read_gtsrb(data_location: str, transform=None) -> TaskData:
 
     images = _require_dir(task, data_location, os.path.join(root, "GTSRB", "Final_Test", "Images"))
     csv_path = _require_file(task, data_location, os.path.join(root, "GT-final_test.csv"))
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
+    rows = list(csv.DictReader(io.StringIO(_read_text(task, data_location, csv_path)),
+                               delimiter=";", skipinitialspace=True))
     try:
         test = [(os.path.join(images, row["Filename"]), int(row["ClassId"])) for row in rows]
     except (KeyError, TypeError, ValueError) as e:
@@ -399,6 +417,8 @@ def _load_svhn(data_location: str, path: str, transform) -> ArrayDataset:
     if x is None or y is None or x.ndim != 4 or x.shape[2] != 3 or x.shape[3] != np.size(y):
         raise layout_error(task, data_location, path,
                            "needs 'X' of shape (32, 32, 3, N) and 'y' of N labels")
+    if x.dtype != np.uint8:  # a cast would wrap values above 255 silently
+        raise layout_error(task, data_location, path, f"'X' has dtype {x.dtype}, expected uint8")
     labels = np.asarray(y, dtype=np.int64).reshape(-1)
     bad = labels[(labels < 0) | (labels > 10)]
     if bad.size:

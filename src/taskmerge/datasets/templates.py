@@ -157,8 +157,10 @@ EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "I
 # GTSRB's training folders are the class ids 0..42, zero-padded.
 GTSRB_FOLDERS = [f"{c:05d}" for c in range(43)]
 
-# SUN397's folder names are not fixed by a list here (the originals read them from the data).
+# SUN397's folder names and Cars' class names are not fixed by a list here (the originals read
+# them from the data), only their number.
 SUN397_CLASS_COUNT = 397
+CARS_CLASS_COUNT = 196
 
 # OpenAI's CLIP prompt list (data/prompts.md), in GTSRB class-id order 0..42; spelling as in the
 # originals ("horizonal", "bicyle") because the cached heads were built from these exact strings.
