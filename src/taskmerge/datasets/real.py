@@ -24,10 +24,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from taskmerge.datasets.base import ArrayDataset, TaskData
-from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS, GTSRB_FOLDERS,
-                                          RESISC45_FOLDERS, SUN397_CLASS_COUNT, cars_classname,
-                                          dtd_classname, eurosat_classname, get_templates,
-                                          sun397_classname)
+from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS,
+                                          GTSRB_FOLDERS, RESISC45_FOLDERS, SUN397_CLASS_COUNT,
+                                          cars_classname, dtd_classname, eurosat_classname,
+                                          get_templates, sun397_classname)
 from taskmerge.storage.errors import InputError
 
 # torchvision's ImageFolder extensions, so a folder holds exactly the images the originals saw.
