@@ -506,3 +506,21 @@ def test_a_reconversion_keeps_the_files_it_does_not_redo(code, tmp_path):
     assert {k: v for k, v in after.items() if k != "Cars.safetensors"} == \
         {k: v for k, v in before.items() if k != "Cars.safetensors"}  # same files, not copies
     assert_same(checkpoints.open_state_dict(str(out / "Cars.safetensors")), expert.state_dict())
+
+
+def test_a_folder_given_as_a_checkpoint_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        checkpoints.load_state_dict(str(tmp_path))
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        checkpoints.SafetensorsReader(str(tmp_path))
+
+
+def test_a_converted_file_without_its_source_record_is_a_checkpoint_error(tmp_path):
+    from taskmerge.storage import atomic
+    out = tmp_path / MODEL / "safetensors"
+    state = models.build_image_encoder(MODEL).state_dict()
+    for name in ("zeroshot", "Cars"):
+        atomic.save_safetensors(state, str(out / f"{name}.safetensors"),
+                                metadata={"format": checkpoints._FORMAT_TAG})  # no "source"
+    with pytest.raises(CheckpointError, match=r"zeroshot\.safetensors.*source"):
+        CheckpointSet.discover(tmp_path, MODEL, ["Cars"])

@@ -432,3 +432,24 @@ def test_a_module_tree_nested_too_deep_is_a_checkpoint_error(code, tmp_path):
         sys.setrecursionlimit(limit)
     with pytest.raises(CheckpointError, match=r"deep\.pt: .*nested"):
         checkpoints.load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("declared", [2 ** 60, -3, 3])
+def test_a_legacy_storage_record_of_the_wrong_size_is_refused_naming_it(tmp_path, declared):
+    tensor = RebuiltTensor(legacy_view(0, 4), 0, (4,), (1,))
+    path = write_legacy(tmp_path / "sized.pt", {"w": tensor}, {"0": [1., 2., 3., 4.]})
+    data = bytearray((tmp_path / "sized.pt").read_bytes())
+    at = len(data) - 16 - 8  # the record's element count precedes its 16 bytes
+    assert struct.unpack("<q", data[at:at + 8]) == (4,)
+    data[at:at + 8] = struct.pack("<q", declared)
+    (tmp_path / "sized.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"sized\.pt: storage '0' declares"):
+        safe_pickle.safe_load(path)
+
+
+def test_a_legacy_storage_cut_short_is_refused_naming_it(tmp_path):
+    tensor = RebuiltTensor(legacy_view(0, 4), 0, (4,), (1,))
+    path = write_legacy(tmp_path / "cut.pt", {"w": tensor}, {"0": [1., 2., 3., 4.]})
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: storage '0' is truncated"):
+        safe_pickle.safe_load(path)

@@ -52,6 +52,8 @@ def checkpoint_format(path: str) -> str:
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found; {_README}") from None
+    except OSError as e:  # a folder, a file without read permission, ...
+        raise CheckpointError(f"{path}: cannot read this file ({e})") from None
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
@@ -355,6 +357,10 @@ def _stale(converted: str, root: str) -> str | None:
     metadata = SafetensorsReader(converted).metadata
     if metadata.get("format") != _FORMAT_TAG:
         return None
+    if not isinstance(metadata.get("source"), str):
+        raise CheckpointError(f"{converted}: its __metadata__ has no 'source' record naming the "
+                              f"original; the file is corrupt: delete it and re-run "
+                              f"src/convert_checkpoints.py")
     original = os.path.join(root, metadata["source"])
     if os.path.exists(original) and file_digest(original) != metadata.get("source_digest"):
         return original

@@ -424,23 +424,25 @@ class _LegacyStorages:
             raise CheckpointError(f"{self.source}: {e}") from None
 
     def fill(self, f: BinaryIO, keys) -> None:
-        if not isinstance(keys, list) or set(keys) != set(self.roots):
+        if not isinstance(keys, list) or len(set(keys)) != len(keys) or set(keys) != set(self.roots):
             raise CheckpointError(f"{self.source}: the storage key list does not match the pickle")
         for key in keys:
             root = self.roots[key]
             esize = torch.empty((), dtype=root.dtype).element_size()
             header = f.read(8)
             if len(header) != 8:
-                raise CheckpointError(f"{self.source}: truncated (storage {key} missing)")
+                raise CheckpointError(f"{self.source}: truncated (storage {str(key)!r} missing)")
             (numel,) = struct.unpack("<q", header)
-            raw = f.read(numel * esize)
-            if numel * esize != root.nbytes or len(raw) != root.nbytes:
-                raise CheckpointError(f"{self.source}: storage {key} is truncated or has the wrong "
-                                      f"size ({len(raw)} bytes, expected {root.nbytes})")
-            data = _bytes_tensor(raw)
+            if numel * esize != root.nbytes:  # checked before reading what it declares
+                raise CheckpointError(f"{self.source}: storage {str(key)!r} declares {numel} "
+                                      f"elements, the pickle {root.nbytes // esize}; the file is "
+                                      f"corrupt")
+            got = f.readinto(memoryview(root.data.numpy())) if root.nbytes else 0
+            if got != root.nbytes:
+                raise CheckpointError(f"{self.source}: storage {str(key)!r} is truncated ({got} "
+                                      f"bytes, expected {root.nbytes})")
             if sys.byteorder != "little":  # legacy storages are always written little-endian
-                data = _byteswap(data, root.dtype)
-            root.data.copy_(data)
+                root.data.copy_(_byteswap(root.data.clone(), root.dtype))
 
 
 def _load_zip(f: BinaryIO, source: str) -> Any:
