@@ -20,8 +20,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from taskmerge.datasets.real import DatasetLayoutError, read_gzip
-from taskmerge.datasets.real import read_idx  # MNIST's idx format, shared with the real MNIST reader
+# read_idx: MNIST's idx format, shared with the real MNIST reader
+from taskmerge.datasets.real import DatasetLayoutError, read_gzip, read_idx
 
 # Debian packages, at the paths `dpkg -L <package>` lists.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"        # dataset-fashion-mnist
