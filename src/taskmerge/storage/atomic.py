@@ -2,30 +2,118 @@
 
 Everything is written to a temporary file in the destination folder and moved into place with
 `os.replace`, which is atomic on POSIX; an interrupted run leaves either the old file or none.
+
+A run killed mid-write (kill -9, out of memory, power loss) cannot remove its temporary, which
+would stay forever (1.2 GB for a ViT-L merge). So every write first sweeps the folder's stale
+temporaries of our own naming, `.<name>.<host>-<pid>.<random>.tmp`: one is stale when its writer
+ran on this host (same boot, same pid namespace) and that process is gone, or (written elsewhere,
+or named the older way, `.<name>.<random>.tmp`) when nothing has written to it for `STALE_AFTER_S`.
+A live writer's temporary is never removed: its process exists, and it writes as it goes.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import re
+import shutil
+import socket
+import stat
 import struct
 import sys
 import tempfile
+import time
 from typing import Iterator
+
+STALE_AFTER_S = 24 * 3600
+
+
+def _pid_space() -> str:
+    """Where a pid means one process: this host, since its last boot, in this pid namespace (two
+    containers sharing a folder and a host name still see different processes under one pid)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+_HOST = _pid_space()
+_RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkstemp's random part
+_OURS = re.compile(rf"\..+\.(?P<host>[0-9a-f]{{8}})-(?P<pid>[0-9]+)\.{_RANDOM}\.tmp")
+_OURS_BEFORE_PIDS = re.compile(rf"\..+\.{_RANDOM}\.tmp")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_temporaries(folder: str) -> list[str]:
+    """Remove the stale temporaries that killed atomic writes left in `folder`; returns their paths.
+
+    Only regular files named by `atomic_path` and folders named by `atomic_folder` are candidates
+    (see the module docstring for which are stale); every error is ignored, since a concurrent
+    sweep may have removed one first."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        ours = _OURS.fullmatch(entry.name)
+        if ours is None and not _OURS_BEFORE_PIDS.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            is_folder = stat.S_ISDIR(st.st_mode) and ours is not None  # never a link's target
+            if not (stat.S_ISREG(st.st_mode) or is_folder):
+                continue
+            if ours is not None and ours["host"] == _HOST:
+                stale = not _process_exists(int(ours["pid"]))
+            else:
+                stale = now - st.st_mtime > STALE_AFTER_S
+            if stale:
+                shutil.rmtree(entry.path) if is_folder else os.remove(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            continue
+    return removed
+
+
+def _temporary_name(path: str) -> tuple[str, str]:
+    folder = os.path.dirname(os.path.abspath(path))
+    return folder, f".{os.path.basename(path)}.{_HOST}-{os.getpid()}."
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it vanishes."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it vanishes.
+
+    Stale temporaries of killed writes in the same folder are swept first."""
+    folder, prefix = _temporary_name(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    sweep_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     os.close(fd)
     # mkstemp creates 0600; give the final file the permissions a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, path)
@@ -33,6 +121,51 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Yield a new folder next to `path` holding `path`'s current files (hard links where the
+    file system allows, so nothing is copied); on success it takes `path`'s place, on error it
+    vanishes and `path` is untouched.
+
+    Replacing a file inside the yielded folder must go through `atomic_path` (which renames a new
+    file over the link) so the linked original is never written to. POSIX has no atomic exchange
+    of two folders: `path` is moved aside, then the new folder into place, a window of two renames
+    in which `path` is absent."""
+    folder, prefix = _temporary_name(path)
+    os.makedirs(folder, exist_ok=True)
+    sweep_stale_temporaries(folder)
+    staging = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder)
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700, unless copied from `path` below
+        if os.path.isdir(path):
+            shutil.copytree(path, staging, symlinks=True, dirs_exist_ok=True,
+                            copy_function=_link_or_copy,
+                            ignore=lambda _, names: [n for n in names if _OURS.fullmatch(n)])
+        yield staging
+        aside = None
+        if os.path.isdir(path):
+            aside = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder)
+            os.rename(path, aside)  # onto the empty folder just made, which it replaces
+        try:
+            os.rename(staging, path)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, path)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def write_bytes(path: str, data: bytes) -> None:

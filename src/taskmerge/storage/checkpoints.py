@@ -32,14 +32,14 @@ from typing import Iterator, Mapping
 
 import torch
 
-from taskmerge.storage import atomic, safe_pickle
+from taskmerge.storage import atomic, safe_pickle, safetensors_header
 from taskmerge.storage.safe_pickle import CheckpointError
 
 FAMILIES = ("safetensors", "task_vectors", "tall_masks")
 CONVERTED_DIR = "safetensors"
 _FORMAT_TAG = "taskmerge-checkpoint-v1"
 _README = 'see the README section "Real checkpoints"'
-_ST_DTYPES = {code: getattr(torch, name) for code, name in atomic.SAFETENSORS_DTYPES.items()}
+_ST_DTYPES = safetensors_header.DTYPES
 
 
 # --- single files --------------------------------------------------------------------------------
@@ -52,6 +52,8 @@ def checkpoint_format(path: str) -> str:
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found; {_README}") from None
+    except OSError as e:  # a folder, a file without read permission, ...
+        raise CheckpointError(f"{path}: cannot read this file ({e})") from None
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
@@ -149,24 +151,22 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
         # peak memory would grow with the number of experts.
         try:
             with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise ValueError("header longer than the file")
-                header = json.loads(f.read(n))
-            metadata = header.pop("__metadata__", None) or {}
-            for key, info in header.items():
-                start, end = info["data_offsets"]
-                if info["dtype"] not in _ST_DTYPES or end > size - 8 - n or start > end:
-                    raise ValueError(f"tensor {key!r} lies outside the file or has dtype {info['dtype']}")
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read this safetensors file "
-                                  f"({type(e).__name__}: {e}); it is truncated or corrupt") from e
-        self._base, self._header = 8 + n, header
+                self._base, self._header, metadata = safetensors_header.read_header(
+                    f, self.path, os.fstat(f.fileno()).st_size)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found; {_README}") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read this file ({e})") from None
         self.metadata = dict(metadata)
-        stored = list(header)
-        order = json.loads(metadata.get("key_order", "[]"))
-        if sorted(order) == sorted(stored):
+        stored = list(self._header)
+        try:
+            order = json.loads(metadata.get("key_order", "[]"))
+        except ValueError:
+            raise CheckpointError(f"{self.path}: the __metadata__ record key_order is not a JSON "
+                                  f"list; the file is corrupt (re-run src/convert_checkpoints.py)"
+                                  ) from None
+        if (isinstance(order, list) and all(isinstance(k, str) for k in order)
+                and sorted(order) == sorted(stored)):
             stored = order
         self._keys = dict(rename) if rename is not None else {k: k for k in stored}
 
@@ -357,6 +357,10 @@ def _stale(converted: str, root: str) -> str | None:
     metadata = SafetensorsReader(converted).metadata
     if metadata.get("format") != _FORMAT_TAG:
         return None
+    if not isinstance(metadata.get("source"), str):
+        raise CheckpointError(f"{converted}: its __metadata__ has no 'source' record naming the "
+                              f"original; the file is corrupt: delete it and re-run "
+                              f"src/convert_checkpoints.py")
     original = os.path.join(root, metadata["source"])
     if os.path.exists(original) and file_digest(original) != metadata.get("source_digest"):
         return original
@@ -462,8 +466,9 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
     """Convert a task_vectors / tall_masks folder to `<root>/<model>/safetensors/` once.
 
     Writes zeroshot.safetensors, <Task>.safetensors and head_<Task>.safetensors (heads only where a
-    head file exists), each atomically, with metadata naming the source file and its digest. A file
-    whose source digest is unchanged is skipped. Returns {"written": [...], "skipped": [...]}.
+    head file exists), with metadata naming the source file and its digest. A file whose source
+    digest is unchanged is skipped. All or nothing: if one file is refused, `out` is left as it
+    was (or absent). Returns {"written": [...], "skipped": [...]}.
     """
     from safetensors import safe_open
     from tqdm import tqdm
@@ -481,7 +486,8 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
         if os.path.exists(head):
             jobs.append(("head", head, os.path.join(out, f"head_{t}.safetensors")))
     done: dict[str, list[str]] = {"written": [], "skipped": []}
-    for kind, src, dst in tqdm(jobs, desc=f"converting {model_name}", unit="file"):
+    todo = []
+    for kind, src, dst in jobs:
         digest = file_digest(src)
         if os.path.exists(dst):
             try:
@@ -491,13 +497,21 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
                         continue
             except Exception:
                 pass  # unreadable: convert again
-        tensors = load_encoder_state_dict(src) if kind == "encoder" else load_head(src)
-        metadata = {"format": _FORMAT_TAG, "kind": kind, "family": source.family,
-                    "source": os.path.relpath(src, str(root)), "source_digest": digest,
-                    "key_order": json.dumps(list(tensors))}
-        atomic.save_safetensors(tensors, dst, metadata=metadata)
-        done["written"].append(dst)
-        del tensors
+        todo.append((kind, src, dst, digest))
+    if not todo:
+        return done
+    # All or nothing: the files are written into a copy of `out` that replaces it only once every
+    # one of them converted, so a refused file leaves the previous folder (or none) as it was.
+    with atomic.atomic_folder(out) as staging:
+        for kind, src, dst, digest in tqdm(todo, desc=f"converting {model_name}", unit="file"):
+            tensors = load_encoder_state_dict(src) if kind == "encoder" else load_head(src)
+            metadata = {"format": _FORMAT_TAG, "kind": kind, "family": source.family,
+                        "source": os.path.relpath(src, str(root)), "source_digest": digest,
+                        "key_order": json.dumps(list(tensors))}
+            atomic.save_safetensors(tensors, os.path.join(staging, os.path.basename(dst)),
+                                    metadata=metadata)
+            done["written"].append(dst)
+            del tensors
     return done
 
 

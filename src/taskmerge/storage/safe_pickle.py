@@ -168,12 +168,20 @@ _STORAGE_DTYPES = {
 
 
 class _Storage:
-    """A storage of the file: `nbytes` bytes of `data` (uint8, CPU) from `offset`, typed `dtype`."""
+    """A storage of the file: `nbytes` bytes of `data` (uint8, CPU) from `offset`, typed `dtype`.
 
-    def __init__(self, data: torch.Tensor, dtype: torch.dtype, offset: int = 0,
+    `name` is the file's key of the storage, for error messages. A storage always lies inside
+    `data`: torch's `set_` would silently grow `data` for a view reaching past it (the tensor
+    would then read memory that is not in the file)."""
+
+    def __init__(self, data: torch.Tensor, dtype: torch.dtype, name: str, offset: int = 0,
                  nbytes: int | None = None):
-        self.data, self.dtype, self.offset = data, dtype, offset
+        self.data, self.dtype, self.name, self.offset = data, dtype, name, offset
         self.nbytes = data.numel() - offset if nbytes is None else nbytes
+        if offset < 0 or self.nbytes < 0 or offset + self.nbytes > data.numel():
+            raise CheckpointError(f"storage {name!r}: a view of bytes [{offset}, "
+                                  f"{offset + self.nbytes}) reaches outside its storage of "
+                                  f"{data.numel()} bytes; the file is corrupt")
 
 
 def _byteswap(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -195,12 +203,15 @@ def _make_tensor(storage, storage_offset, size, stride, dtype=None) -> torch.Ten
     esize = torch.empty((), dtype=dtype).element_size()
     if (len(size) != len(stride) or storage_offset < 0 or min(size + stride, default=0) < 0
             or storage.offset % esize):
-        raise CheckpointError(f"invalid tensor geometry size={size} stride={stride}")
+        raise CheckpointError(f"invalid tensor geometry size={size} stride={stride} "
+                              f"offset={storage_offset} in storage {storage.name!r}; the file is "
+                              f"corrupt")
     if all(size):  # the last element it reaches must lie inside the storage
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
         if (last + 1) * esize > storage.nbytes:
             raise CheckpointError(f"tensor of size {size} reaches past its storage "
-                                  f"({storage.nbytes} bytes); the file is corrupt")
+                                  f"{storage.name!r} ({storage.nbytes} bytes); the file is "
+                                  f"corrupt")
     t = torch.empty(0, dtype=dtype)
     offset = storage.offset // esize + storage_offset
     return t.set_(storage.data.untyped_storage(), offset, size, stride)
@@ -308,8 +319,8 @@ def _refusal(source: str, qualified: str) -> CheckpointError:
                "it to the allow-list")
     else:
         fix = ("if it is a plain data class, add it to ALLOWED_CLASSES in "
-               "src/taskmerge/safe_pickle.py (it is then loaded as an inert stand-in); otherwise, "
-               "on a machine where you trust the file and have its code, re-save it as a state "
+               "src/taskmerge/storage/safe_pickle.py (it is then loaded as an inert stand-in); "
+               "otherwise, on a machine where you trust the file and have its code, re-save it as a state "
                "dict (torch.save(module.state_dict(), path)) and convert that with "
                "src/convert_checkpoints.py")
     return CheckpointError(f"{source}: refusing to unpickle {qualified}: it is not on taskmerge's "
@@ -360,6 +371,12 @@ class _ZipStorages:
         self.loaded: dict[str, _Storage] = {}
 
     def get(self, dtype, key, location, numel):
+        nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
+        if key in self.loaded and self.loaded[key].nbytes != nbytes:
+            # torch would hand the second tensor the first declaration's bytes
+            raise CheckpointError(f"{self.source}: storage {str(key)!r} is declared with "
+                                  f"{self.loaded[key].nbytes} and with {nbytes} bytes; the file "
+                                  f"is corrupt")
         if key not in self.loaded:
             name = f"{self.prefix}data/{key}"
             try:
@@ -367,14 +384,13 @@ class _ZipStorages:
             except KeyError:
                 raise CheckpointError(f"{self.source}: storage record {name!r} is missing; "
                                       f"the file is truncated or corrupt") from None
-            nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
             if len(raw) != nbytes:
                 raise CheckpointError(f"{self.source}: storage {name!r} has {len(raw)} bytes, "
                                       f"expected {nbytes}; the file is corrupt")
             data = _bytes_tensor(raw)
             if self.byteorder != sys.byteorder:
                 data = _byteswap(data, dtype)
-            self.loaded[key] = _Storage(data, dtype)
+            self.loaded[key] = _Storage(data, dtype, str(key))
         return self.loaded[key]
 
 
@@ -393,31 +409,40 @@ class _LegacyStorages:
             if nbytes < 0 or self.budget < 0:
                 raise CheckpointError(f"{self.source}: storages larger than the file; it is "
                                       f"truncated or corrupt")
-            self.roots[key] = _Storage(torch.empty(nbytes, dtype=torch.uint8), dtype)
+            self.roots[key] = _Storage(torch.empty(nbytes, dtype=torch.uint8), dtype, str(key))
         root = self.roots[key]
+        if root.nbytes != int(numel) * esize:
+            raise CheckpointError(f"{self.source}: storage {str(key)!r} is declared with "
+                                  f"{root.nbytes} and with {int(numel) * esize} bytes; the file "
+                                  f"is corrupt")
         if view_metadata is None:
             return root
         _view_key, offset, size = view_metadata  # pre-1.0 storage views
-        return _Storage(root.data, dtype, int(offset) * esize, int(size) * esize)
+        try:
+            return _Storage(root.data, dtype, str(key), int(offset) * esize, int(size) * esize)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.source}: {e}") from None
 
     def fill(self, f: BinaryIO, keys) -> None:
-        if not isinstance(keys, list) or set(keys) != set(self.roots):
+        if not isinstance(keys, list) or len(set(keys)) != len(keys) or set(keys) != set(self.roots):
             raise CheckpointError(f"{self.source}: the storage key list does not match the pickle")
         for key in keys:
             root = self.roots[key]
             esize = torch.empty((), dtype=root.dtype).element_size()
             header = f.read(8)
             if len(header) != 8:
-                raise CheckpointError(f"{self.source}: truncated (storage {key} missing)")
+                raise CheckpointError(f"{self.source}: truncated (storage {str(key)!r} missing)")
             (numel,) = struct.unpack("<q", header)
-            raw = f.read(numel * esize)
-            if numel * esize != root.nbytes or len(raw) != root.nbytes:
-                raise CheckpointError(f"{self.source}: storage {key} is truncated or has the wrong "
-                                      f"size ({len(raw)} bytes, expected {root.nbytes})")
-            data = _bytes_tensor(raw)
+            if numel * esize != root.nbytes:  # checked before reading what it declares
+                raise CheckpointError(f"{self.source}: storage {str(key)!r} declares {numel} "
+                                      f"elements, the pickle {root.nbytes // esize}; the file is "
+                                      f"corrupt")
+            got = f.readinto(memoryview(root.data.numpy())) if root.nbytes else 0
+            if got != root.nbytes:
+                raise CheckpointError(f"{self.source}: storage {str(key)!r} is truncated ({got} "
+                                      f"bytes, expected {root.nbytes})")
             if sys.byteorder != "little":  # legacy storages are always written little-endian
-                data = _byteswap(data, root.dtype)
-            root.data.copy_(data)
+                root.data.copy_(_byteswap(root.data.clone(), root.dtype))
 
 
 def _load_zip(f: BinaryIO, source: str) -> Any:
@@ -467,6 +492,13 @@ def load_pickled_checkpoint(path: str) -> Any:
         raise CheckpointError(f"{path}: {e}") from e  # raised by a rebuilder, which has no path
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except MemoryError:
+        # A corrupt length field: the unpickler allocates the declared size before reading it.
+        raise CheckpointError(f"{path}: a record declares more bytes than memory holds; the file "
+                              f"is truncated or corrupt") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: objects nested too deep to be a checkpoint; the file is "
+                              f"corrupt or not a torch checkpoint") from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, ValueError,
             TypeError, AttributeError, IndexError, KeyError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); "
@@ -474,6 +506,11 @@ def load_pickled_checkpoint(path: str) -> Any:
 
 
 # --- from stand-ins to a state dict ------------------------------------------------------------
+
+# What nn.Module keeps in these (None: absent in pickles of old torch); anything else is corrupt.
+_MODULE_INTERNALS = {"_parameters": (dict,), "_buffers": (dict, type(None)),
+                     "_modules": (dict,),
+                     "_non_persistent_buffers_set": (set, frozenset, list, tuple, type(None))}
 
 def module_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """What `obj.state_dict()` would return for the real module, read from its stand-in.
@@ -490,9 +527,15 @@ def module_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
             return
         seen.add(id(module))
         state = vars(module)
+        where = f"{prefix[:-1] or 'the top object'} ({stand_in_name(module)})"
         if "_parameters" not in state or "_modules" not in state:
-            raise CheckpointError(f"{source}: {prefix or 'the top object'} "
-                                  f"({stand_in_name(module)}) is not a pickled nn.Module")
+            raise CheckpointError(f"{source}: {where} is not a pickled nn.Module")
+        for internal, kinds in _MODULE_INTERNALS.items():
+            if internal in state and not isinstance(state[internal], kinds):
+                raise CheckpointError(f"{source}: {where} has {internal} of type "
+                                      f"{type(state[internal]).__name__}, not a "
+                                      f"{kinds[0].__name__}; the file is corrupt or not a "
+                                      f"pickled nn.Module")
         dropped = set(state.get("_non_persistent_buffers_set") or ())
         dropped |= NON_PERSISTENT_BUFFERS.get(stand_in_name(module), frozenset())
         buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in dropped}
@@ -513,7 +556,11 @@ def module_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
 
     if not is_stand_in(obj):
         raise CheckpointError(f"{source}: expected a pickled nn.Module, found {type(obj).__name__}")
-    walk(obj, "")
+    try:
+        walk(obj, "")
+    except RecursionError:
+        raise CheckpointError(f"{source}: submodules nested deeper than Python's recursion limit; "
+                              f"the file is corrupt or not a checkpoint") from None
     return out
 
 
