@@ -13,7 +13,7 @@ exactly zero task vectors, as in real checkpoints. They are written once as safe
 Every (method, T) runs in a fresh subprocess that opens the files lazily, merges and saves the
 result (safetensors; EMR / TSV-C / TALL in their compact form). Reported: the whole process's wall
 time (interpreter start, imports, reads, merge, save), its CPU time (user + sys) and its peak RSS
-(`wait4` rusage of that child), next to FusionBench 0.2.33's numbers for 8 experts and the targets.
+(`wait4` rusage of that child), next to FusionBench 0.2.33's side-by-side numbers at the same thread count (8 experts) and the targets.
 Experts are read through `checkpoints.open_state_dict`, which preads each tensor and never maps
 the files (mapped pages would count in RSS). On a machine shared with other jobs use `threads=1`:
 two OpenMP threads on oversubscribed cores spin and run ~2× slower.
@@ -45,8 +45,13 @@ from taskmerge.runs.config import configure  # noqa: E402
 config = configure(globals())
 
 # FusionBench 0.2.33, 8 experts, whole process: (seconds, GiB). Targets: seconds (≤ 2 GiB each).
-FUSIONBENCH = {"wa": (22, 4.2), "ta": (23, 4.9), "ties": (98, 23.0), "emr": (38, 8.5),
-               "tsvm": (199, 7.5)}
+# FusionBench 0.2.33 on the same 8 experts, whole process, best of 2, quiet machine of this kind,
+# measured side by side at 1 and 2 threads (issue #10, 2026-12-01): {threads: {method: (s, peak GiB)}}.
+# Only TIES's peak was measured in that run; the others' peaks are unknown (None).
+FUSIONBENCH = {1: {"wa": (14.9, None), "ta": (18.0, None), "ties": (70.1, None), "emr": (42.6, None),
+                   "tsvm": (175.7, None)},
+               2: {"wa": (12.9, None), "ta": (13.9, None), "ties": (50.8, 22.6), "emr": (36.9, None),
+                   "tsvm": (124.9, None)}}
 TARGET_S = {"wa": 8, "ta": 8, "ties": 25, "emr": 25, "tall": 25, "tsvm": 60,
             "iso_c": 60, "wudi": 600}  # issue 14: Iso-C ≤ TSV-M; WUDI's 300 Adam steps ≤ 10 min
 MAX_TASKS = 20
@@ -208,9 +213,10 @@ def main() -> None:
                 continue
             r = run_one(method, count)
             rows.append(r)
-            fb = FUSIONBENCH.get(method) if count == 8 else None
+            fb = FUSIONBENCH.get(threads, {}).get(method) if count == 8 else None
+            fb_s, fb_gib = fb if fb else ("", "")
             print(f"{method:<10}{count:>6}{r['wall_s']:>9.1f}{r['merge_s']:>9.1f}{r['cpu_s']:>8.1f}"
-                  f"{r['peak_rss_gib']:>10.2f}{fb[0] if fb else '':>7}{fb[1] if fb else '':>8}"
+                  f"{r['peak_rss_gib']:>10.2f}{fb_s:>7}{'' if fb_gib is None else fb_gib:>8}"
                   f"{TARGET_S.get(method, ''):>10}{r['load_average']:>6.1f}", flush=True)
     from taskmerge.storage import atomic
     atomic.write_json(os.path.join(cache_dir, "results.json"),

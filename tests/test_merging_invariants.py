@@ -130,22 +130,22 @@ def test_leading_triplets_of_a_rank_deficient_matrix_are_the_svds_own():
 
 @pytest.mark.parametrize("shape", [(60, 24), (24, 60), (32, 32)])
 def test_polar_factor_is_the_svds_polar_factor(shape):
-    from taskmerge.merging.tsv import _polar
+    from taskmerge.merging.tsv import polar_factor
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g)
     p64, _, qh64 = torch.linalg.svd(x.double(), full_matrices=False)
-    got = _polar(x)
+    got = polar_factor(x)
     assert got.dtype == x.dtype and got.shape == x.shape
     torch.testing.assert_close(got.double(), p64 @ qh64, atol=1e-6, rtol=0)
 
 
 def test_polar_factor_of_an_ill_conditioned_matrix_is_the_svds():
     # two equal columns: the polar factor is not unique, the Gram's inverse root would blow up
-    from taskmerge.merging.tsv import _polar
+    from taskmerge.merging.tsv import polar_factor
     x = torch.randn(30, 6, generator=torch.Generator().manual_seed(4))
     x[:, 5] = x[:, 4]
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    assert torch.equal(_polar(x), p @ qh)
+    assert torch.equal(polar_factor(x), p @ qh)
 
 
 def test_tsv_compress_at_full_rank_reconstructs_every_expert():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
-from taskmerge.merging.tsv import _polar, leading_triplets
+from taskmerge.merging.tsv import polar_factor, leading_triplets
 from taskmerge.storage.errors import ConfigError
 
 METHODS = ("iso_c", "iso_cts")
@@ -62,7 +62,7 @@ def iso_cts_key(pretrained: StateDict, finetuned: Experts, key: str, tau_sum: to
     u_cat = torch.cat(blocks_u + [u], dim=1)
     s_cat = torch.cat(blocks_s + [sigma])
     v_cat = torch.cat(blocks_v + [vh], dim=0)
-    return s_cat.mean() * (_polar(u_cat) @ _polar(v_cat))
+    return s_cat.mean() * (polar_factor(u_cat) @ polar_factor(v_cat))
 
 
 def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",

@@ -72,7 +72,7 @@ def _inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
     return eigvecs @ torch.diag(1.0 / (torch.sqrt(torch.abs(eigvals)) + 1e-12)) @ eigvecs.mT
 
 
-def _polar(x: torch.Tensor) -> torch.Tensor:
+def polar_factor(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ (tall or wide; x must have full rank).
 
     Computed as x (xᵀx)^-1/2 from the float64 Gram's eigendecomposition: 1.4× faster than the
@@ -80,7 +80,7 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
     columns are close to orthonormal (each task's block is). Rounding grows with the condition
     number squared, so a factor with κ > 1e4 (tasks sharing a direction) goes through the SVD."""
     if x.shape[0] < x.shape[1]:  # the polar factor of xᵀ is the transpose
-        return _polar(x.mT).mT
+        return polar_factor(x.mT).mT
     a = x.double()
     eigvals, eigvecs = torch.linalg.eigh(a.mT @ a)
     if not eigvals[0] > 1e-8 * eigvals[-1]:
@@ -116,8 +116,8 @@ def tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str = "T
         # When T·k < r the tail columns of U_cat (rows of V_cat) are zero and so is S_cat there:
         # the polar factor of [U, 0] is [polar(U), any completion], which S_cat's zeros cancel.
         used = slice(0, num_tasks * k)
-        return torch.linalg.multi_dot((_polar(u_cat[:, used]), torch.diag(s_cat[used]),
-                                       _polar(v_cat[used, :])))
+        return torch.linalg.multi_dot((polar_factor(u_cat[:, used]), torch.diag(s_cat[used]),
+                                       polar_factor(v_cat[used, :])))
     s_cat, order = torch.sort(s_cat, stable=True)
     u_cat, v_cat = u_cat[:, order], v_cat[order, :]
     return torch.linalg.multi_dot((u_cat, _inverse_sqrt(u_cat.mT @ u_cat), torch.diag(s_cat),
