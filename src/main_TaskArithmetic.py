@@ -14,7 +14,7 @@ batch_size = 128
 # method
 scaling_coef = 0.3            # λ (EnnengYang's fixed prior)
 select_on_val = False         # True: choose λ on the <Task>Val splits (tall_masks/TSV protocol)
-val_grid = "tall_masks"       # "tall_masks" (0.05…1.0) or "tsv" (1/30…1.0)
+val_grid = "tall_masks"       # "tall_masks" (0.1…1.0) or "tsv" (1/30…1.0)
 
 if __name__ == "__main__":
     run_data_free("task_arithmetic", configure(globals()), script=__file__)

@@ -148,3 +148,14 @@ def test_tall_masks_and_consensus_by_hand():
                        t([[1.0, 1.0, 1.0], [1.0, 2.0, 1.0]]))
     assert torch.equal(merging.consensus_merging(theta0, tall, alpha=0.5, k=1)["w"],
                        t([[2.5, 2.0, 1.0], [2.0, 2.0, -2.0]]))
+
+
+def test_validation_grids_are_the_originals():
+    # tall_masks src/eval/eval.py: linspace(0, 1, n_eval_points // 2 + 1)[1:] with n_eval_points = 21;
+    # TSV: linspace(0, 1, 31)[1:]
+    import numpy as np
+
+    from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
+    np.testing.assert_allclose(LAM_GRID_TALL, np.linspace(0, 1, 21 // 2 + 1)[1:], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(LAM_GRID_TSV, np.linspace(0, 1, 31)[1:], rtol=0, atol=1e-12)
+    assert len(LAM_GRID_TALL) == 10 and LAM_GRID_TALL[0] == 0.1

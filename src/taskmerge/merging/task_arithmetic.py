@@ -11,8 +11,9 @@ import torch
 from taskmerge.merging.task_vectors import Experts, StateDict, apply, sum_of_task_vectors, validate
 
 DEFAULT_LAM = 0.3
-# linspace(0, 1, n)[1:] with n = 21 (tall_masks: 0.05 … 1.0) and n = 31 (TSV: 1/30 … 1.0)
-LAM_GRID_TALL = [i / 20 for i in range(1, 21)]
+# tall_masks: linspace(0, 1, n_eval_points // 2 + 1)[1:] with n_eval_points = 21, i.e. 0.1 … 1.0
+# (nik-dim/tall_masks src/eval/eval.py); TSV: linspace(0, 1, 31)[1:] = 1/30 … 1.0
+LAM_GRID_TALL = [i / 10 for i in range(1, 11)]
 LAM_GRID_TSV = [i / 30 for i in range(1, 31)]
 
 
