@@ -31,7 +31,7 @@ use_ties = False              # consensus: τ_MTL = TIES(K 20 %, dis-sum) instea
 tall_lambdas = [0.2, 0.3, 0.4, 0.5, 0.6]   # consensus: each task's TALL λ, chosen on its <Task>Val
 prun_thre_k = 2               # consensus: keep weights selected by at least k tasks
 # AdaMerging coefficients (for tw_/lw_adamerging(pp) bases)
-coefficients = "auto"         # "published" | "learn" | a saved .json; "auto": published, else saved, else learn
+coefficients = "auto"         # "published" | "learn" | a saved .json | "auto": published, saved, learn
 prior = 0.3                   # initial λ, in [0, 1]
 adamerging_steps = 500
 adamerging_lr = 1e-3

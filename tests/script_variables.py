@@ -20,7 +20,8 @@ def _tree(script: str) -> ast.Module:
 def script_variables(script: str) -> dict:
     """{name: value} of the script's top-level `name = <literal>` lines."""
     return {node.targets[0].id: ast.literal_eval(node.value) for node in _tree(script).body
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)}
+            if isinstance(node, ast.Assign) and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)}
 
 
 def script_config_class(script: str) -> type:

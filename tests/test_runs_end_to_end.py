@@ -70,7 +70,8 @@ def test_data_free_methods_run_and_report(config, name, extra):
 def test_weight_averaging_equals_task_arithmetic_at_one_over_t(config):
     wa = run_data_free(script_config("main_WeightAveraging.py", **config), script="wa.py")
     t = len(wa["tasks"])
-    ta = run_data_free(script_config("main_TaskArithmetic.py", **config, scaling_coef=1.0 / t), script="ta.py")
+    ta = run_data_free(script_config("main_TaskArithmetic.py", **config, scaling_coef=1.0 / t),
+                       script="ta.py")
     assert wa["accuracy"] == ta["accuracy"]
 
 
@@ -86,7 +87,8 @@ def test_adamerging_learns_and_saves_coefficients(config):
 
 @pytest.mark.parametrize("surgery,online", [("v1", False), ("v2", False), ("v1", True)])
 def test_surgery_starts_at_its_base_and_reduces_representation_bias(config, surgery, online):
-    base = run_data_free(script_config("main_TaskArithmetic.py", **config, scaling_coef=0.3), script="ta.py")
+    base = run_data_free(script_config("main_TaskArithmetic.py", **config, scaling_coef=0.3),
+                         script="ta.py")
     report = run_surgery(script_config("main_TaskArithmetic_with_surgery.py", **config, resume_dir="",
                                        surgery=surgery, online=online, iterations=4, eval_iterations=2,
                                        rank=4), script="surgery.py")

@@ -132,12 +132,12 @@ def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(s
     expected = {
         "weight_averaging": {"drop_last": False},
         "task_arithmetic": {"scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks"},
-        "ties_merging": {"preset": "ennengyang", "k": None, "merge": None,
-                         "scaling_coef": 0.3 if "TaskArithmetic" in script else None, "val_grid": "tall_masks"},
+        "ties_merging": {"preset": "ennengyang", "k": None, "merge": None, "val_grid": "tall_masks",
+                         "scaling_coef": 0.3 if "TaskArithmetic" in script else None},
         "emr_merging": {"rescaler": "code"},
         "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha"},
-        "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS), "prun_thre_k": 2,
-                      "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks"},
+        "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
+                      "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks"},
     }
     assert set(expected) == set(BASES)
     for base, settings in expected.items():
@@ -146,8 +146,8 @@ def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(s
 
 
 def test_a_surgery_setting_overrides_what_the_base_name_defines():
-    config = script_config("main_TiesMerging_with_surgery.py", method_name="task_arithmetic", scaling_coef=0.5,
-                           val_grid="tsv")
+    config = script_config("main_TiesMerging_with_surgery.py", method_name="task_arithmetic",
+                           scaling_coef=0.5, val_grid="tsv")
     name, settings = base_merge_settings(config)
     assert name == "task_arithmetic" and settings == TaskArithmeticMerge(0.5, False, "tsv")
     _, consensus = base_merge_settings(dataclasses.replace(config, method_name="consensus", alpha=2.0))

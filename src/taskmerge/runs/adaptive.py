@@ -23,7 +23,8 @@ from taskmerge.adaptive.surgery_v2 import train_surgery_v2
 from taskmerge.merging.task_vectors import task_vector
 from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.data_free import MERGERS, Run
-from taskmerge.runs.script_configs import ADAMERGING, AdaMergingRunConfig, SurgeryRunConfig, base_merge_settings
+from taskmerge.runs.script_configs import (ADAMERGING, AdaMergingRunConfig, SurgeryRunConfig,
+                                           base_merge_settings)
 from taskmerge.runs.setup import task_data
 from taskmerge.storage.checkpoints import file_digest
 from taskmerge.storage.errors import ConfigError
@@ -148,7 +149,8 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
             batch_size=run.batch_size)
     scfg = SurgeryConfig(rank=config.rank, iterations=config.iterations, lr=config.lr,
                          eval_every=config.eval_iterations, checkpoint_every=config.checkpoint_every,
-                         zero_grad_mode=config.zero_grad_mode, seed=config.seed, eval_batch_size=run.batch_size)
+                         zero_grad_mode=config.zero_grad_mode, seed=config.seed,
+                         eval_batch_size=run.batch_size)
     labels = {t: images[t].labels for t in tasks}
     key = {**_run_key(run, method), "base": base_info.get("base", method), "surgery": version,
            "online": online}

@@ -3,8 +3,8 @@
 `MERGERS[name](run, settings)` builds one method's merge from a run's experts (its settings are
 the typed `*Merge` of runs/script_configs.py), choosing a coefficient on the `<Task>Val` splits
 where the method's family does; `run_data_free(config, script)` is what an entry script calls:
-merge, evaluate every task, log and report. Surgery uses the same
-mergers for its base models (runs/adaptive.py). The merge math itself lives in `merging/`.
+merge, evaluate every task, log and report. Surgery uses the same mergers for its base models
+(runs/adaptive.py). The merge math itself lives in `merging/`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from taskmerge import merging
 from taskmerge.merging.task_vectors import apply
 from taskmerge.runs.evaluation import evaluate
 from taskmerge.runs.reporting import RunLogger, results_table
-from taskmerge.runs.script_configs import (VAL_GRIDS, EMRMerge, MergeRunConfig, RunConfig, SingleTaskEvalConfig,
-                                           TallMasksMerge, TaskArithmeticMerge, TiesMerge, TSVMerge,
-                                           WeightAveragingMerge)
+from taskmerge.runs.script_configs import (VAL_GRIDS, EMRMerge, MergeRunConfig, RunConfig,
+                                           SingleTaskEvalConfig, TallMasksMerge, TaskArithmeticMerge,
+                                           TiesMerge, TSVMerge, WeightAveragingMerge)
 from taskmerge.runs.selection import select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, finish_run, individual_accuracies,
                                   load_heads, resolve_setup, start_run, task_data)

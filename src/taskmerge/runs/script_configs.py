@@ -32,7 +32,8 @@ ADAMERGING = {"tw_adamerging": ("task", False), "lw_adamerging": ("layer", False
 # name (they fill only what the Surgery script leaves None: e.g. task_arithmetic's λ is 0.3 unless
 # `scaling_coef` is set, a consensus base's val_grid is tall_masks', a tsv_merging base is TSV-M).
 BASES = {"weight_averaging": ("weight_averaging", {}),
-         "task_arithmetic": ("task_arithmetic", {"scaling_coef": merging.DEFAULT_LAM, "val_grid": "tall_masks"}),
+         "task_arithmetic": ("task_arithmetic",
+                             {"scaling_coef": merging.DEFAULT_LAM, "val_grid": "tall_masks"}),
          "ties_merging": ("ties_merging", {"val_grid": "tall_masks"}),
          "emr_merging": ("emr_merging", {}),
          "tsv_merging": ("tsv_merging", {"method": "TSVM", "val_grid": "tsv_alpha"}),
