@@ -1,4 +1,4 @@
-"""TaskArithmetic + Representation Surgery (v1), or SurgeryV2 with `surgery = "v2"` (METHODS.md §2.8, §2.9)."""
+"""TaskArithmetic + Representation Surgery v1, or SurgeryV2 with `surgery = "v2"` (METHODS.md §2.8, §2.9)."""
 from taskmerge.runs.adaptive import run_surgery
 from taskmerge.runs.cli import main
 from taskmerge.runs.script_configs import SurgeryRunConfig
