@@ -5,8 +5,12 @@
 
 Every method script builds it on first use anyway; this script only does it up front and prints the
 calibration table (zero-shot, experts, Task Arithmetic at λ = 0.3). The recipe lives in
-`taskmerge.embedded_benchmark.RECIPE`; a build is reused until the recipe or the data change.
+`taskmerge.embedded.build.RECIPE`; a build is reused until the recipe or the data change.
 """
+from taskmerge.runs.cli import main
+from taskmerge.runs.preparation import run_build_benchmark
+from taskmerge.runs.script_configs import BuildBenchmarkConfig
+
 # where things are
 checkpoint_dir = "checkpoints"  # the model folder is <checkpoint_dir>/taskmerge-tiny[-micro]
 data_location = "data"          # the embedded tasks are cached under <data_location>/embedded[-micro]
@@ -14,12 +18,5 @@ data_location = "data"          # the embedded tasks are cached under <data_loca
 micro = False                   # the test suite's micro benchmark instead of the full one
 progress = True                 # progress bars
 
-from taskmerge.runs.config import configure  # noqa: E402
-
-config = configure(globals())
-
-from taskmerge.embedded.build import ensure_embedded_benchmark, read_manifest, summary  # noqa: E402
-
-folder = ensure_embedded_benchmark(checkpoint_dir, data_location, micro=micro, progress=progress)
-print(f"Embedded benchmark in {folder}")
-print(summary(read_manifest(folder)))
+if __name__ == "__main__":
+    main(run_build_benchmark, BuildBenchmarkConfig, globals())

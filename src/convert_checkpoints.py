@@ -7,6 +7,10 @@ writes <checkpoint_dir>/<model_name>/safetensors/{zeroshot,<Task>,head_<Task>}.s
 every script then prefers: they load key by key and need neither open_clip 2.0.2 nor pickle.
 Already converted files are skipped, so it is safe to run again.
 """
+from taskmerge.runs.cli import main
+from taskmerge.runs.preparation import run_convert_checkpoints
+from taskmerge.runs.script_configs import ConvertCheckpointsConfig
+
 # where the checkpoints are
 checkpoint_dir = "checkpoints"
 model_name = "ViT-B-32"
@@ -14,11 +18,5 @@ tasks = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD
 family = "auto"   # task_vectors | tall_masks | auto (task_vectors first)
 out_dir = None    # default: <checkpoint_dir>/<model_name>/safetensors
 
-from taskmerge.runs.config import configure  # noqa: E402
-
-config = configure(globals())
-
-from taskmerge.storage.checkpoints import convert_to_safetensors  # noqa: E402
-
-done = convert_to_safetensors(checkpoint_dir, model_name, tasks, out=out_dir, family=family)
-print(f"wrote {len(done['written'])} files, skipped {len(done['skipped'])} already converted")
+if __name__ == "__main__":
+    main(run_convert_checkpoints, ConvertCheckpointsConfig, globals())

@@ -1,6 +1,7 @@
 """Zero-shot and individual fine-tuned accuracy per task: the two reference rows of every table."""
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_single_task_eval
+from taskmerge.runs.script_configs import SingleTaskEvalConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -13,4 +14,4 @@ batch_size = 128
 log_dir = "src/logs"
 
 if __name__ == "__main__":
-    run_single_task_eval(configure(globals()), script=__file__)
+    main(run_single_task_eval, SingleTaskEvalConfig, globals())

@@ -1,7 +1,8 @@
 """AdaMerging: learn task-wise or layer-wise merging coefficients by entropy minimisation on
 unlabelled test images (METHODS.md §2.4–2.7); ++ uses TIES-selected task vectors."""
 from taskmerge.runs.adaptive import run_adamerging
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
+from taskmerge.runs.script_configs import AdaMergingRunConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -10,18 +11,18 @@ data_location = "data"
 tasks = []                    # empty: every task of the model's benchmark, in its order
 # output
 log_dir = "src/logs"
-save_dir = ""                 # the base merge as safetensors ("" to skip)
+save_dir = ""                 # the merged model as safetensors ("" to skip)
 resume_dir = "checkpoints/resume"   # training state every checkpoint_every steps ("" to disable)
 batch_size = 128              # evaluation batch
 seed = 0
 # method
 method_name = "lw_adamerging"   # tw_adamerging | lw_adamerging | tw_adamergingpp | lw_adamergingpp
 coefficients = "learn"          # "learn" | "published" | a saved .json | "auto"
-prior = 0.3                     # initial λ
+prior = 0.3                     # initial λ, in [0, 1]
 adamerging_steps = 500
 adamerging_lr = 1e-3
-adamerging_eval_every = 500
-checkpoint_every = 50
+adamerging_eval_every = 500     # evaluate every N steps (and at the start and the end)
+checkpoint_every = 50           # resume state every N steps
 
 if __name__ == "__main__":
-    run_adamerging(configure(globals()), script=__file__)
+    main(run_adamerging, AdaMergingRunConfig, globals())

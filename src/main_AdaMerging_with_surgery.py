@@ -1,6 +1,7 @@
-"""AdaMerging + Representation Surgery (v1), or SurgeryV2 with `surgery = "v2"` (METHODS.md §2.8, §2.9)."""
+"""AdaMerging + Representation Surgery v1, or SurgeryV2 with `surgery = "v2"` (METHODS.md §2.8, §2.9)."""
 from taskmerge.runs.adaptive import run_surgery
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
+from taskmerge.runs.script_configs import SurgeryRunConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -16,20 +17,35 @@ seed = 0
 # base merging method: weight_averaging | task_arithmetic | ties_merging | tw_adamerging |
 # lw_adamerging | tw_adamergingpp | lw_adamergingpp | emr_merging | tsv_merging | consensus
 method_name = "lw_adamerging"
-
+# the base's settings: each base reads only its own (the data-free scripts describe them)
+drop_last = False             # weight_averaging: True drops the last task vector (the original bug)
+scaling_coef = None           # task_arithmetic / ties_merging λ (None: 0.3 for TA, the preset's for TIES)
+preset = "ennengyang"         # ties_merging: "ennengyang" (K 20 %, dis-sum, λ 0.3) | "tall_masks"
+k = None                      # ties_merging kept fraction in (0, 1]; None: the preset's
+merge = None                  # ties_merging "dis-sum" | "dis-mean" | "dis-max"; None: the preset's
+rescaler = "code"             # emr_merging: "code" (per-tensor means) | "paper" (whole-vector sums)
+alpha = 1.0                   # tsv_merging / consensus: α when not chosen on val
+select_on_val = False         # task_arithmetic / tsv_merging / consensus: choose λ or α on <Task>Val
+val_grid = None               # its grid; None: the base's own ("tsv_alpha" for TSV, else "tall_masks")
+use_ties = False              # consensus: τ_MTL = TIES(K 20 %, dis-sum) instead of Σ τ
+tall_lambdas = [0.2, 0.3, 0.4, 0.5, 0.6]   # consensus: each task's TALL λ, chosen on its <Task>Val
+prun_thre_k = 2               # consensus: keep weights selected by at least k tasks
 # AdaMerging coefficients (for tw_/lw_adamerging(pp) bases)
-coefficients = "auto"         # "published" | "learn" | a saved .json; "auto": published, else saved, else learn
-prior = 0.3
+coefficients = "auto"         # "published" | "learn" | a saved .json | "auto": published, saved, learn
+prior = 0.3                   # initial λ, in [0, 1]
 adamerging_steps = 500
+adamerging_lr = 1e-3
+adamerging_eval_every = 500   # evaluate every N steps (and at the start and the end)
 # surgery (RepresentationSurgery defaults; SurgeryV2: surgery = "v2")
 surgery = "v1"                # "v1": module on the final feature; "v2": after every block as well
 rank = 16                     # SurgeryV2 paper's parameter-matched v1: 304 (B) / 132 (L/14)
 iterations = 500              # × tasks × 2 Adam steps (batch 16)
-eval_iterations = 100
+eval_iterations = 100         # evaluate every N iterations
 lr = 1e-3
 zero_grad_mode = "zero"       # "zero": torch 1.x semantics (the published runs); "none": torch 2.x
-checkpoint_every = 100
-online = False
+checkpoint_every = 100        # resume state every N iterations (online: samples) and AdaMerging steps
+online = False                # True: batch 1, each test image seen once (v1 only)
+feature_cache = ""            # the experts' cached features ("": <model folder>/feature_cache)
 
 if __name__ == "__main__":
-    run_surgery(configure(globals()), script=__file__)
+    main(run_surgery, SurgeryRunConfig, globals())

@@ -1,6 +1,7 @@
 """EMR-Merging: elect, mask, rescale; per-task models from one unified vector (METHODS.md §2.10)."""
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import EMRMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -10,9 +11,9 @@ tasks = []                    # empty: every task of the model's benchmark, in i
 # output
 log_dir = "src/logs"
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
-batch_size = 128
+batch_size = 128              # evaluation batch
 # method
 rescaler = "code"             # "code": per-tensor-mean ratio (the ViT code); "paper": whole-vector sums
 
 if __name__ == "__main__":
-    run_data_free("emr_merging", configure(globals()), script=__file__)
+    main(run_data_free, EMRMergingConfig, globals())

@@ -1,6 +1,7 @@
 """Task Singular Vectors: TSV-M (TSVM, TSVM_2) and TSV-C (METHODS.md §2.11, §2.12)."""
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import TSVMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -10,12 +11,12 @@ tasks = []                    # empty: every task of the model's benchmark, in i
 # output
 log_dir = "src/logs"
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
-batch_size = 128
+batch_size = 128              # evaluation batch
 # method
 method = "TSVM"               # "TSVM" | "TSVM_2" | "TSVC"
 alpha = 1.0                   # α when not chosen on val (TSV-C always uses 1.0)
 select_on_val = True          # the original picks α from {0.1, …, 3.0} on the <Task>Val splits
-val_grid = "tsv_alpha"
+val_grid = "tsv_alpha"        # the α grid when chosen on val ("tsv_alpha" | "tall_masks" | "tsv")
 
 if __name__ == "__main__":
-    run_data_free("tsv_merging", configure(globals()), script=__file__)
+    main(run_data_free, TSVMergingConfig, globals())

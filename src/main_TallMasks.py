@@ -1,6 +1,7 @@
 """TALL masks (task localization) and Consensus merging (METHODS.md §2.13, §2.14)."""
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import TallMasksConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -10,15 +11,15 @@ tasks = []                    # empty: every task of the model's benchmark, in i
 # output
 log_dir = "src/logs"
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
-batch_size = 128
+batch_size = 128              # evaluation batch
 # method
 method = "consensus"          # "tall_mask" (per-task models) | "consensus" (one merged model)
 use_ties = False              # τ_MTL = TIES(K 20 %, dis-sum) instead of Σ τ
 tall_lambdas = [0.2, 0.3, 0.4, 0.5, 0.6]   # each task's λ is chosen on its <Task>Val split
-prun_thre_k = 2               # consensus: keep weights selected by at least k tasks
+prun_thre_k = 2               # consensus: keep weights selected by at least k tasks (1 ≤ k ≤ T)
 alpha = 1.0                   # consensus α when not chosen on val
-select_on_val = True
-val_grid = "tall_masks"
+select_on_val = True          # consensus: choose α on the <Task>Val splits
+val_grid = "tall_masks"       # the α grid ("tall_masks" | "tsv" | "tsv_alpha")
 
 if __name__ == "__main__":
-    run_data_free("tall_masks", configure(globals()), script=__file__)
+    main(run_data_free, TallMasksConfig, globals())

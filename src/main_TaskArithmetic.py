@@ -1,6 +1,7 @@
 """Task Arithmetic: θ = θ0 + λ Σ τ_t (METHODS.md §2.2)."""
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import TaskArithmeticConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -10,11 +11,11 @@ tasks = []                    # empty: every task of the model's benchmark, in i
 # output
 log_dir = "src/logs"
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
-batch_size = 128
+batch_size = 128              # evaluation batch
 # method
 scaling_coef = 0.3            # λ (EnnengYang's fixed prior)
 select_on_val = False         # True: choose λ on the <Task>Val splits (tall_masks/TSV protocol)
-val_grid = "tall_masks"       # "tall_masks" (0.1…1.0) or "tsv" (1/30…1.0)
+val_grid = "tall_masks"       # "tall_masks" (0.1…1.0) | "tsv" (1/30…1.0) | "tsv_alpha" (0.1…3.0)
 
 if __name__ == "__main__":
-    run_data_free("task_arithmetic", configure(globals()), script=__file__)
+    main(run_data_free, TaskArithmeticConfig, globals())

@@ -1,6 +1,7 @@
 """TIES-Merging: trim, elect sign, disjoint merge (METHODS.md §2.3)."""
-from taskmerge.runs.config import configure
+from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import TiesMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"
@@ -10,13 +11,13 @@ tasks = []                    # empty: every task of the model's benchmark, in i
 # output
 log_dir = "src/logs"
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
-batch_size = 128
+batch_size = 128              # evaluation batch
 # method
 preset = "ennengyang"         # "ennengyang" (K 20 %, dis-sum, λ 0.3) or "tall_masks" (dis-mean, λ on val)
-k = None                      # kept fraction; None: the preset's
+k = None                      # kept fraction in (0, 1]; None: the preset's
 merge = None                  # "dis-sum" | "dis-mean" | "dis-max"; None: the preset's
 scaling_coef = None           # λ; None: the preset's (chosen on val for "tall_masks")
-val_grid = "tall_masks"
+val_grid = "tall_masks"       # the λ grid when λ is chosen on val ("tall_masks" | "tsv" | "tsv_alpha")
 
 if __name__ == "__main__":
-    run_data_free("ties_merging", configure(globals()), script=__file__)
+    main(run_data_free, TiesMergingConfig, globals())

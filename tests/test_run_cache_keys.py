@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from script_variables import script_config, script_variables
 import torch
 from safetensors import safe_open
 
@@ -23,6 +24,14 @@ from taskmerge.runs.identity import data_identity, head_digest
 from taskmerge.runs.setup import encoder_for, load_heads, resolve_setup, task_data
 
 MODEL = "taskmerge-tiny-micro"
+
+
+def _config(script, settings):
+    """`script`'s own typed config with `settings` in place of its variables; the fixture's shared
+    settings that this script does not have (e.g. resume_dir for a data-free one) are left out."""
+    known = script_variables(script)
+    shared = ("save_dir", "resume_dir", "seed")
+    return script_config(script, **{k: v for k, v in settings.items() if k in known or k not in shared})
 
 
 @pytest.fixture
@@ -44,7 +53,7 @@ def _log(report, config):
 
 def test_replaced_head_recomputes_the_individual_accuracy(bench):
     config, folder = bench
-    first = run_single_task_eval({**config, "split": "test"}, script="eval_single_task.py")
+    first = run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
     head = torch.load(folder / "head_Animals.pt", weights_only=True)
     head["weight"] = -head["weight"]  # the expert's argmax becomes its argmin
     torch.save(head, folder / "head_Animals.pt")
@@ -52,7 +61,7 @@ def test_replaced_head_recomputes_the_individual_accuracy(bench):
     expert = encoder_for(setup, setup.checkpoints.finetuned("Animals"))
     expected = evaluate(expert, load_heads(setup)["Animals"], task_data(setup, "Animals").test)
     assert expected != first["individual_accuracy"]["Animals"]  # else this test could not tell
-    second = run_single_task_eval({**config, "split": "test"}, script="eval_single_task.py")
+    second = run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
     assert second["individual_accuracy"]["Animals"] == expected
     assert {t: a for t, a in second["individual_accuracy"].items() if t != "Animals"} == \
         {t: a for t, a in first["individual_accuracy"].items() if t != "Animals"}
@@ -62,9 +71,9 @@ def test_replaced_head_recomputes_the_individual_accuracy(bench):
 
 def test_merges_of_different_task_lists_are_saved_apart_with_their_provenance(bench):
     config, _ = bench
-    two = run_data_free("task_arithmetic", {**config, "tasks": ["Digits", "Fashion"], "scaling_coef": 0.3},
+    two = run_data_free(_config("main_TaskArithmetic.py", {**config, "tasks": ["Digits", "Fashion"], "scaling_coef": 0.3}),
                         script="ta.py")
-    four = run_data_free("task_arithmetic", {**config, "scaling_coef": 0.3}, script="ta.py")
+    four = run_data_free(_config("main_TaskArithmetic.py", {**config, "scaling_coef": 0.3}), script="ta.py")
     assert two["merged_file"] != four["merged_file"]
     for report in (two, four):
         with safe_open(report["merged_file"], framework="pt") as f:
@@ -74,8 +83,8 @@ def test_merges_of_different_task_lists_are_saved_apart_with_their_provenance(be
 
 
 def _adamerging(config, **kw):
-    return run_adamerging({**config, "method_name": "tw_adamerging", "adamerging_steps": 2,
-                           "adamerging_eval_every": 2, "checkpoint_every": 1, **kw}, script="ada.py")
+    return run_adamerging(_config("main_AdaMerging.py", {**config, "method_name": "tw_adamerging", "adamerging_steps": 2,
+                           "adamerging_eval_every": 2, "checkpoint_every": 1, **kw}), script="ada.py")
 
 
 def test_adamerging_resume_and_saved_coefficients_are_keyed_by_the_prior(bench):
@@ -106,9 +115,9 @@ def test_surgery_does_not_resume_on_a_base_with_other_coefficients(bench, tmp_pa
         files.append(path)
     surgery = {"method_name": "tw_adamerging", "surgery": "v1", "online": False, "iterations": 2,
                "eval_iterations": 2, "rank": 4, "checkpoint_every": 1}
-    first = run_surgery({**config, **surgery, "coefficients": files[0]}, script="surgery.py")
-    second = run_surgery({**config, **surgery, "coefficients": files[1]}, script="surgery.py")
-    fresh = run_surgery({**config, **surgery, "coefficients": files[1], "resume_dir": ""},
+    first = run_surgery(_config("main_AdaMerging_with_surgery.py", {**config, **surgery, "coefficients": files[0]}), script="surgery.py")
+    second = run_surgery(_config("main_AdaMerging_with_surgery.py", {**config, **surgery, "coefficients": files[1]}), script="surgery.py")
+    fresh = run_surgery(_config("main_AdaMerging_with_surgery.py", {**config, **surgery, "coefficients": files[1], "resume_dir": ""}),
                         script="surgery.py")
     assert "Resumed" not in _log(second, config)
     assert second["history"] == fresh["history"] != first["history"]

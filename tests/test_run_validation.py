@@ -4,6 +4,7 @@ import os
 import shutil
 
 import pytest
+from script_variables import script_config, script_variables
 import torch
 
 from taskmerge.adaptive.adamerging_coefficients import CoefficientTable
@@ -11,6 +12,14 @@ from taskmerge.runs.data_free import run_data_free, run_single_task_eval
 from taskmerge.storage.errors import InputError
 
 MODEL = "taskmerge-tiny-micro"
+
+
+def _config(script, settings):
+    """`script`'s own typed config with `settings` in place of its variables; the fixture's shared
+    settings that this script does not have (e.g. resume_dir for a data-free one) are left out."""
+    known = script_variables(script)
+    shared = ("save_dir", "resume_dir", "seed")
+    return script_config(script, **{k: v for k, v in settings.items() if k in known or k not in shared})
 
 
 @pytest.fixture
@@ -53,7 +62,7 @@ def test_broken_checkpoint_is_refused_naming_its_file_before_any_evaluation(benc
     config, folder = bench
     _edit(folder / file, change)
     with pytest.raises(InputError) as e:
-        run_data_free("task_arithmetic", {**config, "scaling_coef": 0.3}, script="ta.py")
+        run_data_free(_config("main_TaskArithmetic.py", {**config, "scaling_coef": 0.3}), script="ta.py")
     assert str(folder / file) in str(e.value) and says in str(e.value)
     assert not os.path.exists(folder / "individual_accuracies_test.json")  # nothing evaluated first
 
@@ -79,7 +88,7 @@ def test_head_that_does_not_fit_its_task_or_encoder_is_refused(bench, change, sa
     config, folder = bench
     _edit(folder / "head_Animals.pt", change)
     with pytest.raises(InputError) as e:
-        run_single_task_eval({**config, "split": "test"}, script="eval_single_task.py")
+        run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
     assert str(folder / "head_Animals.pt") in str(e.value) and says in str(e.value)
 
 
@@ -87,14 +96,23 @@ def test_single_task_eval_refuses_nan_experts(bench):
     config, folder = bench
     _edit(folder / "LowResDigits" / "finetuned.pt", _nan_proj)
     with pytest.raises(InputError, match="LowResDigits.*NaN/Inf"):
-        run_single_task_eval({**config, "split": "test"}, script="eval_single_task.py")
+        run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
+
+
+def _near_float32_max(sd):
+    sd["model.visual.proj"][0, 0] = 3e38
 
 
 def test_non_finite_merge_is_neither_saved_nor_evaluated(bench):
-    config, _ = bench
+    config, folder = bench
+    with pytest.raises(InputError, match="scaling_coef=inf.*expected a float; finite"):
+        run_data_free(_config("main_TaskArithmetic.py", {**config, "scaling_coef": 1e999}), script="ta.py")
+    # finite experts and a finite λ can still overflow float32 in Σ τ: the merge itself is checked
+    for task in ("Digits", "Fashion"):
+        _edit(folder / task / "finetuned.pt", _near_float32_max)
     with pytest.raises(InputError) as e:
-        run_data_free("task_arithmetic", {**config, "scaling_coef": 1e999}, script="ta.py")
-    assert "task_arithmetic" in str(e.value) and "scaling_coef=inf" in str(e.value)
+        run_data_free(_config("main_TaskArithmetic.py", {**config, "scaling_coef": 0.3}), script="ta.py")
+    assert "task_arithmetic" in str(e.value) and "scaling_coef=0.3" in str(e.value)
     saved = os.path.join(config["save_dir"], MODEL)
     assert not os.path.exists(saved) or os.listdir(saved) == []
 

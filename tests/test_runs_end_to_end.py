@@ -5,18 +5,23 @@ import json
 import os
 
 import pytest
+from script_variables import script_config
 
 from taskmerge.runs.adaptive import run_adamerging, run_surgery
 from taskmerge.runs.data_free import run_data_free, run_single_task_eval
 
+SCRIPT = {"weight_averaging": "main_WeightAveraging.py", "task_arithmetic": "main_TaskArithmetic.py",
+          "ties_merging": "main_TiesMerging.py", "emr_merging": "main_EMRMerging.py",
+          "tsv_merging": "main_TSVMerging.py", "tall_masks": "main_TallMasks.py"}
+
 
 @pytest.fixture(scope="module")
 def config(micro_benchmark, tmp_path_factory):
+    """Where the runs go: the micro benchmark, and a folder of this module's own."""
     ckpt, data = micro_benchmark
     out = tmp_path_factory.mktemp("runs")
     return {"model_name": "taskmerge-tiny-micro", "checkpoint_dir": ckpt, "data_location": data,
-            "tasks": [], "log_dir": str(out / "logs"), "save_dir": str(out / "merged"),
-            "resume_dir": "", "batch_size": 128, "seed": 0}
+            "log_dir": str(out / "logs"), "save_dir": str(out / "merged")}
 
 
 def _check_report(report, config):
@@ -36,7 +41,9 @@ def _check_report(report, config):
 
 
 def test_single_task_eval_reports_both_reference_rows(config):
-    report = run_single_task_eval({**config, "split": "test"}, script="eval_single_task.py")
+    settings = {k: v for k, v in config.items() if k != "save_dir"}
+    report = run_single_task_eval(script_config("eval_single_task.py", **settings, split="test"),
+                                  script="eval_single_task.py")
     assert set(report["zeroshot_accuracy"]) == set(report["individual_accuracy"]) == set(report["tasks"])
 
 
@@ -52,7 +59,7 @@ def test_single_task_eval_reports_both_reference_rows(config):
     ("tall_masks", {"method": "consensus", "select_on_val": False, "alpha": 1.0}),
 ])
 def test_data_free_methods_run_and_report(config, name, extra):
-    report = run_data_free(name, {**config, **extra}, script=f"main_{name}.py")
+    report = run_data_free(script_config(SCRIPT[name], **config, **extra), script=f"main_{name}.py")
     _check_report(report, config)
     assert report["task_identity"] == (name == "emr_merging" or extra.get("method") in ("TSVC", "tall_mask"))
     assert set(report["normalized_accuracy"]) == set(report["tasks"])
@@ -61,15 +68,17 @@ def test_data_free_methods_run_and_report(config, name, extra):
 
 
 def test_weight_averaging_equals_task_arithmetic_at_one_over_t(config):
-    wa = run_data_free("weight_averaging", config, script="wa.py")
+    wa = run_data_free(script_config("main_WeightAveraging.py", **config), script="wa.py")
     t = len(wa["tasks"])
-    ta = run_data_free("task_arithmetic", {**config, "scaling_coef": 1.0 / t}, script="ta.py")
+    ta = run_data_free(script_config("main_TaskArithmetic.py", **config, scaling_coef=1.0 / t),
+                       script="ta.py")
     assert wa["accuracy"] == ta["accuracy"]
 
 
 def test_adamerging_learns_and_saves_coefficients(config):
-    report = run_adamerging({**config, "method_name": "tw_adamerging", "coefficients": "learn",
-                             "adamerging_steps": 3, "adamerging_eval_every": 3}, script="ada.py")
+    report = run_adamerging(script_config("main_AdaMerging.py", **config, resume_dir="",
+                                          method_name="tw_adamerging", coefficients="learn",
+                                          adamerging_steps=3, adamerging_eval_every=3), script="ada.py")
     _check_report(report, config)
     rows = report["coefficients"]
     assert len(rows) == 1 and rows[0][0] == 1.0 and len(rows[0]) == 1 + len(report["tasks"])
@@ -78,10 +87,11 @@ def test_adamerging_learns_and_saves_coefficients(config):
 
 @pytest.mark.parametrize("surgery,online", [("v1", False), ("v2", False), ("v1", True)])
 def test_surgery_starts_at_its_base_and_reduces_representation_bias(config, surgery, online):
-    base = run_data_free("task_arithmetic", {**config, "scaling_coef": 0.3}, script="ta.py")
-    report = run_surgery({**config, "method_name": "task_arithmetic", "scaling_coef": 0.3,
-                          "surgery": surgery, "online": online, "iterations": 4, "eval_iterations": 2,
-                          "rank": 4}, script="surgery.py")
+    base = run_data_free(script_config("main_TaskArithmetic.py", **config, scaling_coef=0.3),
+                         script="ta.py")
+    report = run_surgery(script_config("main_TaskArithmetic_with_surgery.py", **config, resume_dir="",
+                                       surgery=surgery, online=online, iterations=4, eval_iterations=2,
+                                       rank=4), script="surgery.py")
     _check_report(report, config)
     if not online:
         assert report["base_accuracy"] == pytest.approx(base["accuracy"])

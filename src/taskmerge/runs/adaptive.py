@@ -26,27 +26,18 @@ from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.data_free import MERGERS, Run
 from taskmerge.runs.identity import (checkpoint_digests, data_identity, head_digest, merge_settings,
                                      tensor_digest)
+from taskmerge.runs.script_configs import (ADAMERGING, AdaMergingRunConfig, SurgeryRunConfig,
+                                           base_merge_settings)
 from taskmerge.runs.setup import task_data
 from taskmerge.runs.validation import check_finite_model, check_merged
 from taskmerge.storage.checkpoints import file_digest
-
-# method_name → (coefficient granularity, TIES-selected source vectors?)
-ADAMERGING = {"tw_adamerging": ("task", False), "lw_adamerging": ("layer", False),
-              "tw_adamergingpp": ("task", True), "lw_adamergingpp": ("layer", True)}
-# The EnnengYang base names of the Surgery scripts, mapped onto our mergers and their settings.
-BASES = {"weight_averaging": ("weight_averaging", {}),
-         "task_arithmetic": ("task_arithmetic", {"scaling_coef": 0.3}),
-         "ties_merging": ("ties_merging", {"preset": "ennengyang"}),
-         "emr_merging": ("emr_merging", {}),
-         "tsv_merging": ("tsv_merging", {"method": "TSVM"}),
-         "consensus": ("tall_masks", {"method": "consensus"})}
+from taskmerge.storage.errors import ConfigError
 
 
-def _adamerging_config(config: dict) -> AdaMergingConfig:
-    return AdaMergingConfig(steps=config.get("adamerging_steps", 500), lr=config.get("adamerging_lr", 1e-3),
-                            eval_every=config.get("adamerging_eval_every", 500),
-                            checkpoint_every=config.get("checkpoint_every", 50),
-                            seed=config.get("seed", 0))
+def _adamerging_config(config: AdaMergingRunConfig, eval_batch_size: int) -> AdaMergingConfig:
+    return AdaMergingConfig(steps=config.adamerging_steps, lr=config.adamerging_lr,
+                            eval_every=config.adamerging_eval_every, checkpoint_every=config.checkpoint_every,
+                            seed=config.seed, eval_batch_size=eval_batch_size)
 
 
 def task_images(run: Run) -> dict[str, TaskImages]:
@@ -54,11 +45,16 @@ def task_images(run: Run) -> dict[str, TaskImages]:
     return {t: TaskImages(task_data(run.setup, t).test, name=t) for t in run.setup.tasks}
 
 
-def adamerging_encoder(run: Run, method: str, config: dict, images=None) -> tuple[MergedEncoder, dict]:
+def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
+                       images=None) -> tuple[MergedEncoder, dict]:
     """The MergedEncoder of `method` with its coefficients: published (real models), loaded from a
     file, or learned now by entropy minimisation ("auto": published, else saved, else learn)."""
     mode, plus_plus = ADAMERGING[method]
     setup, tasks = run.setup, run.setup.tasks
+    source = config.coefficients
+    if source == "published" and not _published_exists(method, setup.model_name):
+        raise ConfigError(f"setting coefficients='published': there is no published {method} table for "
+                          f"{setup.model_name}; use coefficients='learn' (or 'auto', or a saved .json)")
     pretrained, experts = run.experts()
     theta0 = dict(pretrained.items())
     if plus_plus:
@@ -67,9 +63,8 @@ def adamerging_encoder(run: Run, method: str, config: dict, images=None) -> tupl
     else:
         vectors = [lambda t=t: task_vector(pretrained, experts[t]).materialize() for t in tasks]
     merged = MergedEncoder(build_image_encoder(setup.arch), theta0, vectors, mode=mode,
-                           init=config.get("prior", 0.3))
-    source = config.get("coefficients", "auto")
-    key = coefficients_key(run, method, merged, _adamerging_config(config))
+                           init=config.prior)
+    key = coefficients_key(run, method, merged, _adamerging_config(config, run.batch_size))
     folder = os.path.join(setup.model_dir, "adamerging")
     if source == "auto":
         saved, why = find_saved(folder, method, key)
@@ -86,8 +81,8 @@ def adamerging_encoder(run: Run, method: str, config: dict, images=None) -> tupl
         merged.load_table(load_published(method, setup.model_name), tasks)
     elif source == "learn":
         result = train_adamerging(merged, tasks, images or task_images(run), run.heads,
-                                  _adamerging_config(config), logger=run.log,
-                                  checkpoint_dir=config.get("resume_dir") or None,
+                                  _adamerging_config(config, run.batch_size), logger=run.log,
+                                  checkpoint_dir=config.resume_dir or None,
                                   run_key=key)
         names = merged.param_names if mode == "layer" else None
         saved = saved_path(folder, method, key)
@@ -125,30 +120,33 @@ def coefficients_key(run: Run, method: str, merged: MergedEncoder, cfg: AdaMergi
     and the training settings (steps, lr, seed, batches; not how often it evaluates or saves)."""
     return {**_run_key(run, method), "prior": tensor_digest(merged.lam_raw),  # λ before training
             "adamerging": {k: v for k, v in asdict(cfg).items()
-                           if k not in ("eval_every", "checkpoint_every")}}
+                           if k not in ("eval_every", "checkpoint_every", "eval_batch_size")}}
 
 
-def run_adamerging(config: dict, script: str) -> dict:
+def run_adamerging(config: AdaMergingRunConfig, script: str) -> dict:
     """Task-/layer-wise AdaMerging(++): learn (or load) the coefficients, evaluate, report."""
-    method = config["method_name"]
+    method = config.method_name
     run = Run(config, script, method, subfolder="adamerging")
     merged, info = adamerging_encoder(run, method, config)
-    accs = run.evaluate(merged.merged_state_dict())
+    state_dict = merged.merged_state_dict()
+    run.save_merged(state_dict, method)
+    accs = run.evaluate(state_dict)
     run.log.eval_step("final", accs)
     return run.finish(accs, coefficients=merged.coefficient_rows().tolist(), **info)
 
 
-def base_encoders(run: Run, method: str, config: dict, images) -> tuple[dict, dict]:
+def base_encoders(run: Run, method: str, config: SurgeryRunConfig, images) -> tuple[dict, dict]:
     """{task: fixed base ImageEncoder} for a Surgery base method, and what to report about it."""
     tasks = run.setup.tasks
     if method in ADAMERGING:
         merged, info = adamerging_encoder(run, method, config, images)
+        if config.save_dir:
+            run.save_merged(merged.merged_state_dict(), method)
         base = merged.to_image_encoder()
         return {t: base for t in tasks}, info
-    if method not in BASES:
-        raise ValueError(f"method_name={method!r}: expected one of {sorted(BASES) + sorted(ADAMERGING)}")
-    name, defaults = BASES[method]
-    merge = MERGERS[name](run, {**defaults, **{k: v for k, v in config.items() if v is not None}})
+    name, settings = base_merge_settings(config)
+    merge = MERGERS[name](run, settings)
+    run.save_merged(merge.model, merge.name)
     pretrained, _ = run.experts()
     check_merged(merge.name, merge.model, merge.per_task, merge.extra, pretrained, tasks)
     if merge.per_task:  # EMR / TSV-C / TALL: task t's modules sit on task t's own model
@@ -166,17 +164,16 @@ def base_identity(method: str, base_info: dict) -> dict:
     return {"base": base_info.get("base", method), "settings": merge_settings(base_info)}
 
 
-def run_surgery(config: dict, script: str) -> dict:
+def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
     """Representation Surgery on a fixed base: v1 (final feature), its online variant, or
     SurgeryV2 (every block); logs the originals' lines and reports the representation bias."""
-    method, version = config["method_name"], config.get("surgery", "v1")
-    online = config.get("online", False)
+    method, version, online = config.method_name, config.surgery, config.online
     subfolder = "online" if online else ("Surgery" if version == "v2" else "run")
     run = Run(config, script, method, subfolder=subfolder)
     setup, tasks = run.setup, run.setup.tasks
     images = task_images(run)
     bases, base_info = base_encoders(run, method, config, images)
-    cache = FeatureCache(config.get("feature_cache") or os.path.join(setup.model_dir, "feature_cache"))
+    cache = FeatureCache(config.feature_cache or os.path.join(setup.model_dir, "feature_cache"))
     ckpt = setup.checkpoints
     base_feats, expert_feats = {}, {}
     for t in tasks:
@@ -185,15 +182,14 @@ def run_surgery(config: dict, script: str) -> dict:
             model_name=setup.model_name, checkpoint_digest=file_digest(ckpt.finetuned_path(t)),
             dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}",
             batch_size=run.batch_size)
-    scfg = SurgeryConfig(rank=config.get("rank", 16), iterations=config.get("iterations", 500),
-                         lr=config.get("lr", 1e-3), eval_every=config.get("eval_iterations", 100),
-                         checkpoint_every=config.get("checkpoint_every", 100),
-                         zero_grad_mode=config.get("zero_grad_mode", "zero"), seed=config.get("seed", 0),
+    scfg = SurgeryConfig(rank=config.rank, iterations=config.iterations, lr=config.lr,
+                         eval_every=config.eval_iterations, checkpoint_every=config.checkpoint_every,
+                         zero_grad_mode=config.zero_grad_mode, seed=config.seed,
                          eval_batch_size=run.batch_size)
     labels = {t: images[t].labels for t in tasks}
     key = {**_run_key(run, method), "base": base_identity(method, base_info), "surgery": version,
            "online": online}
-    common = dict(logger=run.log, checkpoint_dir=config.get("resume_dir") or None, run_key=key)
+    common = dict(logger=run.log, checkpoint_dir=config.resume_dir or None, run_key=key)
     run.log.info(f"Surgery {version}{' online' if online else ''} on {method}: rank {scfg.rank}, "
                  f"zero_grad_mode={scfg.zero_grad_mode!r}")
     if version == "v2":

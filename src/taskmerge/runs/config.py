@@ -1,8 +1,9 @@
 """`--key=value` overrides for the plain variables at the top of an entry script (nanoGPT style).
 
-A script calls `config = configure(globals())` after its defaults; every override must name an
-existing variable and parse to that variable's type, and the resolved configuration is returned so
-that the run can log all of it before doing anything.
+`configure(globals())` applies the overrides to a script's variables: every override must name an
+existing variable and parse to that variable's type (else a ConfigError naming it), and the resolved
+variables are returned; runs/cli.py then builds them into the script's typed config, which checks
+ranges and choices (runs/settings.py), and the run logs all of it before doing anything.
 """
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import ast
 import sys
 from typing import Any, Sequence
 
+from taskmerge.storage.errors import ConfigError
+
 
 def _is_hyperparameter(name: str, value: Any) -> bool:
     return (not name.startswith("_") and name.islower()
             and isinstance(value, (bool, int, float, str, list, tuple, dict, type(None))))
+
+
+def _wrong_type(key: str, raw: str, default: Any) -> ConfigError:
+    return ConfigError(f"--{key}={raw}: expected {type(default).__name__}, like its default {default!r}")
 
 
 def parse_overrides(argv: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -21,11 +28,11 @@ def parse_overrides(argv: Sequence[str], defaults: dict[str, Any]) -> dict[str, 
     out: dict[str, Any] = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(defaults))})")
+            raise ConfigError(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(defaults))})")
         key, raw = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         if key not in defaults:
-            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
+            raise ConfigError(f"--{key}: unknown setting; known settings: {', '.join(sorted(defaults))}")
         default = defaults[key]
         try:
             value = ast.literal_eval(raw)
@@ -33,13 +40,13 @@ def parse_overrides(argv: Sequence[str], defaults: dict[str, Any]) -> dict[str, 
             value = raw  # a bare string such as --method=ties
         if default is not None and value is not None:
             if isinstance(default, bool) != isinstance(value, bool):
-                raise SystemExit(f"--{key}: expected {type(default).__name__}, got {raw!r}")
+                raise _wrong_type(key, raw, default)
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
                 value = type(default)(value)
             if not isinstance(value, type(default)):
-                raise SystemExit(f"--{key}: expected {type(default).__name__}, got {raw!r}")
+                raise _wrong_type(key, raw, default)
         out[key] = value
     return out
 

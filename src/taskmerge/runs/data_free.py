@@ -1,45 +1,47 @@
 """The data-free methods wired to checkpoints, data and logs.
 
-`MERGERS[name](run, config)` builds one method's merge from a run's experts, choosing a coefficient
-on the `<Task>Val` splits where the method's family does; `run_data_free(name, config, script)`
-is what an entry script calls: merge, evaluate every task, log and report. Surgery uses the same
-mergers for its base models (runs/adaptive.py). The merge math itself lives in `merging/`.
+`MERGERS[name](run, settings)` builds one method's merge from a run's experts (its settings are
+the typed `*Merge` of runs/script_configs.py), choosing a coefficient on the `<Task>Val` splits
+where the method's family does; `run_data_free(config, script)` is what an entry script calls:
+merge, evaluate every task, log and report. Surgery uses the same mergers for its base models
+(runs/adaptive.py). The merge math itself lives in `merging/`.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
 import torch
 
 from taskmerge import merging
-from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
 from taskmerge.merging.task_vectors import apply
 from taskmerge.runs.evaluation import evaluate
 from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
 from taskmerge.runs.reporting import RunLogger, results_table
+from taskmerge.runs.script_configs import (VAL_GRIDS, EMRMerge, MergeRunConfig, RunConfig,
+                                           SingleTaskEvalConfig, TallMasksMerge, TaskArithmeticMerge,
+                                           TiesMerge, TSVMerge, WeightAveragingMerge)
 from taskmerge.runs.selection import select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, finish_run, individual_accuracies,
                                   load_heads, resolve_setup, start_run, task_data, validate_checkpoints)
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
-
-VAL_GRIDS = {"tall_masks": LAM_GRID_TALL, "tsv": LAM_GRID_TSV, "tsv_alpha": merging.TSV_ALPHA_GRID}
+from taskmerge.storage.errors import ConfigError
 
 
 class Run:
     """What one run carries between its steps: setup, log, heads, expert accuracies."""
 
-    def __init__(self, config: dict, script: str, method: str, subfolder: str = "merging"):
+    def __init__(self, config: RunConfig, script: str, method: str, subfolder: str = "merging"):
         self.config = config
         self.method = method
-        self.setup: Setup = resolve_setup(config["model_name"], config["checkpoint_dir"],
-                                          config["data_location"], config.get("tasks") or None)
-        self.log: RunLogger = start_run(config, self.setup, script, method, subfolder,
-                                        config.get("log_dir", "src/logs"))
-        self.batch_size = config.get("batch_size", 128)
+        self.setup: Setup = resolve_setup(config.model_name, config.checkpoint_dir,
+                                          config.data_location, config.tasks or None)
+        self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
+                                        config.log_dir)
+        self.batch_size = config.batch_size
         self.heads = load_heads(self.setup)
         validate_checkpoints(self.setup)  # before the first evaluation reads any of them
         self.individual = individual_accuracies(self.setup, self.heads, self.batch_size, log=self.log.info)
@@ -74,7 +76,7 @@ class Run:
         """The merged model (or a per-task method's compact form) as safetensors, named by the
         method and a digest of the tasks, checkpoints and settings it came from (a 2-task and a
         4-task merge never share a file); a plain state dict also records them in its header."""
-        save_dir = self.config.get("save_dir")
+        save_dir = self.config.save_dir
         if not save_dir:
             return None
         provenance = {"method": name, "model": self.setup.model_name, "tasks": self.setup.tasks,
@@ -123,53 +125,53 @@ class _LazyTaskModels(Mapping):
         return len(self.obj.tasks)
 
 
-def _coef(run: Run, config: dict, delta, key: str, default: float, grid_name: str):
-    """The config's coefficient, or the one chosen on validation when `select_on_val`."""
-    if not config.get("select_on_val", False):
-        return config.get(key, default), None
+def _coef(run: Run, coef: float, select_on_val: bool, val_grid: str, delta):
+    """`coef`, or the coefficient chosen on validation over `val_grid` when `select_on_val`."""
+    if not select_on_val:
+        return coef, None
     pretrained, _ = run.experts()
-    return run.select(VAL_GRIDS[config.get("val_grid", grid_name)], lambda c: apply(pretrained, delta, c))
+    return run.select(VAL_GRIDS[val_grid], lambda c: apply(pretrained, delta, c))
 
 
-def merge_weight_averaging(run: Run, config: dict) -> Merge:
+def merge_weight_averaging(run: Run, s: WeightAveragingMerge) -> Merge:
     pretrained, experts = run.experts()
-    drop_last = config.get("drop_last", False)
+    drop_last = s.drop_last
     merged = merging.weight_averaging(pretrained, experts, drop_last=drop_last, validate_inputs=False)
     return Merge("weight_averaging" + ("_drop_last" if drop_last else ""), merged,
                  extra={"drop_last": drop_last})
 
 
-def merge_task_arithmetic(run: Run, config: dict) -> Merge:
+def merge_task_arithmetic(run: Run, s: TaskArithmeticMerge) -> Merge:
     pretrained, experts = run.experts()
     tau_sum = merging.multitask_vector(pretrained, experts, validate_inputs=False)
-    lam, curve = _coef(run, config, tau_sum, "scaling_coef", merging.DEFAULT_LAM, "tall_masks")
+    lam, curve = _coef(run, s.scaling_coef, s.select_on_val, s.val_grid, tau_sum)
     run.log.info(f"scaling_coef:{lam}")
     return Merge(f"task_arithmetic_{lam}", apply(pretrained, tau_sum, lam),
                  extra={"scaling_coef": lam, "val_curve": curve})
 
 
-def ties_settings(config: dict) -> dict:
-    settings = dict(merging.TIES_PRESETS[config.get("preset", "ennengyang")])
-    for key, name in (("k", "k"), ("merge", "merge"), ("scaling_coef", "lam")):
-        if config.get(key) is not None:
-            settings[name] = config[key]
+def ties_settings(s: TiesMerge) -> dict:
+    """The preset's k / merge / λ, each replaced by the setting that is not None."""
+    settings = dict(merging.TIES_PRESETS[s.preset])
+    for value, name in ((s.k, "k"), (s.merge, "merge"), (s.scaling_coef, "lam")):
+        if value is not None:
+            settings[name] = value
     return settings
 
 
-def merge_ties(run: Run, config: dict) -> Merge:
-    s = ties_settings(config)
+def merge_ties(run: Run, settings: TiesMerge) -> Merge:
+    s = ties_settings(settings)
     run.log.info(f"TIES settings: {s}")
     pretrained, experts = run.experts()
     delta = merging.ties_delta(pretrained, experts, k=s["k"], merge=s["merge"], validate_inputs=False)
-    lam, curve = ((s["lam"], None) if s["lam"] is not None else
-                  _coef(run, {**config, "select_on_val": True}, delta, "scaling_coef", 0.3, "tall_masks"))
+    lam, curve = _coef(run, s["lam"], s["lam"] is None, settings.val_grid, delta)
     return Merge(f"ties_{s['merge']}_k{s['k']}_{lam}", apply(pretrained, delta, lam),
                  extra={"ties": s, "scaling_coef": lam, "val_curve": curve})
 
 
-def merge_emr(run: Run, config: dict) -> Merge:
+def merge_emr(run: Run, s: EMRMerge) -> Merge:
     pretrained, experts = run.experts()
-    rescaler = config.get("rescaler", "code")
+    rescaler = s.rescaler
     emr = merging.emr_merging(pretrained, experts, rescaler=rescaler, validate_inputs=False)
     run.log.info(f"Rescalers ({rescaler}): "
                  + ", ".join(f"{t}: {float(r):.4f}" for t, r in zip(emr.tasks, emr.rescalers)))
@@ -178,23 +180,26 @@ def merge_emr(run: Run, config: dict) -> Merge:
                         "storage": emr.storage_report()})
 
 
-def merge_tsv(run: Run, config: dict) -> Merge:
-    method = config.get("method", "TSVM")
+def merge_tsv(run: Run, s: TSVMerge) -> Merge:
+    method = s.method
     pretrained, experts = run.experts()
     if method == "TSVC":
         tsvc = merging.tsv_compress(pretrained, experts, validate_inputs=False)
         return Merge("TSVC", tsvc, per_task=True, extra={"alpha": 1.0, "storage": tsvc.storage_report()})
     delta = merging.tsv_delta(pretrained, experts, method, validate_inputs=False)
-    alpha, curve = _coef(run, config, delta, "alpha", 1.0, "tsv_alpha")
+    alpha, curve = _coef(run, s.alpha, s.select_on_val, s.val_grid, delta)
     return Merge(f"{method}_{alpha}", apply(pretrained, delta, alpha),
                  extra={"tsv_method": method, "alpha": alpha, "val_curve": curve})
 
 
-def merge_tall_masks(run: Run, config: dict) -> Merge:
-    method, use_ties = config.get("method", "consensus"), config.get("use_ties", False)
+def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
+    method, use_ties, k = s.method, s.use_ties, s.prun_thre_k
+    tasks, lams = run.setup.tasks, list(s.tall_lambdas)
+    if method == "consensus" and k > len(tasks):
+        raise ConfigError(f"setting prun_thre_k={k} is not allowed with {len(tasks)} tasks: consensus "
+                          f"keeps the weights that at least k tasks select (1 <= k <= {len(tasks)})")
     pretrained, experts = run.experts()
     tau_mtl = merging.multitask_vector(pretrained, experts, use_ties, validate_inputs=False)
-    tasks, lams = run.setup.tasks, list(config.get("tall_lambdas", merging.TALL_LAMS))
 
     def task_model(task, lam):
         mask = merging.tall_mask(pretrained, experts[task], tau_mtl, lam)
@@ -213,20 +218,17 @@ def merge_tall_masks(run: Run, config: dict) -> Merge:
     suffix = "_use_ties" if use_ties else ""
     if method == "tall_mask":
         return Merge(f"TALL_mask_{len(tasks)}task{suffix}", tall, per_task=True, extra=extra)
-    if method != "consensus":
-        raise ValueError(f"method={method!r}: expected 'tall_mask' or 'consensus'")
-    k = config.get("prun_thre_k", 2)
     mask = merging.consensus_mask(tall, k)
     delta = {key: tau * mask[key] for key, tau in tall.tau_mtl.items()}
     kept = sum(int(m.sum()) for m in mask.values()) / max(sum(m.numel() for m in mask.values()), 1)
     run.log.info(f"Consensus k={k}: keeps {100 * kept:.2f}% of the multi-task vector's entries")
-    alpha, curve = _coef(run, config, delta, "alpha", 1.0, "tall_masks")
+    alpha, curve = _coef(run, s.alpha, s.select_on_val, s.val_grid, delta)
     return Merge(f"consensus_k{k}_{alpha}{suffix}", apply(pretrained, delta, alpha),
                  extra={**extra, "alpha": alpha, "prun_thre_k": k, "kept_fraction": kept,
                         "val_curve": curve})
 
 
-MERGERS: dict[str, Callable[[Run, dict], Merge]] = {
+MERGERS: dict[str, Callable[[Run, object], Merge]] = {
     "weight_averaging": merge_weight_averaging,
     "task_arithmetic": merge_task_arithmetic,
     "ties_merging": merge_ties,
@@ -236,10 +238,11 @@ MERGERS: dict[str, Callable[[Run, dict], Merge]] = {
 }
 
 
-def run_data_free(name: str, config: dict, script: str) -> dict:
-    """Merge with method `name`, evaluate every task (task t with its own model where the method
-    needs task identity), save the merge, and write the log and the JSON report."""
+def run_data_free(config: MergeRunConfig, script: str) -> dict:
+    """Merge with the config's method, evaluate every task (task t with its own model where the
+    method needs task identity), save the merge, and write the log and the JSON report."""
     recycle_freed_memory()
+    name = config.method_key
     run = Run(config, script, name)
     merge = MERGERS[name](run, config)
     pretrained, _ = run.experts()
@@ -252,10 +255,10 @@ def run_data_free(name: str, config: dict, script: str) -> dict:
     return run.finish(accs, merge=merge.name, merged_file=saved, task_identity=merge.per_task, **merge.extra)
 
 
-def run_single_task_eval(config: dict, script: str) -> dict:
+def run_single_task_eval(config: SingleTaskEvalConfig, script: str) -> dict:
     """Zero-shot (θ0) and individual (θ_t on task t) accuracy: the reference rows of every table."""
     run = Run(config, script, "single_task", subfolder="single_task")
-    split = config.get("split", "test")
+    split = config.split
     zeroshot = run.evaluate(run.setup.checkpoints.pretrained(), split)
     individual = run.individual if split == "test" else run.individual_val
     run.log.eval_step("zeroshot", zeroshot)

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from taskmerge.datasets.registry import PAPER_8, get_task
+from taskmerge.datasets.registry import PAPER_8, REAL_TASKS, get_task
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer
@@ -81,11 +81,15 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
         tasks = list(tasks or built)
         missing = [t for t in tasks if t not in built]
         if missing:
-            raise ConfigError(f"tasks {missing} are not in the embedded benchmark {model_dir} "
-                              f"(built: {built})")
+            raise ConfigError(f"setting tasks={tasks!r}: {missing} are not in the embedded benchmark "
+                              f"{model_dir}; choose from {built} (or [] for all)")
         checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
         return Setup(model_name, TINY_MODEL, checkpoints, tasks, data_location, True, micro)
     tasks = list(tasks or PAPER_8)
+    unknown = [t for t in tasks if t not in REAL_TASKS]
+    if unknown:
+        raise ConfigError(f"setting tasks={tasks!r}: {unknown} are not tasks taskmerge can read; "
+                          f"choose from {REAL_TASKS} (or [] for the paper's 8)")
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
     return Setup(model_name, model_name, checkpoints, tasks, data_location, False)
 

@@ -1,0 +1,223 @@
+"""The typed config of every entry script, and the names its settings may take.
+
+One dataclass per script kind, built from the script's top-level variables by `settings.from_values`
+(see runs/cli.py). The fields have no defaults: the scripts' variables are the one source of every
+default, a script that misses a field or carries an unknown one is refused with its name, and
+tests/test_script_configs.py builds each script's variables into its config. Each field declares its
+type (the annotation) and its range or choices (`setting(...)`); `check_together` holds the rules
+between fields. The data-free methods' own settings (`*Merge`) are separate classes, because a
+Surgery script builds its base's settings from its own fields (`base_merge_settings`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+from taskmerge import merging
+from taskmerge.adaptive.surgery import ZERO_GRAD_MODES
+from taskmerge.merging.emr import RESCALERS
+from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
+from taskmerge.merging.ties import MERGES
+from taskmerge.merging.tsv import METHODS as TSV_METHODS
+from taskmerge.runs.settings import setting, subset
+from taskmerge.storage.errors import ConfigError
+
+# The coefficient grids a `val_grid` setting names (choosing λ / α on the <Task>Val splits).
+VAL_GRIDS = {"tall_masks": LAM_GRID_TALL, "tsv": LAM_GRID_TSV, "tsv_alpha": merging.TSV_ALPHA_GRID}
+# AdaMerging method_name → (coefficient granularity, TIES-selected source vectors?)
+ADAMERGING = {"tw_adamerging": ("task", False), "lw_adamerging": ("layer", False),
+              "tw_adamergingpp": ("task", True), "lw_adamergingpp": ("layer", True)}
+# The EnnengYang base names of the Surgery scripts → our merger and the settings that define the
+# name (they fill only what the Surgery script leaves None: e.g. task_arithmetic's λ is 0.3 unless
+# `scaling_coef` is set, a consensus base's val_grid is tall_masks', a tsv_merging base is TSV-M).
+BASES = {"weight_averaging": ("weight_averaging", {}),
+         "task_arithmetic": ("task_arithmetic",
+                             {"scaling_coef": merging.DEFAULT_LAM, "val_grid": "tall_masks"}),
+         "ties_merging": ("ties_merging", {"val_grid": "tall_masks"}),
+         "emr_merging": ("emr_merging", {}),
+         "tsv_merging": ("tsv_merging", {"method": "TSVM", "val_grid": "tsv_alpha"}),
+         "consensus": ("tall_masks", {"method": "consensus", "val_grid": "tall_masks"})}
+COEFFICIENT_SOURCES = ("learn", "published", "auto")   # or a saved .json
+
+
+@dataclass
+class RunConfig:
+    """What every evaluating script sets: the model, its checkpoints and data, the log."""
+    model_name: str = setting(nonempty=True)
+    checkpoint_dir: str = setting(nonempty=True)
+    data_location: str = setting(nonempty=True)
+    tasks: list[str] = setting(unique=True)             # []: every task of the model's benchmark
+    log_dir: str = setting(nonempty=True)
+    batch_size: int = setting(ge=1)
+
+
+@dataclass
+class SingleTaskEvalConfig(RunConfig):
+    split: str = setting(choices=("test", "val"))
+
+
+@dataclass
+class MergeRunConfig(RunConfig):
+    save_dir: str = setting()                  # "" skips saving
+
+
+# --- the data-free methods' own settings (runs/data_free.py MERGERS take these) ---
+@dataclass
+class WeightAveragingMerge:
+    drop_last: bool = setting()
+
+
+@dataclass
+class TaskArithmeticMerge:
+    scaling_coef: float = setting(finite=True)
+    select_on_val: bool = setting()
+    val_grid: str = setting(choices=VAL_GRIDS)
+
+
+@dataclass
+class TiesMerge:
+    preset: str = setting(choices=merging.TIES_PRESETS)
+    k: float | None = setting(gt=0.0, le=1.0)
+    merge: str | None = setting(choices=MERGES)
+    scaling_coef: float | None = setting(finite=True)
+    val_grid: str = setting(choices=VAL_GRIDS)
+
+
+@dataclass
+class EMRMerge:
+    rescaler: str = setting(choices=RESCALERS)
+
+
+@dataclass
+class TSVMerge:
+    method: str = setting(choices=TSV_METHODS + ("TSVC",))
+    alpha: float = setting(finite=True)
+    select_on_val: bool = setting()
+    val_grid: str = setting(choices=VAL_GRIDS)
+
+
+@dataclass
+class TallMasksMerge:
+    method: str = setting(choices=("tall_mask", "consensus"))
+    use_ties: bool = setting()
+    tall_lambdas: list[float] = setting(ge=0.0, finite=True, nonempty=True, unique=True)
+    prun_thre_k: int = setting(ge=1)
+    alpha: float = setting(finite=True)
+    select_on_val: bool = setting()
+    val_grid: str = setting(choices=VAL_GRIDS)
+
+
+# --- the data-free scripts: where they run, plus their method's settings ---
+@dataclass
+class WeightAveragingConfig(MergeRunConfig, WeightAveragingMerge):
+    method_key: ClassVar[str] = "weight_averaging"
+
+
+@dataclass
+class TaskArithmeticConfig(MergeRunConfig, TaskArithmeticMerge):
+    method_key: ClassVar[str] = "task_arithmetic"
+
+
+@dataclass
+class TiesMergingConfig(MergeRunConfig, TiesMerge):
+    method_key: ClassVar[str] = "ties_merging"
+
+
+@dataclass
+class EMRMergingConfig(MergeRunConfig, EMRMerge):
+    method_key: ClassVar[str] = "emr_merging"
+
+
+@dataclass
+class TSVMergingConfig(MergeRunConfig, TSVMerge):
+    method_key: ClassVar[str] = "tsv_merging"
+
+
+@dataclass
+class TallMasksConfig(MergeRunConfig, TallMasksMerge):
+    method_key: ClassVar[str] = "tall_masks"
+
+
+MERGE_SETTINGS = {"weight_averaging": WeightAveragingMerge, "task_arithmetic": TaskArithmeticMerge,
+                  "ties_merging": TiesMerge, "emr_merging": EMRMerge, "tsv_merging": TSVMerge,
+                  "tall_masks": TallMasksMerge}
+
+
+# --- the data-dependent scripts ---
+@dataclass
+class AdaMergingRunConfig(MergeRunConfig):
+    resume_dir: str = setting()                # "" disables resuming
+    seed: int = setting(ge=0)
+    method_name: str = setting(choices=ADAMERGING)
+    coefficients: str = setting(choices=COEFFICIENT_SOURCES, suffix=".json")
+    prior: float = setting(ge=0.0, le=1.0)     # λ is clamped to [0, 1]: outside it never moves
+    adamerging_steps: int = setting(ge=1)
+    adamerging_lr: float = setting(gt=0.0, finite=True)
+    adamerging_eval_every: int = setting(ge=1)
+    checkpoint_every: int = setting(ge=1)
+
+    def check_together(self):
+        if self.coefficients not in COEFFICIENT_SOURCES and not os.path.isfile(self.coefficients):
+            raise ConfigError(f"setting coefficients={self.coefficients!r}: no such file; give a saved "
+                              f"coefficients .json, or one of {', '.join(map(repr, COEFFICIENT_SOURCES))}")
+
+
+@dataclass
+class SurgeryRunConfig(AdaMergingRunConfig):
+    method_name: str = setting(choices=tuple(BASES) + tuple(ADAMERGING))
+    # the base merge's settings; each base reads only its own (None: what the base name defines)
+    drop_last: bool = setting()
+    scaling_coef: float | None = setting(finite=True)
+    preset: str = setting(choices=merging.TIES_PRESETS)
+    k: float | None = setting(gt=0.0, le=1.0)
+    merge: str | None = setting(choices=MERGES)
+    rescaler: str = setting(choices=RESCALERS)
+    alpha: float = setting(finite=True)
+    select_on_val: bool = setting()
+    val_grid: str | None = setting(choices=VAL_GRIDS)
+    use_ties: bool = setting()
+    tall_lambdas: list[float] = setting(ge=0.0, finite=True, nonempty=True, unique=True)
+    prun_thre_k: int = setting(ge=1)
+    # the surgery itself
+    surgery: str = setting(choices=("v1", "v2"))
+    rank: int = setting(ge=1)
+    iterations: int = setting(ge=1)
+    eval_iterations: int = setting(ge=1)
+    lr: float = setting(gt=0.0, finite=True)
+    zero_grad_mode: str = setting(choices=ZERO_GRAD_MODES)
+    online: bool = setting()
+    feature_cache: str = setting()             # "" : <model folder>/feature_cache
+
+    def check_together(self):
+        super().check_together()
+        if self.online and self.surgery == "v2":
+            raise ConfigError("setting online=True is not allowed with surgery='v2': the online "
+                              "protocol exists for Surgery v1 only (set online=False, or surgery='v1')")
+        if self.method_name in BASES:
+            base_merge_settings(self)  # a bad setting of the base is refused now, not after the setup
+
+
+def base_merge_settings(config: SurgeryRunConfig):
+    """(merger name, its checked settings) of a Surgery run's data-free base."""
+    name, fixed = BASES[config.method_name]
+    return name, subset(MERGE_SETTINGS[name], config, f"the {config.method_name} base's settings", fixed)
+
+
+# --- the two scripts that prepare checkpoints ---
+@dataclass
+class BuildBenchmarkConfig:
+    checkpoint_dir: str = setting(nonempty=True)
+    data_location: str = setting(nonempty=True)
+    micro: bool = setting()
+    progress: bool = setting()
+
+
+@dataclass
+class ConvertCheckpointsConfig:
+    checkpoint_dir: str = setting(nonempty=True)
+    model_name: str = setting(nonempty=True)
+    tasks: list[str] = setting(nonempty=True, unique=True)
+    family: str = setting(choices=("task_vectors", "tall_masks", "auto"))
+    out_dir: str | None = setting(nonempty=True)
+

@@ -1,0 +1,164 @@
+"""Every script's variables form its typed config, and every setting is refused, naming itself, when
+it is missing, unknown, or out of its type, range or choices (runs/settings.py)."""
+import dataclasses
+import math
+
+import pytest
+from script_variables import SCRIPTS, script_config, script_config_class, script_variables
+
+from taskmerge.merging import TALL_LAMS
+from taskmerge.runs.script_configs import BASES, TallMasksMerge, TaskArithmeticMerge, base_merge_settings
+from taskmerge.runs.settings import check, from_values, setting
+from taskmerge.storage.errors import ConfigError
+
+SURGERY_SCRIPTS = [s for s in SCRIPTS if "surgery" in s]
+
+
+def test_there_is_a_config_for_every_script():
+    assert len(SCRIPTS) == 15 and len(SURGERY_SCRIPTS) == 5
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_sets_exactly_its_config_and_its_defaults_pass_the_checks(script):
+    cls = script_config_class(script)
+    variables = script_variables(script)
+    assert set(variables) == {f.name for f in dataclasses.fields(cls)}
+    config = script_config(script)
+    assert dataclasses.asdict(config) == {k: (float(v) if isinstance(v, int) and not isinstance(v, bool)
+                                              and isinstance(getattr(config, k), float) else v)
+                                          for k, v in variables.items()}
+
+
+def test_a_missing_setting_is_refused_with_its_name():
+    values = script_variables("main_TaskArithmetic.py")
+    del values["val_grid"]
+    with pytest.raises(ConfigError, match="main_TaskArithmetic.py does not set val_grid"):
+        from_values(script_config_class("main_TaskArithmetic.py"), values, "main_TaskArithmetic.py")
+
+
+def test_an_unknown_setting_is_refused_with_its_name():
+    values = {**script_variables("main_TaskArithmetic.py"), "scaling_coeff": 0.5}
+    with pytest.raises(ConfigError, match="main_TaskArithmetic.py sets scaling_coeff, which Task"):
+        from_values(script_config_class("main_TaskArithmetic.py"), values, "main_TaskArithmetic.py")
+
+
+REFUSED = [
+    # choices
+    ("main_TaskArithmetic_with_surgery.py", {"surgery": "V2"}, "surgery='V2'", "'v1', 'v2'"),
+    ("main_TaskArithmetic_with_surgery.py", {"surgery": "v3"}, "surgery='v3'", "'v1', 'v2'"),
+    ("main_TaskArithmetic_with_surgery.py", {"method_name": "task_arithmetics"}, "method_name=", "consensus"),
+    ("main_AdaMerging.py", {"method_name": "ties_merging"}, "method_name='ties_merging'", "lw_adamerging"),
+    ("main_TiesMerging.py", {"preset": "EnnengYang"}, "preset='EnnengYang'", "'ennengyang', 'tall_masks'"),
+    ("main_TiesMerging.py", {"merge": "dis-median"}, "merge='dis-median'", "'dis-max'"),
+    ("main_TaskArithmetic.py", {"val_grid": "tall"}, "val_grid='tall'", "'tsv_alpha'"),
+    ("main_TSVMerging.py", {"method": "TSV"}, "method='TSV'", "'TSVC'"),
+    ("main_TallMasks.py", {"method": "tall_masks"}, "method='tall_masks'", "'consensus'"),
+    ("main_EMRMerging.py", {"rescaler": "mean"}, "rescaler='mean'", "'paper'"),
+    ("main_WeightAveraging_with_surgery.py", {"zero_grad_mode": "None"}, "zero_grad_mode='None'", "'none'"),
+    ("eval_single_task.py", {"split": "bogus"}, "split='bogus'", "'test', 'val'"),
+    ("convert_checkpoints.py", {"family": "safetensors"}, "family='safetensors'", "'tall_masks'"),
+    ("main_AdaMerging.py", {"coefficients": "learned"}, "coefficients='learned'", ".json"),
+    ("main_AdaMerging.py", {"coefficients": "/nonexistent/coefs.json"}, "no such file", "'learn'"),
+    # ranges
+    ("main_TaskArithmetic_with_surgery.py", {"rank": 0}, "rank=0", ">= 1"),
+    ("main_AdaMerging.py", {"adamerging_steps": -5}, "adamerging_steps=-5", ">= 1"),
+    ("main_AdaMerging.py", {"adamerging_eval_every": 0}, "adamerging_eval_every=0", ">= 1"),
+    ("main_AdaMerging_with_surgery.py", {"eval_iterations": 0}, "eval_iterations=0", ">= 1"),
+    ("main_AdaMerging_with_surgery.py", {"iterations": 0}, "iterations=0", ">= 1"),
+    ("main_AdaMerging.py", {"checkpoint_every": 0}, "checkpoint_every=0", ">= 1"),
+    ("main_TaskArithmetic.py", {"batch_size": 0}, "batch_size=0", ">= 1"),
+    ("main_AdaMerging.py", {"adamerging_lr": 0.0}, "adamerging_lr=0.0", "> 0.0"),
+    ("main_AdaMerging.py", {"prior": 1.5}, "prior=1.5", "<= 1.0"),
+    ("main_AdaMerging.py", {"seed": -1}, "seed=-1", ">= 0"),
+    ("main_TiesMerging.py", {"k": 0.0}, "k=0.0", "> 0.0"),
+    ("main_TiesMerging.py", {"k": 20}, "k=20", "<= 1.0"),
+    ("main_TaskArithmetic.py", {"scaling_coef": math.inf}, "scaling_coef=inf", "finite"),
+    ("main_TSVMerging.py", {"alpha": math.nan}, "alpha=nan", "finite"),
+    ("main_TallMasks.py", {"prun_thre_k": 0}, "prun_thre_k=0", ">= 1"),
+    ("main_TallMasks.py", {"tall_lambdas": []}, "tall_lambdas=[]", "non-empty"),
+    ("main_TallMasks.py", {"tall_lambdas": [0.2, -0.1]}, "tall_lambdas=[0.2, -0.1]", ">= 0.0"),
+    ("main_TaskArithmetic.py", {"tasks": ["MNIST", "MNIST"]}, "tasks=['MNIST', 'MNIST']", "without repeats"),
+    ("main_TaskArithmetic.py", {"log_dir": ""}, "log_dir=''", "non-empty"),
+    # types
+    ("main_TiesMerging.py", {"k": "0.2"}, "k='0.2'", "a float or None"),
+    ("main_TaskArithmetic.py", {"tasks": "MNIST"}, "tasks='MNIST'", "a list of strings"),
+    ("main_TaskArithmetic.py", {"select_on_val": 1}, "select_on_val=1", "True or False"),
+    ("main_TaskArithmetic.py", {"batch_size": 12.0}, "batch_size=12.0", "an int"),
+    ("main_TaskArithmetic.py", {"batch_size": True}, "batch_size=True", "an int"),
+    ("build_embedded_benchmark.py", {"micro": "yes"}, "micro='yes'", "True or False"),
+    # between settings
+    ("main_TaskArithmetic_with_surgery.py", {"online": True, "surgery": "v2"}, "online=True", "surgery='v1'"),
+    ("main_AdaMerging_with_surgery_online.py", {"surgery": "v2"}, "online=True", "surgery='v1'"),
+    # a Surgery base's own settings, refused before the run starts
+    ("main_TiesMerging_with_surgery.py", {"preset": "bogus"}, "preset='bogus'", "'ennengyang'"),
+    ("main_WeightAveraging_with_surgery.py", {"method_name": "consensus", "tall_lambdas": []},
+     "tall_lambdas=[]", "non-empty"),
+]
+
+
+@pytest.mark.parametrize("script,replaced,named,allowed", REFUSED,
+                         ids=[f"{s}:{','.join(r)}" for s, r, _, _ in REFUSED])
+def test_out_of_range_choice_or_type_is_refused_naming_setting_value_and_what_is_allowed(
+        script, replaced, named, allowed):
+    with pytest.raises(ConfigError) as err:
+        script_config(script, **replaced)
+    message = str(err.value)
+    assert named in message and allowed in message, message
+
+
+@pytest.mark.parametrize("script,replaced", [
+    ("main_TiesMerging.py", {"k": 1, "scaling_coef": 0.5, "merge": "dis-mean"}),
+    ("main_TaskArithmetic.py", {"scaling_coef": -1.0, "tasks": ["MNIST", "DTD"]}),
+    ("main_AdaMerging.py", {"prior": 0.0, "adamerging_steps": 1}),
+    ("main_TaskArithmetic_with_surgery.py", {"surgery": "v2", "rank": 1}),
+    ("main_AdaMerging_with_surgery_online.py", {"method_name": "task_arithmetic"}),
+    ("main_TallMasks.py", {"prun_thre_k": 8, "tall_lambdas": (0.5,)}),
+])
+def test_values_inside_their_range_pass(script, replaced):
+    config = script_config(script, **replaced)
+    for key, value in replaced.items():
+        assert getattr(config, key) == (list(value) if isinstance(value, tuple) else value)
+
+
+def test_an_int_given_for_a_float_becomes_a_float():
+    config = script_config("main_TiesMerging.py", k=1)
+    assert config.k == 1.0 and isinstance(config.k, float)
+
+
+@pytest.mark.parametrize("script", SURGERY_SCRIPTS)
+def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(script):
+    """The values the bases' `config.get(key, default)` fallbacks gave: nothing a run computes moved."""
+    config = script_config(script)
+    expected = {
+        "weight_averaging": {"drop_last": False},
+        "task_arithmetic": {"scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks"},
+        "ties_merging": {"preset": "ennengyang", "k": None, "merge": None, "val_grid": "tall_masks",
+                         "scaling_coef": 0.3 if "TaskArithmetic" in script else None},
+        "emr_merging": {"rescaler": "code"},
+        "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha"},
+        "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
+                      "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks"},
+    }
+    assert set(expected) == set(BASES)
+    for base, settings in expected.items():
+        name, built = base_merge_settings(dataclasses.replace(config, method_name=base))
+        assert name == BASES[base][0] and dataclasses.asdict(built) == settings, base
+
+
+def test_a_surgery_setting_overrides_what_the_base_name_defines():
+    config = script_config("main_TiesMerging_with_surgery.py", method_name="task_arithmetic",
+                           scaling_coef=0.5, val_grid="tsv")
+    name, settings = base_merge_settings(config)
+    assert name == "task_arithmetic" and settings == TaskArithmeticMerge(0.5, False, "tsv")
+    _, consensus = base_merge_settings(dataclasses.replace(config, method_name="consensus", alpha=2.0))
+    assert isinstance(consensus, TallMasksMerge) and consensus.alpha == 2.0 and consensus.val_grid == "tsv"
+
+
+def test_a_field_declared_without_a_rule_is_a_bug_not_an_input_error():
+    @dataclasses.dataclass
+    class Sloppy:
+        checked: int = setting(ge=0)
+        unchecked: int = 3
+
+    with pytest.raises(TypeError, match="Sloppy.unchecked"):
+        check(Sloppy(1))
