@@ -28,7 +28,8 @@ FUSIONBENCH_TALL20 = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", 
 
 def image_bytes(label, k, fmt="PNG", size=8):
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), (5 * label % 255, 3 * k % 250, 77)).save(buf, format=fmt)
+    r = 5 * label % 255 if isinstance(label, int) else 0  # a test's malformed label gets a black image
+    Image.new("RGB", (size, size), (r, 3 * k % 250, 77)).save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -306,6 +307,24 @@ def test_missing_dataset_names_the_download(tmp_path):
         get_parquet_task("EMNIST", str(tmp_path))
 
 
+def test_folder_of_other_datasets_is_not_read_as_the_missing_one(tmp_path):
+    """A data folder holding mnist/ but not stanford_cars/: Cars is missing, MNIST's shards (labels
+    0..9, all valid Cars labels) must not be read in its place."""
+    write_split(str(tmp_path / "mnist" / "mnist"), "test", [1, 2], shards=1)
+    with pytest.raises(DatasetLayoutError, match="Cars: no parquet dataset found.*hf download"):
+        get_parquet_task("Cars", str(tmp_path))
+
+
+def test_labels_that_are_not_class_ids_are_refused(tmp_path):
+    write_shard(str(tmp_path / "kmnist" / "data" / "test-00000-of-00001.parquet"), ["a", "b"],
+                label_type=pa.string())
+    with pytest.raises(DatasetLayoutError, match="labels of type string, expected integer class ids 0..9"):
+        get_parquet_task("KMNIST", str(tmp_path))
+    write_shard(str(tmp_path / "kmnist" / "data" / "test-00000-of-00001.parquet"), [1, None])
+    with pytest.raises(DatasetLayoutError, match="test-00000-of-00001.parquet has 1 rows without a label"):
+        get_parquet_task("KMNIST", str(tmp_path))
+
+
 def test_missing_split_names_folder_and_fix(tmp_path):
     write_split(str(tmp_path / "dtd" / "data"), "train", cycle_labels(20, 47))
     with pytest.raises(DatasetLayoutError, match=r"no 'test' split in .*dtd.*found train.*hf download"):
@@ -321,7 +340,8 @@ def test_missing_column_is_refused(tmp_path):
     path = tmp_path / "cifar10" / "data" / "test-00000-of-00001.parquet"
     os.makedirs(path.parent)
     pq.write_table(pa.table({"image": pa.array([b"x"]), "target": pa.array([1])}), str(path))
-    with pytest.raises(DatasetLayoutError, match=r"test-00000-of-00001\.parquet has no label column"):
+    with pytest.raises(DatasetLayoutError,
+                       match=r"test-00000-of-00001\.parquet has no label column.*target.*hf download"):
         get_parquet_task("CIFAR10", str(tmp_path))
 
 
@@ -353,5 +373,6 @@ def test_not_parquet_is_refused(tmp_path):
     path = tmp_path / "kmnist" / "data" / "test-00000-of-00001.parquet"
     os.makedirs(path.parent)
     path.write_bytes(b"not parquet")
-    with pytest.raises(DatasetLayoutError, match="cannot read parquet file .*test-00000"):
+    with pytest.raises(DatasetLayoutError,
+                       match="cannot read parquet file .*test-00000.*hf download tanganke/kmnist"):
         get_parquet_task("KMNIST", str(tmp_path))

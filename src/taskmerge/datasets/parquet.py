@@ -159,11 +159,19 @@ def find_snapshot(task: str, root: str) -> str:
     for name in dict.fromkeys(names + [src.fusionbench, task]):
         if os.path.isdir(os.path.join(root, name)):
             return os.path.join(root, name)
-    if any(f.endswith(".parquet") for _, _, fs in _walk(root) for f in fs):
+    if not _holds_datasets(root) and any(f.endswith(".parquet") for _, _, fs in _walk(root) for f in fs):
         return root  # `root` is the dataset's own folder
     raise DatasetLayoutError(f"{task}: no parquet dataset found under {root} (looked for "
                              f"{', '.join(names + [src.fusionbench])} and the hub cache's "
                              f"datasets--…); {download_hint(task, root)}")
+
+
+def _holds_datasets(root: str) -> bool:
+    """Whether `root` is a folder of several datasets (then a task missing from it is an error, not
+    a reason to read the others' shards as its own)."""
+    known = {t for t in HF_SOURCES} | set(FUSIONBENCH_TASKS) | set(NOT_OUR_TASKS)
+    entries = os.listdir(root) if os.path.isdir(root) else []
+    return any(e in known or e.startswith("datasets--") or e == "hub" for e in entries)
 
 
 def _walk(top: str):
@@ -206,12 +214,13 @@ def list_shards(task: str, snapshot: str, root: str) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------- the dataset
-def _column(task: str, path: str, schema: pa.Schema, candidates: tuple[str, ...], what: str) -> str:
+def _column(task: str, path: str, schema: pa.Schema, candidates: tuple[str, ...], what: str,
+            fix: str) -> str:
     for name in candidates:
         if name in schema.names:
             return name
     raise DatasetLayoutError(f"{task}: {path} has no {what} column (looked for {', '.join(candidates)}; "
-                             f"columns: {', '.join(schema.names)}); re-download the dataset")
+                             f"columns: {', '.join(schema.names)}); {fix}")
 
 
 def hf_classlabel_names(schema: pa.Schema, column: str) -> list[str] | None:
@@ -219,15 +228,19 @@ def hf_classlabel_names(schema: pa.Schema, column: str) -> list[str] | None:
     meta = (schema.metadata or {}).get(b"huggingface")
     if not meta:
         return None
-    feature = json.loads(meta).get("info", {}).get("features", {}).get(column, {})
+    try:
+        feature = json.loads(meta).get("info", {}).get("features", {}).get(column, {})
+    except (ValueError, AttributeError):
+        return None  # not HF's metadata: the class count is still checked against the labels
     return list(feature["names"]) if feature.get("_type") == "ClassLabel" and "names" in feature else None
 
 
 class ParquetImageDataset(Dataset):
     """The rows of one split's shards as `(image, label)`; an image is decoded only when indexed."""
 
-    def __init__(self, task: str, files: list[str], num_classes: int, transform: Callable | None):
-        self.task, self.files, self.transform = task, list(files), transform
+    def __init__(self, task: str, files: list[str], num_classes: int, transform: Callable | None,
+                 fix: str = "re-download the dataset"):
+        self.task, self.files, self.transform, self.fix = task, list(files), transform, fix
         self.groups: list[tuple[int, int]] = []   # (file index, row group) of each row group
         self.starts: list[int] = []               # first row of each row group
         self.image_columns: list[str] = []
@@ -237,11 +250,10 @@ class ParquetImageDataset(Dataset):
             try:
                 pf = pq.ParquetFile(path)
             except (OSError, pa.ArrowException) as e:
-                raise DatasetLayoutError(f"{task}: cannot read parquet file {path} ({e}); "
-                                         f"re-download it") from e
+                raise DatasetLayoutError(f"{task}: cannot read parquet file {path} ({e}); {fix}") from e
             schema = pf.schema_arrow
-            self.image_columns.append(_column(task, path, schema, IMAGE_COLUMNS, "image"))
-            label_column = _column(task, path, schema, LABEL_COLUMNS, "label")
+            self.image_columns.append(_column(task, path, schema, IMAGE_COLUMNS, "image", fix))
+            label_column = _column(task, path, schema, LABEL_COLUMNS, "label", fix)
             self.classlabel_names = self.classlabel_names or hf_classlabel_names(schema, label_column)
             labels.append(self._labels(path, pf.read(columns=[label_column]).column(0), num_classes))
             for rg in range(pf.metadata.num_row_groups):
@@ -290,12 +302,12 @@ class ParquetImageDataset(Dataset):
         if not data:
             raise DatasetLayoutError(f"{self.task}: row {i} of {path} holds no image bytes (only a path, "
                                      f"{cell.get('path') if isinstance(cell, dict) else None!r}); "
-                                     f"re-download the parquet files, which embed the images")
+                                     f"the hub's parquet files embed the images: {self.fix}")
         try:
             img = Image.open(io.BytesIO(data)).convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DatasetLayoutError(f"{self.task}: cannot decode the image in row {i} of {path} "
-                                     f"({type(e).__name__}: {e}); re-download the file") from e
+                                     f"({type(e).__name__}: {e}); {self.fix}") from e
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[i])
@@ -333,7 +345,7 @@ def get_parquet_task(name: str, root: str, transform=None) -> TaskData:
                 return None
             raise DatasetLayoutError(f"{task}: no {split_name!r} split in {snapshot} (found "
                                      f"{', '.join(sorted(shards))}); {download_hint(task, root)}")
-        dataset = ParquetImageDataset(task, shards[split_name], count, transform)
+        dataset = ParquetImageDataset(task, shards[split_name], count, transform, download_hint(task, root))
         if dataset.classlabel_names is not None and len(dataset.classlabel_names) != count:
             raise DatasetLayoutError(f"{task}: {shards[split_name][0]} names "
                                      f"{len(dataset.classlabel_names)} classes, {task} has {count}; "
