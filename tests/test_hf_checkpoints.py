@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
 from taskmerge.models.encoders import build_image_encoder
-from taskmerge.models.hf_encoders import build_hf_image_encoder, known_model_name
-from taskmerge.storage.hf_checkpoints import (find_model_folder, image_encoder_recipe,
+from taskmerge.models.hf_encoders import (build_hf_image_encoder, create_clip_from_config,
+                                          known_model_name)
+from taskmerge.storage.hf_checkpoints import (find_model_folder, image_encoder_recipe, load_hf_clip,
                                               load_hf_image_encoder, open_clip_config,
                                               read_hf_checkpoint, resolve_model_folder)
 from taskmerge.storage.safe_pickle import CheckpointError
@@ -92,6 +93,27 @@ def test_clip_model_features_match_transformers(clip_folder, images):
     assert (ours - expected).abs().max() <= TOL
 
 
+def test_full_clip_both_towers_match_transformers(clip_folder, images):
+    # The zero-shot heads are built from open_clip's CLIP; its text features must be HF's too.
+    folder, clip = clip_folder
+    state, config = load_hf_clip(folder)
+    ours = create_clip_from_config(config)
+    assert list(state) == list(ours.state_dict())
+    ours.load_state_dict(dict(state), strict=True)
+    gen = torch.Generator().manual_seed(4)
+    # Full-length sequences ending in the end-of-text token (id 99, the vocabulary's largest, as
+    # 49407 is in CLIP's), placed at different positions: both models pool there.
+    ids = torch.randint(2, 98, (3, 16), generator=gen)
+    for row, end in enumerate((5, 9, 15)):
+        ids[row, end] = 99
+    with torch.no_grad():
+        expected_text = clip.get_text_features(input_ids=ids).pooler_output
+        expected_image = clip.get_image_features(pixel_values=images).pooler_output
+        assert (ours.encode_text(ids) - expected_text).abs().max() <= TOL
+        assert (ours.encode_image(images) - expected_image).abs().max() <= TOL
+    assert torch.equal(state["logit_scale"], clip.logit_scale.detach())
+
+
 def test_activation_comes_from_hidden_act(clip_folder, images):
     folder, clip = clip_folder
     state, config = load_hf_image_encoder(folder)
@@ -148,6 +170,19 @@ def test_vision_model_4x_layout(clip_folder, expert_folder, images, tmp_path, we
     expert, vision = expert_folder
     old = _write_4x_folder(expert, tmp_path / "old", weights)
     ours = our_features(old, images, pretrained=folder)
+    assert (ours - expected_expert_features(clip, vision, images)).abs().max() <= TOL
+
+
+def test_vision_model_with_a_nested_vision_config(clip_folder, expert_folder, images, tmp_path):
+    folder, clip = clip_folder
+    expert, vision = expert_folder
+    out = tmp_path / "nested"
+    out.mkdir()
+    inner = json.load(open(os.path.join(expert, "config.json")))
+    outer = {"architectures": ["CLIPVisionModel"], "model_type": "clip", "vision_config": inner}
+    (out / "config.json").write_text(json.dumps(outer))
+    (out / "model.safetensors").write_bytes(open(os.path.join(expert, "model.safetensors"), "rb").read())
+    ours = our_features(str(out), images, pretrained=folder)
     assert (ours - expected_expert_features(clip, vision, images)).abs().max() <= TOL
 
 
@@ -281,6 +316,11 @@ def test_other_architecture(expert_folder, tmp_path):
                                model_type="vit")
     with pytest.raises(CheckpointError, match="ViTModel"):
         read_hf_checkpoint(folder)
+
+
+def test_vision_model_has_no_text_tower(expert_folder):
+    with pytest.raises(CheckpointError, match="no text tower"):
+        load_hf_clip(expert_folder[0])
 
 
 def test_vision_model_needs_pretrained(expert_folder):

@@ -12,6 +12,7 @@ are concatenated into `in_proj_*`, HF's Linear weights of the projections are tr
 activation comes from `hidden_act`. An expert has no projection nor text tower: as in FusionBench,
 both come from the pre-trained CLIPModel, so their task vectors are zero. The result is a lazy
 Mapping (each key reads its few source tensors), like the other readers of storage/checkpoints.py.
+`convert_clip` maps a whole CLIPModel (both towers) onto open_clip's CLIP, for the zero-shot heads.
 """
 from __future__ import annotations
 
@@ -155,8 +156,9 @@ def _read_config(folder: str) -> tuple[str, dict]:
         config = {"vision_config": {**VISION_DEFAULTS, **(raw.get("vision_config") or {})},
                   "text_config": {**TEXT_DEFAULTS, **(raw.get("text_config") or {})},
                   "projection_dim": raw.get("projection_dim", PROJECTION_DIM_DEFAULT)}
-    else:  # a vision config at the top; its projection_dim belongs to a projection it lacks
-        config = {"vision_config": {**VISION_DEFAULTS, **raw}, "text_config": None,
+    else:  # a vision config at the top (or nested, as a CLIPConfig); no projection of its own
+        vision = raw["vision_config"] if isinstance(raw.get("vision_config"), dict) else raw
+        config = {"vision_config": {**VISION_DEFAULTS, **vision}, "text_config": None,
                   "projection_dim": None}
     act = config["vision_config"]["hidden_act"]
     if act not in _ACTIVATIONS:
@@ -323,6 +325,34 @@ def convert_image_encoder(tensors: Mapping[str, torch.Tensor], config: dict,
     return ConvertedStateDict(tensors, image_encoder_recipe(config), name)
 
 
+def clip_recipe(config: dict) -> dict[str, tuple[str, list[str]]]:
+    """{open_clip CLIP key: (op, CLIPModel keys)} for both towers (the zero-shot heads' CLIP), in
+    open_clip's order: the image encoder's keys unprefixed, the text blocks before token_embedding."""
+    recipe = {}
+    for key, how in image_encoder_recipe(config).items():
+        if key == "model.token_embedding.weight":
+            for i in range(config["text_config"]["num_hidden_layers"]):
+                recipe.update(_block_recipe(f"transformer.resblocks.{i}",
+                                            f"text_model.encoder.layers.{i}"))
+        recipe[key[len("model."):]] = how
+    return recipe
+
+
+def convert_clip(tensors: Mapping[str, torch.Tensor], config: dict,
+                 name: str = "Hugging Face checkpoint") -> ConvertedStateDict:
+    """A CLIPModel's tensors + config -> the state dict of open_clip's CLIP (both towers)."""
+    text, vision = config["text_config"], config["vision_config"]
+    if text is None:
+        raise CheckpointError(f"{name}: a CLIPVisionModel has no text tower; the zero-shot heads "
+                              f"come from the pre-trained CLIPModel")
+    if text["hidden_act"] != vision["hidden_act"] or text["layer_norm_eps"] != 1e-5:
+        raise CheckpointError(f"{name}: text tower with hidden_act {text['hidden_act']!r}, "
+                              f"layer_norm_eps {text['layer_norm_eps']}; open_clip builds both "
+                              f"towers with the vision tower's {vision['hidden_act']!r} and 1e-5, "
+                              f"so this model cannot be converted faithfully")
+    return ConvertedStateDict(tensors, clip_recipe(config), name)
+
+
 def with_pretrained_parts(expert: HFCheckpoint, pretrained: HFCheckpoint) -> HFCheckpoint:
     """An expert CLIPVisionModel completed by the pre-trained CLIPModel's projection and text tower
     (FusionBench's construction); refuses an expert of another backbone."""
@@ -362,6 +392,18 @@ def load_hf_image_encoder(path: str, pretrained: str | HFCheckpoint | None = Non
     return state, open_clip_config(checkpoint.config)
 
 
+def load_hf_clip(path: str) -> tuple[ConvertedStateDict, dict]:
+    """(open_clip CLIP state dict, its open_clip config) of a pre-trained CLIPModel folder."""
+    checkpoint = read_hf_checkpoint(path)
+    if checkpoint.architecture != "CLIPModel":
+        raise CheckpointError(f"{checkpoint.folder}: a {checkpoint.architecture} has no text tower; "
+                              f"the zero-shot heads come from the pre-trained CLIPModel folder "
+                              f"(e.g. openai/clip-vit-base-patch32)")
+    state = convert_clip(checkpoint.tensors, checkpoint.config, checkpoint.folder)
+    return state, open_clip_config(checkpoint.config)
+
+
 __all__ = ["HFCheckpoint", "TensorSource", "ConvertedStateDict", "resolve_model_folder",
            "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
-           "convert_image_encoder", "with_pretrained_parts", "load_hf_image_encoder"]
+           "convert_image_encoder", "clip_recipe", "convert_clip", "with_pretrained_parts",
+           "load_hf_image_encoder", "load_hf_clip"]
