@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
+from taskmerge.merging.task_arithmetic import task_arithmetic
 from taskmerge.models.encoders import build_image_encoder
 from taskmerge.models.hf_encoders import (build_hf_image_encoder, create_clip_from_config,
                                           known_model_name)
@@ -112,6 +113,29 @@ def test_full_clip_both_towers_match_transformers(clip_folder, images):
         assert (ours.encode_text(ids) - expected_text).abs().max() <= TOL
         assert (ours.encode_image(images) - expected_image).abs().max() <= TOL
     assert torch.equal(state["logit_scale"], clip.logit_scale.detach())
+
+
+def test_lazy_shapes_and_dtypes_are_the_tensors(clip_folder, expert_folder):
+    # Validation and the merges read shapes and dtypes without loading; they must be the truth.
+    state, _ = load_hf_image_encoder(expert_folder[0], clip_folder[0])
+    assert state.path == read_hf_checkpoint(expert_folder[0]).folder
+    for key in state:
+        tensor = state[key]
+        assert state.shape(key) == tuple(tensor.shape), key
+        assert state.dtype(key) == tensor.dtype, key
+
+
+def test_merges_run_on_converted_checkpoints(clip_folder, expert_folder, images):
+    # The point of converting once: the merge math reads HF experts like any other reader.
+    folder, clip = clip_folder
+    expert, vision = expert_folder
+    pretrained, config = load_hf_image_encoder(folder)
+    finetuned, _ = load_hf_image_encoder(expert, folder)
+    merged = task_arithmetic(pretrained, {"SUN397": finetuned}, lam=1.0)
+    encoder, _ = build_hf_image_encoder(merged, config)
+    with torch.no_grad():
+        ours = encoder(images)
+    assert (ours - expected_expert_features(clip, vision, images)).abs().max() <= 1e-4
 
 
 def test_activation_comes_from_hidden_act(clip_folder, images):

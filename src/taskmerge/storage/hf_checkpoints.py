@@ -113,6 +113,10 @@ class TensorSource(Mapping[str, torch.Tensor]):
         reader, stored = self.entries[key]
         return tuple(reader.shape(stored) if hasattr(reader, "shape") else reader[stored].shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        reader, stored = self.entries[key]
+        return reader.dtype(stored) if hasattr(reader, "dtype") else reader[stored].dtype
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
 
@@ -280,16 +284,17 @@ def image_encoder_recipe(config: dict) -> dict[str, tuple[str, list[str]]]:
 
 
 class ConvertedStateDict(Mapping[str, torch.Tensor]):
-    """A lazy image-encoder state dict: each key is built from its CLIPModel tensors on read."""
+    """A lazy converted state dict: each key is built from its CLIPModel tensors on read; `path`
+    (the model folder) is what error messages name."""
 
     def __init__(self, source: Mapping[str, torch.Tensor], recipe: dict[str, tuple[str, list[str]]],
-                 name: str = "Hugging Face checkpoint"):
+                 path: str = "Hugging Face checkpoint"):
         missing = sorted({k for _, keys in recipe.values() for k in keys if k not in source})
         if missing:
-            raise CheckpointError(f"{name}: lacks {len(missing)} tensors a CLIP image encoder needs "
+            raise CheckpointError(f"{path}: lacks {len(missing)} tensors a CLIP image encoder needs "
                                   f"({missing[:3]}{'…' if len(missing) > 3 else ''}); is it a "
                                   f"truncated download or another model?")
-        self.source, self.recipe, self.name = source, recipe, name
+        self.source, self.recipe, self.path = source, recipe, path
 
     def __getitem__(self, key: str) -> torch.Tensor:
         op, keys = self.recipe[key]
@@ -306,6 +311,15 @@ class ConvertedStateDict(Mapping[str, torch.Tensor]):
             return (sum(s[0] for s in shapes),) + shapes[0][1:]
         return shapes[0][::-1] if op == "t" else shapes[0]
 
+    def dtype(self, key: str) -> torch.dtype:
+        op, keys = self.recipe[key]
+        dtypes = {self.source.dtype(k) if hasattr(self.source, "dtype") else self.source[k].dtype
+                  for k in keys}
+        if len(dtypes) > 1:  # torch.cat would silently promote
+            raise CheckpointError(f"{self.path}: {keys} are stored in different dtypes "
+                                  f"{sorted(map(str, dtypes))}; the file is corrupt")
+        return dtypes.pop()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.recipe)
 
@@ -316,7 +330,7 @@ class ConvertedStateDict(Mapping[str, torch.Tensor]):
         return key in self.recipe
 
     def __repr__(self) -> str:
-        return f"ConvertedStateDict({self.name!r}, {len(self)} tensors)"
+        return f"ConvertedStateDict({self.path!r}, {len(self)} tensors)"
 
 
 def convert_image_encoder(tensors: Mapping[str, torch.Tensor], config: dict,
