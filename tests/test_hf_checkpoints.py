@@ -210,6 +210,21 @@ def test_vision_model_with_a_nested_vision_config(clip_folder, expert_folder, im
     assert (ours - expected_expert_features(clip, vision, images)).abs().max() <= TOL
 
 
+def test_sharded_safetensors(clip_folder, images, tmp_path):
+    folder, clip = clip_folder
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(tmp_path / name))
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_bytes(open(os.path.join(folder, "config.json"), "rb").read())
+    with torch.no_grad():
+        expected = clip.get_image_features(pixel_values=images).pooler_output
+    assert (our_features(str(tmp_path), images) - expected).abs().max() <= TOL
+
+
 def test_hub_cache_layout(clip_folder, expert_folder, images, tmp_path):
     folder, clip = clip_folder
     expert, vision = expert_folder
