@@ -13,7 +13,8 @@ exactly zero task vectors, as in real checkpoints. They are written once as safe
 Every (method, T) runs in a fresh subprocess that opens the files lazily, merges and saves the
 result (safetensors; EMR / TSV-C / TALL in their compact form). Reported: the whole process's wall
 time (interpreter start, imports, reads, merge, save), its CPU time (user + sys) and its peak RSS
-(`wait4` rusage of that child), next to FusionBench 0.2.33's side-by-side numbers at the same thread count (8 experts) and the targets.
+(`wait4` rusage of that child), next to FusionBench 0.2.33's side-by-side numbers at the same thread
+count (8 experts) and the targets.
 Experts are read through `checkpoints.open_state_dict`, which preads each tensor and never maps
 the files (mapped pages would count in RSS). On a machine shared with other jobs use `threads=1`:
 two OpenMP threads on oversubscribed cores spin and run ~2× slower.

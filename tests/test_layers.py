@@ -95,7 +95,8 @@ def test_the_check_names_the_file_and_the_import(tmp_path):
     _write(root, "storage/more.py", "from taskmerge import models\nimport taskmerge.runs.setup\n")
     _write(root, "stray.py", "")
     problems = upward_imports(root)
-    assert "storage/checkpoints.py:2 imports taskmerge.models.heads.X (storage → later layer models)" in problems
+    assert ("storage/checkpoints.py:2 imports taskmerge.models.heads.X (storage → later layer models)"
+            in problems)
     assert "storage/reader.py:1 imports taskmerge.models.heads (storage → later layer models)" in problems
     assert "storage/more.py:1 imports taskmerge.models (storage → later layer models)" in problems
     assert "storage/more.py:2 imports taskmerge.runs.setup (storage → later layer runs)" in problems

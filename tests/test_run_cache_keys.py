@@ -53,7 +53,8 @@ def _log(report, config):
 
 def test_replaced_head_recomputes_the_individual_accuracy(bench):
     config, folder = bench
-    first = run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
+    first = run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}),
+                         script="eval_single_task.py")
     head = torch.load(folder / "head_Animals.pt", weights_only=True)
     head["weight"] = -head["weight"]  # the expert's argmax becomes its argmin
     torch.save(head, folder / "head_Animals.pt")
@@ -61,7 +62,8 @@ def test_replaced_head_recomputes_the_individual_accuracy(bench):
     expert = encoder_for(setup, setup.checkpoints.finetuned("Animals"))
     expected = evaluate(expert, load_heads(setup)["Animals"], task_data(setup, "Animals").test)
     assert expected != first["individual_accuracy"]["Animals"]  # else this test could not tell
-    second = run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
+    second = run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}),
+                         script="eval_single_task.py")
     assert second["individual_accuracy"]["Animals"] == expected
     assert {t: a for t, a in second["individual_accuracy"].items() if t != "Animals"} == \
         {t: a for t, a in first["individual_accuracy"].items() if t != "Animals"}
@@ -71,8 +73,8 @@ def test_replaced_head_recomputes_the_individual_accuracy(bench):
 
 def test_merges_of_different_task_lists_are_saved_apart_with_their_provenance(bench):
     config, _ = bench
-    two = run_data_free(_config("main_TaskArithmetic.py", {**config, "tasks": ["Digits", "Fashion"], "scaling_coef": 0.3}),
-                        script="ta.py")
+    two_tasks = {**config, "tasks": ["Digits", "Fashion"], "scaling_coef": 0.3}
+    two = run_data_free(_config("main_TaskArithmetic.py", two_tasks), script="ta.py")
     four = run_data_free(_config("main_TaskArithmetic.py", {**config, "scaling_coef": 0.3}), script="ta.py")
     assert two["merged_file"] != four["merged_file"]
     for report in (two, four):
@@ -83,8 +85,9 @@ def test_merges_of_different_task_lists_are_saved_apart_with_their_provenance(be
 
 
 def _adamerging(config, **kw):
-    return run_adamerging(_config("main_AdaMerging.py", {**config, "method_name": "tw_adamerging", "adamerging_steps": 2,
-                           "adamerging_eval_every": 2, "checkpoint_every": 1, **kw}), script="ada.py")
+    return run_adamerging(_config("main_AdaMerging.py", {
+        **config, "method_name": "tw_adamerging", "adamerging_steps": 2, "adamerging_eval_every": 2,
+        "checkpoint_every": 1, **kw}), script="ada.py")
 
 
 def test_adamerging_resume_and_saved_coefficients_are_keyed_by_the_prior(bench):
@@ -115,10 +118,13 @@ def test_surgery_does_not_resume_on_a_base_with_other_coefficients(bench, tmp_pa
         files.append(path)
     surgery = {"method_name": "tw_adamerging", "surgery": "v1", "online": False, "iterations": 2,
                "eval_iterations": 2, "rank": 4, "checkpoint_every": 1}
-    first = run_surgery(_config("main_AdaMerging_with_surgery.py", {**config, **surgery, "coefficients": files[0]}), script="surgery.py")
-    second = run_surgery(_config("main_AdaMerging_with_surgery.py", {**config, **surgery, "coefficients": files[1]}), script="surgery.py")
-    fresh = run_surgery(_config("main_AdaMerging_with_surgery.py", {**config, **surgery, "coefficients": files[1], "resume_dir": ""}),
-                        script="surgery.py")
+    def surgery_on(coefficients, **kw):
+        settings = {**config, **surgery, "coefficients": coefficients, **kw}
+        return run_surgery(_config("main_AdaMerging_with_surgery.py", settings), script="surgery.py")
+
+    first = surgery_on(files[0])
+    second = surgery_on(files[1])
+    fresh = surgery_on(files[1], resume_dir="")
     assert "Resumed" not in _log(second, config)
     assert second["history"] == fresh["history"] != first["history"]
 

@@ -88,7 +88,8 @@ def test_head_that_does_not_fit_its_task_or_encoder_is_refused(bench, change, sa
     config, folder = bench
     _edit(folder / "head_Animals.pt", change)
     with pytest.raises(InputError) as e:
-        run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
+        run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}),
+                         script="eval_single_task.py")
     assert str(folder / "head_Animals.pt") in str(e.value) and says in str(e.value)
 
 
@@ -96,7 +97,8 @@ def test_single_task_eval_refuses_nan_experts(bench):
     config, folder = bench
     _edit(folder / "LowResDigits" / "finetuned.pt", _nan_proj)
     with pytest.raises(InputError, match="LowResDigits.*NaN/Inf"):
-        run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}), script="eval_single_task.py")
+        run_single_task_eval(_config("eval_single_task.py", {**config, "split": "test"}),
+                         script="eval_single_task.py")
 
 
 def _near_float32_max(sd):

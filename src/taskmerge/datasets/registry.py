@@ -1,8 +1,8 @@
 """`get_task(name, data_location, transform)`: one entry point for the real tasks.
 
 A name is a real task (`READERS`) or its validation variant `<Task>Val` (the embedded benchmark's
-tasks live a layer up, in `embedded/tasks.py`, and reuse `split_train_val`). `<Task>Val` follows task_vectors/tall_masks (METHODS.md §5.1, §3.2):
-the training set is cut by `torch.utils.data.random_split` with a generator seeded 0 into
+tasks live a layer up, in `embedded/tasks.py`, and reuse `split_train_val`). `<Task>Val` follows
+task_vectors/tall_masks (METHODS.md §5.1, §3.2): the training set is cut by `torch.utils.data.random_split` with a generator seeded 0 into
 [train_size, val_size], val_size = min(int(0.1 · |train|), 5000); `.test` is the held-out part,
 `.train` the rest. EuroSATVal instead evaluates on EuroSAT's real `val` folder.
 """
