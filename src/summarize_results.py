@@ -7,9 +7,9 @@ table, and the same rows as CSV.
 Where several reports carry the same label, the newest is kept (and the replaced ones are listed);
 a file that is not a valid report is skipped with a warning naming it.
 """
-from taskmerge.runs.config import configure
-from taskmerge.runs.summary import summarize
-from taskmerge.storage.errors import InputError
+from taskmerge.runs.cli import main
+from taskmerge.runs.preparation import run_summary
+from taskmerge.runs.script_configs import SummaryConfig
 
 # where the reports are (every *.json under it, recursively)
 log_dir = "src/logs"
@@ -21,9 +21,4 @@ method = ""                   # the report's method; a Surgery run's is its base
 csv_path = "src/logs/results.csv"   # the rows as CSV ("" to skip)
 
 if __name__ == "__main__":
-    config = configure(globals())
-    print("Config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
-    try:
-        summarize(log_dir, csv_path, model=model, family=family, method=method)
-    except InputError as e:  # a wrong setting: its message alone, no traceback
-        raise SystemExit(f"error: {e}")
+    main(run_summary, SummaryConfig, globals())

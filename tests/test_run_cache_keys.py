@@ -97,6 +97,8 @@ def test_adamerging_resume_and_saved_coefficients_are_keyed_by_the_prior(bench):
     fresh = _adamerging({**config, "resume_dir": ""}, coefficients="learn", prior=0.6)
     assert high["coefficients"] == fresh["coefficients"] != low["coefficients"]
     assert "Resumed" not in _log(high, config)
+    assert "adamerging: no saved state for these inputs" in _log(high, config)
+    assert "differs in run.prior;" in _log(high, config)  # the log says which input changed
     again = _adamerging(config, coefficients="auto", prior=0.6)  # reuses the saved 0.6 coefficients
     assert again["coefficients_source"] == high["coefficients_file"]
     assert again["coefficients"] == high["coefficients"]
@@ -126,6 +128,7 @@ def test_surgery_does_not_resume_on_a_base_with_other_coefficients(bench, tmp_pa
     second = surgery_on(files[1])
     fresh = surgery_on(files[1], resume_dir="")
     assert "Resumed" not in _log(second, config)
+    assert "differs in run.base.coefficients;" in _log(second, config)
     assert second["history"] == fresh["history"] != first["history"]
 
 

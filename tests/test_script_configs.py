@@ -15,7 +15,7 @@ SURGERY_SCRIPTS = [s for s in SCRIPTS if "surgery" in s]
 
 
 def test_there_is_a_config_for_every_script():
-    assert len(SCRIPTS) == 15 and len(SURGERY_SCRIPTS) == 5
+    assert len(SCRIPTS) == 16 and len(SURGERY_SCRIPTS) == 5
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -117,7 +117,7 @@ def train_adamerging(merged: MergedEncoder, tasks: Sequence[str], images: Mappin
     history: list[dict] = []
     losses: list[float] = []
     start = 0
-    state = ckpt.load()
+    state = ckpt.load(logger.info if logger is not None else None)
     if state is not None:
         with torch.no_grad():
             merged.lam_raw.copy_(state["lam_raw"])

@@ -122,7 +122,7 @@ def train_loop(kind: str, tasks: Sequence[str], sizes: Mapping[str, int], adapte
         logger.info(f"{kind}: rank {config.rank}, trainable parameters {sum(p.numel() for p in params)}, "
                     f"zero_grad_mode={config.zero_grad_mode} ({ZERO_GRAD_MODES[config.zero_grad_mode]})")
     history, losses, start = [], [], 0
-    state = ckpt.load()
+    state = ckpt.load(logger.info if logger is not None else None)
     if state is not None:
         adapters.load_state_dict(state["adapters"])
         opt.load_state_dict(state["optimizer"])
@@ -224,7 +224,7 @@ def train_surgery_online(tasks: Sequence[str], base_features: Mapping[str, torch
     log(f"surgery_online: rank {config.rank}, trainable parameters {sum(p.numel() for p in params)}, "
         f"zero_grad_mode={config.zero_grad_mode} ({ZERO_GRAD_MODES[config.zero_grad_mode]})")
     history, losses, seen, task0, pos, perm = [], [], 0, 0, None, None
-    state = ckpt.load()
+    state = ckpt.load(log)
     if state is not None:
         adapters.load_state_dict(state["adapters"])
         opt.load_state_dict(state["optimizer"])

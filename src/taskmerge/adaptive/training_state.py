@@ -40,12 +40,17 @@ class TrainingCheckpoint:
     def __init__(self, folder: str | None, kind: str, key: dict, every: int):
         if every is not None and every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1 (got {every})")
+        self.kind, self.folder = kind, folder
+        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))  # what the file records
         self.key_hash = run_hash(kind, key)
         self.every = every
         self.path = None if folder is None else os.path.join(folder, f"{kind}_{self.key_hash}.pt")
 
-    def load(self) -> dict | None:
+    def load(self, log: Callable[[str], None] | None = None) -> dict | None:
+        """The saved state of this very run, or None; `log` hears why a run starts fresh."""
         if self.path is None or not os.path.exists(self.path):
+            if log is not None and self.path is not None:
+                log(self.fresh_start_reason())
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key_hash") != self.key_hash:
@@ -53,10 +58,30 @@ class TrainingCheckpoint:
                              f"({state.get('key_hash')} != {self.key_hash}); delete it to start over")
         return state
 
+    def fresh_start_reason(self) -> str:
+        """Why no saved state is resumed: none of this kind in the folder, or the newest one's key
+        and this run's differ in the fields named."""
+        others = [] if not os.path.isdir(self.folder) else sorted(
+            (os.path.join(self.folder, f) for f in os.listdir(self.folder)
+             if f.startswith(f"{self.kind}_") and f.endswith(".pt")), key=os.path.getmtime)
+        if not others:
+            return f"{self.kind}: no saved state in {self.folder}; starting from step 0"
+        try:
+            newest = torch.load(others[-1], map_location="cpu", weights_only=True).get("key")
+        except Exception:  # an unreadable neighbour only costs the explanation
+            newest = None
+        if not isinstance(newest, Mapping):
+            return (f"{self.kind}: no saved state for these inputs in {self.folder}; starting from step 0")
+        fields = differing_fields(newest, self.key)
+        return (f"{self.kind}: no saved state for these inputs; the newest in {self.folder} "
+                f"({os.path.basename(others[-1])}) differs in {', '.join(fields) or 'its key'}; "
+                f"starting from step 0")
+
     def maybe_save(self, step: int, make_state: Callable[[], dict], final: bool = False) -> bool:
         if self.path is None or not (final or step % self.every == 0):
             return False
-        atomic.torch_save({"key_hash": self.key_hash, "step": step, **make_state()}, self.path)
+        atomic.torch_save({"key_hash": self.key_hash, "key": self.key, "step": step, **make_state()},
+                          self.path)
         return True
 
 

@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict
 
 from taskmerge.embedded.build import ensure_embedded_benchmark, read_manifest, summary
-from taskmerge.runs.script_configs import BuildBenchmarkConfig, ConvertCheckpointsConfig
+from taskmerge.runs.script_configs import BuildBenchmarkConfig, ConvertCheckpointsConfig, SummaryConfig
+from taskmerge.runs.summary import summarize
 from taskmerge.storage.checkpoints import convert_to_safetensors
 
 
@@ -32,3 +33,10 @@ def run_convert_checkpoints(config: ConvertCheckpointsConfig, script: str) -> di
                                   family=config.family)
     print(f"wrote {len(done['written'])} files, skipped {len(done['skipped'])} already converted")
     return done
+
+
+def run_summary(config: SummaryConfig, script: str):
+    """The results tables of every report under `log_dir` (printed), and their CSV."""
+    _print_config(config)
+    return summarize(config.log_dir, config.csv_path, model=config.model, family=config.family,
+                     method=config.method)

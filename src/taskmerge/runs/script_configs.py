@@ -221,3 +221,12 @@ class ConvertCheckpointsConfig:
     family: str = setting(choices=("task_vectors", "tall_masks", "auto"))
     out_dir: str | None = setting(nonempty=True)
 
+
+# --- the script that reads the reports back ---
+@dataclass
+class SummaryConfig:
+    log_dir: str = setting(nonempty=True)
+    model: str = setting()
+    family: str = setting()
+    method: str = setting()
+    csv_path: str = setting()
