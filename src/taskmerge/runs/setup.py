@@ -27,6 +27,7 @@ from taskmerge.storage import atomic
 from taskmerge.storage.checkpoints import (CheckpointError, CheckpointSet, file_digest, load_head,
                                            load_state_dict)
 from taskmerge.storage.errors import ConfigError
+from taskmerge.storage.hf_checkpoints import FUSIONBENCH_MODELS, load_hf_clip
 
 EMBEDDED_MODELS = (TINY_MODEL, TINY_MODEL + "-micro")
 
@@ -58,9 +59,12 @@ class Setup:
 
 def _real_checkpoints_present(checkpoint_dir: str, model_name: str) -> bool:
     folder = os.path.join(checkpoint_dir, model_name)
+    repo = "models--openai--" + FUSIONBENCH_MODELS[model_name]
     return any(os.path.exists(os.path.join(folder, f)) for f in
                ("zeroshot.pt", os.path.join("MNISTVal", "nonlinear_zeroshot.pt"),
-                os.path.join("safetensors", "zeroshot.safetensors")))
+                os.path.join("safetensors", "zeroshot.safetensors"))) or any(
+        os.path.isdir(os.path.join(checkpoint_dir, d)) for d in
+        (os.path.join("openai", FUSIONBENCH_MODELS[model_name]), repo, os.path.join("hub", repo)))
 
 
 def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
@@ -136,7 +140,13 @@ def validate_checkpoints(setup: Setup) -> None:
     validation.validate_checkpoints(setup.checkpoints, _encoder(setup))
 
 
-def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
+def _pretrained_clip(setup: Setup, task: str):
+    """The pre-trained open_clip CLIP (both towers) whose text tower builds the zero-shot heads."""
+    clip = create_clip(setup.arch)
+    if setup.checkpoints.family == "fusionbench":  # the CLIPModel folder, as FusionBench builds them
+        state, _ = load_hf_clip(setup.checkpoints.zeroshot_path)
+        clip.load_state_dict({k: state[k] for k in state})
+        return clip
     clip_path = next((os.path.join(setup.model_dir, n) for n in
                       ("clip_pretrained.safetensors", "clip_pretrained.pt", "open_clip_pytorch_model.bin")
                       if os.path.exists(os.path.join(setup.model_dir, n))), None)
@@ -146,8 +156,12 @@ def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
             f"the pre-trained CLIP text tower: put the open_clip OpenAI weights of {setup.arch} at "
             f"{os.path.join(setup.model_dir, 'open_clip_pytorch_model.bin')} (or copy the heads from "
             f"the task_vectors checkpoint folder)")
-    clip = create_clip(setup.arch)
     clip.load_state_dict(load_state_dict(clip_path))
+    return clip
+
+
+def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
+    clip = _pretrained_clip(setup, task)
     data = task_data(setup, task)
     head = build_zeroshot_head(clip, get_tokenizer(setup.arch), data.classnames, data.templates)
     atomic.torch_save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()},
