@@ -180,7 +180,8 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
         base_feats[t], expert_feats[t] = base_and_expert_features(
             bases[t], cache, lambda t=t: build_image_encoder(setup.arch, ckpt.finetuned(t)), images[t],
             model_name=setup.model_name, checkpoint_digest=file_digest(ckpt.finetuned_path(t)),
-            dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}",
+            dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}"
+                       + ("@parquet" if setup.data_format == "parquet" and not setup.embedded else ""),
             batch_size=run.batch_size)
     scfg = SurgeryConfig(rank=config.rank, iterations=config.iterations, lr=config.lr,
                          eval_every=config.eval_iterations, checkpoint_every=config.checkpoint_every,
