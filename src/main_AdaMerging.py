@@ -20,6 +20,7 @@ seed = 0
 method_name = "lw_adamerging"   # tw_adamerging | lw_adamerging | tw_adamergingpp | lw_adamergingpp
 coefficients = "learn"          # "learn" | "published" | a saved .json | "auto"
 prior = 0.3                     # initial λ, in [0, 1]
+clamp = True                    # λ kept in [0, 1] as the originals; False: unclamped, as FusionBench
 adamerging_steps = 500
 adamerging_lr = 1e-3
 adamerging_eval_every = 500     # evaluate every N steps (and at the start and the end)

@@ -153,7 +153,8 @@ class AdaMergingRunConfig(MergeRunConfig):
     seed: int = setting(ge=0)
     method_name: str = setting(choices=ADAMERGING)
     coefficients: str = setting(choices=COEFFICIENT_SOURCES, suffix=".json")
-    prior: float = setting(ge=0.0, le=1.0)     # λ is clamped to [0, 1]: outside it never moves
+    prior: float = setting(ge=0.0, le=1.0)     # the initial λ
+    clamp: bool = setting()                    # λ kept in [0, 1] (the originals); False: FusionBench's
     adamerging_steps: int = setting(ge=1)
     adamerging_lr: float = setting(gt=0.0, finite=True)
     adamerging_eval_every: int = setting(ge=1)
