@@ -42,7 +42,8 @@ def test_discover_finds_the_hub_names_of_our_tasks(download_root):
     ckpt = CheckpointSet.discover(root, "ViT-B-32", TASKS)  # auto: fusionbench is tried last
     assert ckpt.family == "fusionbench" and ckpt.origin == "fusionbench"
     assert ckpt.zeroshot_path == os.path.join(root, "openai", "clip-vit-base-patch32")
-    assert ckpt.finetuned_path("Cars").endswith(os.path.join("tanganke", "clip-vit-base-patch32_stanford-cars"))
+    expert = os.path.join("tanganke", "clip-vit-base-patch32_stanford-cars")
+    assert ckpt.finetuned_path("Cars") == os.path.join(root, expert)
     assert ckpt.head_path("Cars") == os.path.join(root, "ViT-B-32", "head_Cars.pt")
 
 
@@ -133,3 +134,18 @@ def test_heads_text_tower_comes_from_the_clip_model_folder(download_root, monkey
         got = ours.encode_text(torch.cat([tokens[:, :4], torch.zeros(1, 12, dtype=torch.long)], 1))
     want = getattr(want, "pooler_output", want)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_digest_of_a_sharded_folder_covers_every_shard(tmp_path):
+    from taskmerge.storage.hf_checkpoints import weight_files
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    assert [os.path.basename(f) for f in weight_files(str(tmp_path))] == [
+        "config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors"]
+    before = file_digest(str(tmp_path))
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"y" * 11)
+    assert file_digest(str(tmp_path)) != before

@@ -485,7 +485,7 @@ def load_hf_clip(path: str) -> tuple[ConvertedStateDict, dict]:
 
 
 __all__ = ["FUSIONBENCH_MODELS", "FUSIONBENCH_TASK_NAMES", "fusionbench_repos",
-           "find_fusionbench_folders", "weight_files", "HFCheckpoint", "TensorSource", "ConvertedStateDict", "resolve_model_folder",
-           "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
+           "find_fusionbench_folders", "weight_files", "HFCheckpoint", "TensorSource", "ConvertedStateDict",
+           "resolve_model_folder", "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
            "convert_image_encoder", "clip_recipe", "convert_clip", "with_pretrained_parts",
            "load_hf_image_encoder", "load_hf_clip"]
