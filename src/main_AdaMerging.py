@@ -8,6 +8,7 @@ from taskmerge.runs.script_configs import AdaMergingRunConfig
 model_name = "auto"
 checkpoint_dir = "checkpoints"
 data_location = "data"
+data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF snapshots); embedded ignores it
 tasks = []                    # empty: every task of the model's benchmark, in its order
 # output
 log_dir = "src/logs"
@@ -19,6 +20,7 @@ seed = 0
 method_name = "lw_adamerging"   # tw_adamerging | lw_adamerging | tw_adamergingpp | lw_adamergingpp
 coefficients = "learn"          # "learn" | "published" | a saved .json | "auto"
 prior = 0.3                     # initial λ, in [0, 1]
+clamp = True                    # λ kept in [0, 1] as the originals; False: unclamped, as FusionBench
 adamerging_steps = 500
 adamerging_lr = 1e-3
 adamerging_eval_every = 500     # evaluate every N steps (and at the start and the end)

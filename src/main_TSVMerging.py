@@ -7,6 +7,7 @@ from taskmerge.runs.script_configs import TSVMergingConfig
 model_name = "auto"
 checkpoint_dir = "checkpoints"
 data_location = "data"
+data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF snapshots); embedded ignores it
 tasks = []                    # empty: every task of the model's benchmark, in its order
 # output
 log_dir = "src/logs"

@@ -7,6 +7,7 @@ from taskmerge.runs.script_configs import SurgeryRunConfig
 model_name = "auto"
 checkpoint_dir = "checkpoints"
 data_location = "data"
+data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF snapshots); embedded ignores it
 tasks = []                    # empty: every task of the model's benchmark, in its order
 # output
 log_dir = "src/logs"
@@ -33,6 +34,7 @@ prun_thre_k = 2               # consensus: keep weights selected by at least k t
 # AdaMerging coefficients (for tw_/lw_adamerging(pp) bases)
 coefficients = "auto"         # "published" | "learn" | a saved .json | "auto": published, saved, learn
 prior = 0.3                   # initial λ, in [0, 1]
+clamp = True                  # λ kept in [0, 1] as the originals; False: unclamped, as FusionBench
 adamerging_steps = 500
 adamerging_lr = 1e-3
 adamerging_eval_every = 500   # evaluate every N steps (and at the start and the end)

@@ -47,14 +47,19 @@ def task_images(run: Run) -> dict[str, TaskImages]:
 
 def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
                        images=None) -> tuple[MergedEncoder, dict]:
-    """The MergedEncoder of `method` with its coefficients: published (real models), loaded from a
-    file, or learned now by entropy minimisation ("auto": published, else saved, else learn)."""
+    """The MergedEncoder of `method` with its coefficients: published (real models, task_vectors'
+    experts), loaded from a file, or learned now by entropy minimisation ("auto": published, else
+    saved, else learn)."""
     mode, plus_plus = ADAMERGING[method]
     setup, tasks = run.setup, run.setup.tasks
     source = config.coefficients
-    if source == "published" and not _published_exists(method, setup.model_name):
-        raise ConfigError(f"setting coefficients='published': there is no published {method} table for "
-                          f"{setup.model_name}; use coefficients='learn' (or 'auto', or a saved .json)")
+    if source == "published" and not _published_exists(method, setup):
+        origin = setup.checkpoints.origin
+        why = (f"the published tables were learned on task_vectors' experts, these are {origin}'s"
+               if _published_exists(method, setup, any_origin=True)
+               else f"there is no published {method} table for {setup.model_name}")
+        raise ConfigError(f"setting coefficients='published': {why}; use coefficients='learn' "
+                          f"(or 'auto', or a saved .json)")
     pretrained, experts = run.experts()
     theta0 = dict(pretrained.items())
     if plus_plus:
@@ -63,12 +68,12 @@ def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
     else:
         vectors = [lambda t=t: task_vector(pretrained, experts[t]).materialize() for t in tasks]
     merged = MergedEncoder(build_image_encoder(setup.arch), theta0, vectors, mode=mode,
-                           init=config.prior)
+                           init=config.prior, clamp=config.clamp)
     key = coefficients_key(run, method, merged, _adamerging_config(config, run.batch_size))
     folder = os.path.join(setup.model_dir, "adamerging")
     if source == "auto":
         saved, why = find_saved(folder, method, key)
-        if _published_exists(method, setup.model_name):
+        if _published_exists(method, setup):
             source = "published"
         elif saved is not None:
             source = saved
@@ -99,10 +104,14 @@ def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
     return merged, info
 
 
-def _published_exists(method: str, model_name: str) -> bool:
+def _published_exists(method: str, setup, any_origin: bool = False) -> bool:
+    """Whether a published table fits: the paper learned it on task_vectors' experts of this model, so
+    it does not carry over to tall_masks' or FusionBench's re-fine-tunes of the same tasks."""
     import json
+    if not any_origin and setup.checkpoints.origin != "task_vectors":
+        return False
     with open(PUBLISHED_PATH) as f:
-        return f"{method}/{model_name}" in json.load(f)["coefficients"]
+        return f"{method}/{setup.model_name}" in json.load(f)["coefficients"]
 
 
 def _run_key(run: Run, method: str) -> dict:
@@ -116,9 +125,11 @@ def _run_key(run: Run, method: str) -> dict:
 
 
 def coefficients_key(run: Run, method: str, merged: MergedEncoder, cfg: AdaMergingConfig) -> dict:
-    """What learned coefficients depend on: the run's inputs, the starting coefficients (`prior`)
-    and the training settings (steps, lr, seed, batches; not how often it evaluates or saves)."""
+    """What learned coefficients depend on: the run's inputs, the starting coefficients (`prior`),
+    whether λ is clamped, and the training settings (steps, lr, seed, batches; not how often it
+    evaluates or saves)."""
     return {**_run_key(run, method), "prior": tensor_digest(merged.lam_raw),  # λ before training
+            "clamp": merged.clamp,
             "adamerging": {k: v for k, v in asdict(cfg).items()
                            if k not in ("eval_every", "checkpoint_every", "eval_batch_size")}}
 
@@ -180,7 +191,8 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
         base_feats[t], expert_feats[t] = base_and_expert_features(
             bases[t], cache, lambda t=t: build_image_encoder(setup.arch, ckpt.finetuned(t)), images[t],
             model_name=setup.model_name, checkpoint_digest=file_digest(ckpt.finetuned_path(t)),
-            dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}",
+            dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}"
+                       + ("@parquet" if setup.data_format == "parquet" and not setup.embedded else ""),
             batch_size=run.batch_size)
     scfg = SurgeryConfig(rank=config.rank, iterations=config.iterations, lr=config.lr,
                          eval_every=config.eval_iterations, checkpoint_every=config.checkpoint_every,

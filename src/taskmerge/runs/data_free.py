@@ -38,7 +38,8 @@ class Run:
         self.config = config
         self.method = method
         self.setup: Setup = resolve_setup(config.model_name, config.checkpoint_dir,
-                                          config.data_location, config.tasks or None)
+                                          config.data_location, config.tasks or None,
+                                          config.data_format)
         self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
                                         config.log_dir)
         self.batch_size = config.batch_size

@@ -21,6 +21,7 @@ from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
 from taskmerge.merging.ties import MERGES
 from taskmerge.merging.tsv import METHODS as TSV_METHODS
 from taskmerge.runs.settings import setting, subset
+from taskmerge.runs.setup import DATA_FORMATS
 from taskmerge.storage.errors import ConfigError
 
 # The coefficient grids a `val_grid` setting names (choosing λ / α on the <Task>Val splits).
@@ -47,6 +48,7 @@ class RunConfig:
     model_name: str = setting(nonempty=True)
     checkpoint_dir: str = setting(nonempty=True)
     data_location: str = setting(nonempty=True)
+    data_format: str = setting(choices=DATA_FORMATS)    # the real tasks' format; embedded ignores it
     tasks: list[str] = setting(unique=True)             # []: every task of the model's benchmark
     log_dir: str = setting(nonempty=True)
     batch_size: int = setting(ge=1)
@@ -151,7 +153,8 @@ class AdaMergingRunConfig(MergeRunConfig):
     seed: int = setting(ge=0)
     method_name: str = setting(choices=ADAMERGING)
     coefficients: str = setting(choices=COEFFICIENT_SOURCES, suffix=".json")
-    prior: float = setting(ge=0.0, le=1.0)     # λ is clamped to [0, 1]: outside it never moves
+    prior: float = setting(ge=0.0, le=1.0)     # the initial λ
+    clamp: bool = setting()                    # λ kept in [0, 1] (the originals); False: FusionBench's
     adamerging_steps: int = setting(ge=1)
     adamerging_lr: float = setting(gt=0.0, finite=True)
     adamerging_eval_every: int = setting(ge=1)

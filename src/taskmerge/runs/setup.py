@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from taskmerge.datasets.parquet import HF_SOURCES, get_parquet_task
 from taskmerge.datasets.registry import PAPER_8, REAL_TASKS, get_task
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
@@ -27,8 +28,10 @@ from taskmerge.storage import atomic
 from taskmerge.storage.checkpoints import (CheckpointError, CheckpointSet, file_digest, load_head,
                                            load_state_dict)
 from taskmerge.storage.errors import ConfigError
+from taskmerge.storage.hf_checkpoints import FUSIONBENCH_MODELS, load_hf_clip
 
 EMBEDDED_MODELS = (TINY_MODEL, TINY_MODEL + "-micro")
+DATA_FORMATS = ("folders", "parquet")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Setup:
     data_location: str
     embedded: bool
     micro: bool = False
+    data_format: str = "folders"   # the real tasks' format: folders | parquet (embedded: ignored)
     _encoder_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -53,19 +57,28 @@ class Setup:
 
     def describe(self) -> dict:
         return {"model": self.model_name, "arch": self.arch, "checkpoint_family": self.family,
-                "model_dir": self.model_dir, "tasks": self.tasks, "data_location": self.data_location}
+                "model_dir": self.model_dir, "tasks": self.tasks, "data_location": self.data_location,
+                "data_format": "embedded" if self.embedded else self.data_format}
 
 
 def _real_checkpoints_present(checkpoint_dir: str, model_name: str) -> bool:
     folder = os.path.join(checkpoint_dir, model_name)
+    repo = "models--openai--" + FUSIONBENCH_MODELS[model_name]
     return any(os.path.exists(os.path.join(folder, f)) for f in
                ("zeroshot.pt", os.path.join("MNISTVal", "nonlinear_zeroshot.pt"),
-                os.path.join("safetensors", "zeroshot.safetensors")))
+                os.path.join("safetensors", "zeroshot.safetensors"))) or any(
+        os.path.isdir(os.path.join(checkpoint_dir, d)) for d in
+        (os.path.join("openai", FUSIONBENCH_MODELS[model_name]), repo, os.path.join("hub", repo)))
 
 
 def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
-                  data_location: str = "data", tasks: list[str] | None = None) -> Setup:
-    """Find the model's checkpoints (building the embedded benchmark if that is what is asked)."""
+                  data_location: str = "data", tasks: list[str] | None = None,
+                  data_format: str = "folders") -> Setup:
+    """Find the model's checkpoints (building the embedded benchmark if that is what is asked).
+    `data_format` is how the real tasks are stored under `data_location`: "folders" (the originals'
+    layouts, datasets/real.py) or "parquet" (the Hugging Face snapshots, datasets/parquet.py)."""
+    if data_format not in DATA_FORMATS:
+        raise ConfigError(f"setting data_format={data_format!r}: expected one of {DATA_FORMATS}")
     if model_name == "auto":
         model_name = "ViT-B-32" if _real_checkpoints_present(checkpoint_dir, "ViT-B-32") else TINY_MODEL
         if model_name == TINY_MODEL:
@@ -86,12 +99,15 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
         checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
         return Setup(model_name, TINY_MODEL, checkpoints, tasks, data_location, True, micro)
     tasks = list(tasks or PAPER_8)
-    unknown = [t for t in tasks if t not in REAL_TASKS]
+    readable = list(HF_SOURCES) if data_format == "parquet" else REAL_TASKS
+    unknown = [t for t in tasks if t not in readable]
     if unknown:
-        raise ConfigError(f"setting tasks={tasks!r}: {unknown} are not tasks taskmerge can read; "
-                          f"choose from {REAL_TASKS} (or [] for the paper's 8)")
+        raise ConfigError(f"setting tasks={tasks!r}: {unknown} are not tasks taskmerge can read "
+                          f"with data_format={data_format!r}; choose from {readable} (or [] for the "
+                          f"paper's 8)")
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
-    return Setup(model_name, model_name, checkpoints, tasks, data_location, False)
+    return Setup(model_name, model_name, checkpoints, tasks, data_location, False,
+                 data_format=data_format)
 
 
 def task_data(setup: Setup, task: str, split: str = "test"):
@@ -101,6 +117,8 @@ def task_data(setup: Setup, task: str, split: str = "test"):
     if setup.embedded:
         from taskmerge.embedded.tasks import get_embedded_task
         return get_embedded_task(name, setup.data_location, transform, micro=setup.micro)
+    if setup.data_format == "parquet":
+        return get_parquet_task(name, setup.data_location, transform)
     return get_task(name, setup.data_location, transform)
 
 
@@ -136,7 +154,13 @@ def validate_checkpoints(setup: Setup) -> None:
     validation.validate_checkpoints(setup.checkpoints, _encoder(setup))
 
 
-def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
+def _pretrained_clip(setup: Setup, task: str):
+    """The pre-trained open_clip CLIP (both towers) whose text tower builds the zero-shot heads."""
+    clip = create_clip(setup.arch)
+    if setup.checkpoints.family == "fusionbench":  # the CLIPModel folder, as FusionBench builds them
+        state, _ = load_hf_clip(setup.checkpoints.zeroshot_path)
+        clip.load_state_dict({k: state[k] for k in state})
+        return clip
     clip_path = next((os.path.join(setup.model_dir, n) for n in
                       ("clip_pretrained.safetensors", "clip_pretrained.pt", "open_clip_pytorch_model.bin")
                       if os.path.exists(os.path.join(setup.model_dir, n))), None)
@@ -146,8 +170,12 @@ def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
             f"the pre-trained CLIP text tower: put the open_clip OpenAI weights of {setup.arch} at "
             f"{os.path.join(setup.model_dir, 'open_clip_pytorch_model.bin')} (or copy the heads from "
             f"the task_vectors checkpoint folder)")
-    clip = create_clip(setup.arch)
     clip.load_state_dict(load_state_dict(clip_path))
+    return clip
+
+
+def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
+    clip = _pretrained_clip(setup, task)
     data = task_data(setup, task)
     head = build_zeroshot_head(clip, get_tokenizer(setup.arch), data.classnames, data.templates)
     atomic.torch_save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()},

@@ -7,7 +7,11 @@ Three layouts under `<root>/<model>/` (METHODS.md §4.1, §4.2):
     safetensors   safetensors/zeroshot.safetensors, safetensors/<Task>.safetensors,
                   safetensors/head_<Task>.safetensors
 
-The last one is written once by `convert_to_safetensors` (src/convert_checkpoints.py) and read key
+A fourth, FusionBench's Hugging Face folders (METHODS.md §4.3), sits under the download root itself:
+`<root>/openai/clip-vit-base-patch32`, `<root>/tanganke/clip-vit-base-patch32_<task>` (or the hub
+cache `<root>/models--…`), read and converted by storage/hf_checkpoints.py.
+
+The safetensors layout is written once by `convert_to_safetensors` (src/convert_checkpoints.py) and read key
 by key afterwards; `CheckpointSet.discover` prefers it when it is complete and up to date (each
 file records the digest of the original it came from; a changed original makes it stale).
 task_vectors files are pickled modules and go through the restricted unpickler (`safe_pickle`);
@@ -35,7 +39,7 @@ import torch
 from taskmerge.storage import atomic, safe_pickle, safetensors_header
 from taskmerge.storage.safe_pickle import CheckpointError
 
-FAMILIES = ("safetensors", "task_vectors", "tall_masks")
+FAMILIES = ("safetensors", "task_vectors", "tall_masks", "fusionbench")
 CONVERTED_DIR = "safetensors"
 _FORMAT_TAG = "taskmerge-checkpoint-v1"
 _README = 'see the README section "Real checkpoints"'
@@ -113,8 +117,8 @@ def _encoder_key_map(keys: list[str], source: str) -> dict[str, str]:
         return {"model." + k: k for k in keys
                 if not k.startswith("transformer.") and k != "attn_mask"}
     raise CheckpointError(f"{source}: not an open_clip image encoder (no 'model.visual.*' keys; "
-                          f"first keys {keys[:3]}); Hugging Face / FusionBench checkpoints "
-                          f"(METHODS.md §4.3) are not supported")
+                          f"first keys {keys[:3]}); Hugging Face / FusionBench checkpoints are read "
+                          f"as model folders (family 'fusionbench', METHODS.md §4.3), not as files")
 
 
 def load_encoder_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -242,8 +246,15 @@ def file_digest(path: str) -> str:
     """A fast fingerprint for cache keys: sha256 of size, mtime_ns, the first and the last MiB.
 
     Not a content hash of the whole file (a 1 GB checkpoint would take seconds); the mtime makes a
-    rewritten file count as new even if its head and tail are unchanged.
+    rewritten file count as new even if its head and tail are unchanged. A Hugging Face model
+    folder is fingerprinted by the files its weights are read from (config, weights or shards).
     """
+    if os.path.isdir(path):
+        from taskmerge.storage.hf_checkpoints import weight_files  # it imports this module
+        h = hashlib.sha256()
+        for file in weight_files(path):
+            h.update(f"{os.path.basename(file)}:{file_digest(file)}".encode())
+        return h.hexdigest()[:32]
     mib = 1 << 20
     st = os.stat(path)
     h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
@@ -345,7 +356,10 @@ def expected_layout(root: str = "<root>", model_name: str = "<model>") -> str:
             f"{m}/<Task>Val/nonlinear_finetuned.pt, {m}/head_<Task>Val.pt\n"
             f"  converted:    {m}/{CONVERTED_DIR}/zeroshot.safetensors, "
             f"{m}/{CONVERTED_DIR}/<Task>.safetensors, {m}/{CONVERTED_DIR}/head_<Task>.safetensors "
-            f"(written by src/convert_checkpoints.py)")
+            f"(written by src/convert_checkpoints.py)\n"
+            f"  fusionbench:  {root}/openai/clip-vit-base-patch32, "
+            f"{root}/tanganke/clip-vit-base-patch32_<task> (`hf download --local-dir`, or the hub "
+            f"cache {root}/models--…), -patch16 / -large-patch14 for ViT-B-16 / ViT-L-14")
 
 
 def _stale(converted: str, root: str) -> str | None:
@@ -373,24 +387,38 @@ class CheckpointSet:
     root: str
     model_name: str
     tasks: tuple[str, ...]
-    family: str                       # the layout read: task_vectors | tall_masks | safetensors
-    zeroshot_path: str
+    family: str                       # the layout read: task_vectors | tall_masks | safetensors | fusionbench
+    zeroshot_path: str                # (fusionbench: the model folders, not files)
     finetuned_paths: dict[str, str] = field(default_factory=dict)
-    origin: str = "unknown"           # who fine-tuned them: task_vectors | tall_masks (§8.12)
+    origin: str = "unknown"           # who fine-tuned them: task_vectors | tall_masks | fusionbench (§8.12)
+    # fusionbench: the pre-trained CLIPModel, read once (every expert takes its projection from it)
+    _hf_pretrained: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def discover(cls, root: str, model_name: str, tasks,
                  family: str | tuple[str, ...] = "auto") -> "CheckpointSet":
         """Find the checkpoints of `tasks` in the first complete layout of `family`.
 
-        "auto" tries the converted layout, then task_vectors, then tall_masks; a converted set whose
-        originals changed since conversion is skipped with a warning. One family name forces it.
+        "auto" tries the converted layout, then task_vectors, then tall_masks, then fusionbench; a
+        converted set whose originals changed since conversion is skipped with a warning. One family
+        name forces it.
         """
         tasks = tuple(tasks)
         model_dir = os.path.join(str(root), model_name)
         order = FAMILIES if family == "auto" else (family,) if isinstance(family, str) else family
+        unknown = [f for f in order if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown checkpoint family {unknown[0]!r}; expected one of {FAMILIES}")
         problems = []
         for fam in order:
+            if fam == "fusionbench":
+                from taskmerge.storage.hf_checkpoints import find_fusionbench_folders
+                try:
+                    found, experts = find_fusionbench_folders(str(root), model_name, tasks)
+                except CheckpointError as e:
+                    problems.append(f"  {fam}: {e}")
+                    continue
+                return cls(str(root), model_name, tasks, fam, found, experts, fam)
             zeroshot, finetuned, _ = _layout(fam, model_dir, tasks)
             found = next((p for p in zeroshot if os.path.exists(p)), None)
             missing = ([] if found else zeroshot[:1]) + [p for p in finetuned.values()
@@ -428,12 +456,32 @@ class CheckpointSet:
         return self.finetuned_paths[task]
 
     def pretrained(self) -> Mapping[str, torch.Tensor]:
-        """θ0 as a lazy reader (safetensors) or a dict (.pt files are read whole)."""
+        """θ0 as a lazy reader (safetensors, fusionbench) or a dict (.pt files are read whole)."""
+        if self.family == "fusionbench":
+            from taskmerge.storage.hf_checkpoints import convert_image_encoder
+            base = self._hf_base()
+            return convert_image_encoder(base.tensors, base.config, base.folder)
         return open_state_dict(self.zeroshot_path, encoder=True)
 
     def finetuned(self, task: str) -> Mapping[str, torch.Tensor]:
-        """θ_t of `task`, like `pretrained()`."""
+        """θ_t of `task`, like `pretrained()` (a FusionBench expert completed by θ0's projection)."""
+        if self.family == "fusionbench":
+            from taskmerge.storage.hf_checkpoints import (convert_image_encoder, read_hf_checkpoint,
+                                                          with_pretrained_parts)
+            expert = with_pretrained_parts(read_hf_checkpoint(self.finetuned_path(task)),
+                                           self._hf_base())
+            return convert_image_encoder(expert.tensors, expert.config, expert.folder)
         return open_state_dict(self.finetuned_path(task), encoder=True)
+
+    def _hf_base(self):
+        if "checkpoint" not in self._hf_pretrained:
+            from taskmerge.storage.hf_checkpoints import read_hf_checkpoint
+            base = read_hf_checkpoint(self.zeroshot_path)
+            if base.architecture != "CLIPModel":
+                raise CheckpointError(f"{base.folder}: the pre-trained model must be a full CLIPModel "
+                                      f"(its projection and text tower), found {base.architecture}")
+            self._hf_pretrained["checkpoint"] = base
+        return self._hf_pretrained["checkpoint"]
 
     @property
     def sources(self) -> dict[str, str]:

@@ -97,6 +97,73 @@ def find_model_folder(root: str, repo_id: str) -> str:
                           f"`hf download {repo_id} --local-dir {candidates[0]}`; {_README}")
 
 
+# --- the FusionBench family: which hub repos hold a model and task list ------------------------
+
+# Our backbone names → the hub's (`openai/<name>`, `tanganke/<name>_<task>`).
+FUSIONBENCH_MODELS = {"ViT-B-32": "clip-vit-base-patch32", "ViT-B-16": "clip-vit-base-patch16",
+                      "ViT-L-14": "clip-vit-large-patch14"}
+# Our task names → FusionBench's model suffixes (METHODS.md §4.3, §5.2); the same names as
+# datasets/parquet.py HF_SOURCES' `fusionbench` (a test keeps the two equal: this layer cannot import
+# that one). EMNIST is absent: FusionBench's `emnist_letters` is another task than tall_masks' digits.
+FUSIONBENCH_TASK_NAMES = {
+    "SUN397": "sun397", "Cars": "stanford-cars", "RESISC45": "resisc45", "EuroSAT": "eurosat",
+    "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist", "DTD": "dtd", "STL10": "stl10",
+    "OxfordIIITPet": "oxford-iiit-pet", "Flowers102": "oxford_flowers102", "CIFAR100": "cifar100",
+    "PCAM": "pcam", "FER2013": "fer2013", "CIFAR10": "cifar10", "Food101": "food101",
+    "FashionMNIST": "fashion_mnist", "RenderedSST2": "rendered-sst2", "KMNIST": "kmnist"}
+
+
+def fusionbench_repos(model_name: str, tasks) -> tuple[str, dict[str, str]]:
+    """(the pre-trained CLIPModel's repo id, {task: expert repo id}) of FusionBench's family."""
+    if model_name not in FUSIONBENCH_MODELS:
+        raise CheckpointError(f"model {model_name!r} has no FusionBench checkpoints; they exist for "
+                              f"{', '.join(FUSIONBENCH_MODELS)}")
+    unknown = [t for t in tasks if t not in FUSIONBENCH_TASK_NAMES]
+    if unknown:
+        raise CheckpointError(f"tasks {unknown} have no FusionBench expert of the same task (EMNIST: "
+                              f"FusionBench's emnist_letters is not tall_masks' EMNIST digits)")
+    hub = FUSIONBENCH_MODELS[model_name]
+    return f"openai/{hub}", {t: f"tanganke/{hub}_{FUSIONBENCH_TASK_NAMES[t]}" for t in tasks}
+
+
+def find_fusionbench_folders(root: str, model_name: str, tasks) -> tuple[str, dict[str, str]]:
+    """(the pre-trained folder, {task: expert folder}) under the download root `root`; the error
+    names every repo that is missing and the `hf download` commands that fetch them."""
+    base, experts = fusionbench_repos(model_name, tuple(tasks))
+    found, missing = {}, []
+    for key, repo in [("pretrained", base), *experts.items()]:
+        try:
+            found[key] = find_model_folder(root, repo)
+        except CheckpointError as e:
+            missing.append((repo, str(e)))
+    if missing:
+        repos = [repo for repo, _ in missing]
+        raise CheckpointError(f"missing {', '.join(repos[:3])}" + (f" and {len(repos) - 3} more"
+                              if len(repos) > 3 else "") + f" ({missing[0][1]})")
+    return found.pop("pretrained"), found
+
+
+def weight_files(folder: str) -> list[str]:
+    """The files a model folder's weights are read from (config.json first), as `_stored_tensors`
+    reads them: model.safetensors, else the index and its shards, else pytorch_model.bin."""
+    folder = resolve_model_folder(folder)
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(single):
+        files = [single]
+    elif os.path.exists(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e}); "
+                                  f"download the model again") from None
+        files = [index] + [os.path.join(folder, name) for name in shards]
+    else:
+        files = [os.path.join(folder, "pytorch_model.bin")]
+    return [os.path.join(folder, "config.json")] + files
+
+
 # --- reading a folder ----------------------------------------------------------------------------
 
 class TensorSource(Mapping[str, torch.Tensor]):
@@ -417,7 +484,8 @@ def load_hf_clip(path: str) -> tuple[ConvertedStateDict, dict]:
     return state, open_clip_config(checkpoint.config)
 
 
-__all__ = ["HFCheckpoint", "TensorSource", "ConvertedStateDict", "resolve_model_folder",
-           "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
+__all__ = ["FUSIONBENCH_MODELS", "FUSIONBENCH_TASK_NAMES", "fusionbench_repos",
+           "find_fusionbench_folders", "weight_files", "HFCheckpoint", "TensorSource", "ConvertedStateDict",
+           "resolve_model_folder", "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
            "convert_image_encoder", "clip_recipe", "convert_clip", "with_pretrained_parts",
            "load_hf_image_encoder", "load_hf_clip"]
