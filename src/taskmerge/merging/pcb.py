@@ -25,7 +25,8 @@ from typing import Sequence
 import torch
 
 from taskmerge.merging.task_vectors import (CHUNK, Experts, StateDict, apply, as_float, chunks, float_dtype,
-                                            merged_keys, numel_of, read_flat, shape_of, taus_at, validate)
+                                            merged_keys, numel_of, read_flat, shape_of, task_magnitudes,
+                                            taus_at, validate)
 from taskmerge.storage.errors import ConfigError
 
 LAM = 1.2
@@ -48,20 +49,10 @@ def minmax(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tens
 
 def magnitude_bounds(pretrained: StateDict, finetuned: Experts, keys: list[str]) -> torch.Tensor:
     """(T, 2): each task's clamp bounds q(|τ_t|, ⌊0.01·d⌋) and q(|τ_t|, ⌊0.99·d⌋ − 1)."""
-    sizes = [numel_of(pretrained, key) for key in keys]
-    dim = sum(sizes)
-    magnitudes = torch.empty(dim, dtype=float_dtype(pretrained, keys[0]))
-    bounds = []
-    for expert in finetuned.values():
-        offset = 0
-        for key, size in zip(keys, sizes):
-            for start, stop in chunks(size):
-                theta0 = as_float(read_flat(pretrained, key, (start, stop)))
-                tau = as_float(read_flat(expert, key, (start, stop))) - theta0
-                magnitudes[offset + start:offset + stop] = tau.abs()
-            offset += size
-        bounds.append(kth_smallest(magnitudes, [int(dim * CLAMP[0]), int(dim * CLAMP[1]) - 1]))
-    return torch.tensor(bounds, dtype=magnitudes.dtype)
+    dim = sum(numel_of(pretrained, key) for key in keys)
+    bounds = [kth_smallest(magnitudes, [int(dim * CLAMP[0]), int(dim * CLAMP[1]) - 1])
+              for magnitudes in task_magnitudes(pretrained, finetuned, keys)]
+    return torch.tensor(bounds, dtype=float_dtype(pretrained, keys[0]))
 
 
 def clamped(taus: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:

@@ -206,3 +206,21 @@ def apply(pretrained: StateDict, delta: StateDict, coef: float = 1.0,
         else:
             out[key] = theta0.clone()
     return out
+
+
+def task_magnitudes(pretrained: StateDict, finetuned: Experts, keys: list[str]) -> Iterator[torch.Tensor]:
+    """|τ_t| over `keys` flattened into one vector, for each task in turn: the trim and clamp
+    quantiles of TIES and PCB. One buffer is refilled chunk by chunk for every task (yielded, not
+    copied), so the peak is one model-sized vector whatever the number of tasks."""
+    sizes = [numel_of(pretrained, key) for key in keys]
+    magnitudes = torch.empty(sum(sizes), dtype=float_dtype(pretrained, keys[0]))
+    for expert in finetuned.values():
+        offset = 0
+        for key, size in zip(keys, sizes):
+            for start, stop in chunks(size):
+                theta0 = as_float(read_flat(pretrained, key, (start, stop)))
+                theta_t = as_float(read_flat(expert, key, (start, stop)))
+                out = magnitudes[offset + start:offset + stop]
+                torch.sub(theta_t.to(out.dtype), theta0.to(out.dtype), out=out).abs_()
+            offset += size
+        yield magnitudes

@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 import torch
 
 from taskmerge.merging.task_vectors import (Experts, Span, StateDict, apply, as_float, chunks, float_dtype,
-                                            merged_keys, numel_of, read_flat, shape_of, taus_at, validate)
+                                            merged_keys, numel_of, read_flat, shape_of, task_magnitudes,
+                                            taus_at, validate)
 
 MERGES = ("dis-sum", "dis-mean", "dis-max")
 PRESETS = {
@@ -36,21 +37,10 @@ def trim_thresholds(pretrained: StateDict, finetuned: Experts, k: float) -> list
     if k == 1.0:  # tall_masks' method.k=100 skips the trim entirely
         return [0.0] * len(finetuned)
     keys = merged_keys(pretrained)
-    sizes = [numel_of(pretrained, key) for key in keys]
-    dim = sum(sizes)
+    dim = sum(numel_of(pretrained, key) for key in keys)
     kth = dim - int(dim * k)
-    # |τ_t| flattened, refilled for every task
-    magnitudes = torch.empty(dim, dtype=float_dtype(pretrained, keys[0]))
     thresholds = []
-    for expert in finetuned.values():
-        offset = 0
-        for key, size in zip(keys, sizes):
-            for start, stop in chunks(size):
-                theta0 = as_float(read_flat(pretrained, key, (start, stop)))
-                theta_t = as_float(read_flat(expert, key, (start, stop)))
-                out = magnitudes[offset + start:offset + stop]
-                torch.sub(theta_t.to(out.dtype), theta0.to(out.dtype), out=out).abs_()
-            offset += size
+    for magnitudes in task_magnitudes(pretrained, finetuned, keys):
         flat = magnitudes.numpy()
         flat.partition(kth - 1)  # the kth-th smallest lands at index kth-1, as kthvalue(kth)
         thresholds.append(float(flat[kth - 1]))
