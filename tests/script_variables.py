@@ -36,3 +36,11 @@ def script_config_class(script: str) -> type:
 def script_config(script: str, **replaced):
     """The script's typed config with `replaced` settings, checked as the script would check it."""
     return from_values(script_config_class(script), {**script_variables(script), **replaced}, script)
+
+
+def config_from(script: str, settings: dict):
+    """`script`'s typed config with `settings` in place of its variables; shared fixture settings
+    the script does not have (resume_dir for a data-free one, save_dir, seed) are left out."""
+    known = script_variables(script)
+    shared = ("save_dir", "resume_dir", "seed")
+    return script_config(script, **{k: v for k, v in settings.items() if k in known or k not in shared})

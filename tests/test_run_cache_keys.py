@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-from script_variables import script_config, script_variables
 import torch
 from safetensors import safe_open
 
@@ -15,23 +14,17 @@ from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.adaptive.feature_cache import FeatureCache, base_and_expert_features
 from taskmerge.datasets.base import ArrayDataset
 from taskmerge.embedded.build import ensure_embedded_benchmark
-from taskmerge.models.heads import ClassificationHead
 from taskmerge.models.encoders import build_image_encoder
+from taskmerge.models.heads import ClassificationHead
 from taskmerge.runs.adaptive import run_adamerging, run_surgery
 from taskmerge.runs.data_free import run_data_free, run_single_task_eval
 from taskmerge.runs.evaluation import evaluate
 from taskmerge.runs.identity import data_identity, head_digest
 from taskmerge.runs.setup import encoder_for, load_heads, resolve_setup, task_data
 
+from script_variables import config_from as _config
+
 MODEL = "taskmerge-tiny-micro"
-
-
-def _config(script, settings):
-    """`script`'s own typed config with `settings` in place of its variables; the fixture's shared
-    settings that this script does not have (e.g. resume_dir for a data-free one) are left out."""
-    known = script_variables(script)
-    shared = ("save_dir", "resume_dir", "seed")
-    return script_config(script, **{k: v for k, v in settings.items() if k in known or k not in shared})
 
 
 @pytest.fixture

@@ -4,22 +4,15 @@ import os
 import shutil
 
 import pytest
-from script_variables import script_config, script_variables
 import torch
 
 from taskmerge.adaptive.adamerging_coefficients import CoefficientTable
 from taskmerge.runs.data_free import run_data_free, run_single_task_eval
 from taskmerge.storage.errors import InputError
 
+from script_variables import config_from as _config
+
 MODEL = "taskmerge-tiny-micro"
-
-
-def _config(script, settings):
-    """`script`'s own typed config with `settings` in place of its variables; the fixture's shared
-    settings that this script does not have (e.g. resume_dir for a data-free one) are left out."""
-    known = script_variables(script)
-    shared = ("save_dir", "resume_dir", "seed")
-    return script_config(script, **{k: v for k, v in settings.items() if k in known or k not in shared})
 
 
 @pytest.fixture
