@@ -106,7 +106,7 @@ def test_method_label_of_an_unknown_or_incomplete_report_is_its_method():
 
 def test_a_runs_closing_table_names_its_row_with_the_label(tmp_path):
     logger = RunLogger(str(tmp_path / "log.txt"), {"method_name": "task_arithmetic"}, echo=False)
-    setup = SimpleNamespace(model_name="m", family="embedded", tasks=["A", "B"])
+    setup = SimpleNamespace(model_name="m", family="embedded", tasks=["A", "B"], compute=lambda: {"device": "cpu"})
     report = finish_run(logger, setup, "task_arithmetic", {"A": 0.5, "B": 1.0}, {"A": 1.0, "B": 1.0},
                         surgery="v1", online=False, base="task_arithmetic_0.3", scaling_coef=0.3,
                         val_curve=None)

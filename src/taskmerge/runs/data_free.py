@@ -26,7 +26,7 @@ from taskmerge.runs.script_configs import (VAL_GRIDS, EMRMerge, MergeRunConfig, 
                                            SingleTaskEvalConfig, TallMasksMerge, TaskArithmeticMerge,
                                            TiesMerge, TSVMerge, WeightAveragingMerge)
 from taskmerge.runs.selection import select_coefficient, select_per_task
-from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, finish_run, individual_accuracies,
+from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run, individual_accuracies,
                                   load_heads, resolve_setup, start_run, task_data, validate_checkpoints)
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
@@ -220,9 +220,9 @@ def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
         return apply(pretrained, {k: v * mask[k] for k, v in tau_mtl.items()}, 1.0)
 
     def task_val_acc(task, sd):
-        return evaluate(encoder_for(run.setup, sd), run.heads[task],
-                        task_data(run.setup, task, "val").test, run.batch_size,
-                        device=run.setup.device, loader=run.setup.loader)
+        data, loader = evaluation_split(run.setup, task, "val")
+        return evaluate(encoder_for(run.setup, sd), run.heads[task], data, run.batch_size,
+                        device=run.setup.device, loader=loader)
 
     run.log.info(f"Choosing each task's TALL λ on its <Task>Val split over {lams}")
     chosen, lam_curve = select_per_task(lams, tasks, task_model, task_val_acc, run.log.info)

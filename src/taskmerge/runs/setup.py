@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+from torch.utils.data import TensorDataset
 
 from taskmerge.datasets.parquet import HF_SOURCES, get_parquet_task
 from taskmerge.datasets.registry import PAPER_8, REAL_TASKS, get_task
@@ -21,6 +22,7 @@ from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_cl
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer
 from taskmerge.runs import validation
+from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.compute import distributed
 from taskmerge.compute.devices import device_description
 from taskmerge.runs.evaluation import LoaderSettings, evaluate
@@ -50,6 +52,7 @@ class Setup:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     _encoder_cache: dict = field(default_factory=dict, repr=False)
+    _data_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def model_dir(self) -> str:
@@ -122,7 +125,37 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
 
 
 def task_data(setup: Setup, task: str, split: str = "test"):
-    """TaskData for `task` (`split="val"` gives the `<Task>Val` held-out validation split)."""
+    """TaskData for `task` (`split="val"` gives the `<Task>Val` held-out validation split), read once
+    per run: every evaluation of a split then sees the same Dataset (and its loader's workers)."""
+    key = (task, split)
+    if key not in setup._data_cache:
+        setup._data_cache[key] = _read_task_data(setup, task, split)
+    return setup._data_cache[key]
+
+
+MAX_PRELOAD_BYTES = 2 << 30
+
+
+def evaluation_split(setup: Setup, task: str, split: str = "test"):
+    """(Dataset, LoaderSettings) to evaluate `task`'s split with. A validation split is searched over
+    a grid (dozens of passes), so it is decoded and transformed once and kept as tensors when it
+    fits in MAX_PRELOAD_BYTES; the values are the Dataset's own, so the accuracies are unchanged."""
+    data = task_data(setup, task, split).test
+    if split != "val":
+        return data, setup.loader
+    key = (task, split, "preloaded")
+    if key not in setup._data_cache:
+        first = data[0][0] if len(data) else None
+        fits = first is not None and first.numel() * first.element_size() * len(data) <= MAX_PRELOAD_BYTES
+        setup._data_cache[key] = TaskImages(data, preload=True, num_workers=setup.loader.num_workers,
+                                            name=f"{task}Val") if fits else None
+    images = setup._data_cache[key]
+    if images is None:
+        return data, setup.loader
+    return TensorDataset(images.images, images.labels), LoaderSettings(pin_memory=setup.loader.pin_memory)
+
+
+def _read_task_data(setup: Setup, task: str, split: str):
     name = task + "Val" if split == "val" else task
     transform = eval_transform(_image_size(setup))
     if setup.embedded:
@@ -211,8 +244,9 @@ def evaluate_tasks(setup: Setup, state_dicts: Mapping[str, Mapping[str, torch.Te
     for task in setup.tasks:
         sd = state_dicts[task] if per_task else state_dicts
         enc = encoder_for(setup, sd)
-        accs[task] = evaluate(enc, heads[task], task_data(setup, task, split).test, batch_size,
-                              desc=f"eval {task}", device=setup.device, loader=setup.loader)
+        data, loader = evaluation_split(setup, task, split)
+        accs[task] = evaluate(enc, heads[task], data, batch_size, desc=f"eval {task}",
+                              device=setup.device, loader=loader)
     return accs
 
 
