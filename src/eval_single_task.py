@@ -12,6 +12,10 @@ tasks = []                    # empty: every task of the model's benchmark
 # evaluation
 split = "test"                # "test", or "val" for the <Task>Val held-out splits
 batch_size = 128
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 log_dir = "src/logs"
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ log_dir = "src/logs"
 save_dir = ""                 # the merged model as safetensors ("" to skip)
 resume_dir = "checkpoints/resume"   # training state every checkpoint_every steps ("" to disable)
 batch_size = 128              # evaluation batch
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 seed = 0
 # method
 method_name = "lw_adamerging"   # tw_adamerging | lw_adamerging | tw_adamergingpp | lw_adamergingpp

@@ -13,10 +13,15 @@ tasks = []                    # empty: every task of the model's benchmark, in i
 log_dir = "src/logs"
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
 batch_size = 128              # evaluation batch
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 # method
 method = "TSVM"               # "TSVM" | "TSVM_2" | "TSVC"
 alpha = 1.0                   # α when not chosen on val (TSV-C always uses 1.0)
 select_on_val = True          # the original picks α from {0.1, …, 3.0} on the <Task>Val splits
+merge_device = "cpu"          # where the SVDs run: "cpu" (streaming, peak < 2 GiB) | "auto" | "cuda[:i]"
 val_grid = "tsv_alpha"        # the α grid when chosen on val ("tsv_alpha" | "tall_masks" | "tsv")
 
 if __name__ == "__main__":

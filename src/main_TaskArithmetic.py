@@ -13,6 +13,10 @@ tasks = []                    # empty: every task of the model's benchmark, in i
 log_dir = "src/logs"
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
 batch_size = 128              # evaluation batch
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 # method
 scaling_coef = 0.3            # λ (EnnengYang's fixed prior)
 select_on_val = False         # True: choose λ on the <Task>Val splits (tall_masks/TSV protocol)

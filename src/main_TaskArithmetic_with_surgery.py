@@ -14,6 +14,10 @@ log_dir = "src/logs"
 save_dir = ""                 # the base merge as safetensors ("" to skip)
 resume_dir = "checkpoints/resume"   # training state every checkpoint_every steps ("" to disable)
 batch_size = 128              # evaluation batch
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 seed = 0
 # base merging method: weight_averaging | task_arithmetic | ties_merging | tw_adamerging |
 # lw_adamerging | tw_adamergingpp | lw_adamergingpp | emr_merging | tsv_merging | consensus
@@ -31,6 +35,7 @@ val_grid = None               # its grid; None: the base's own ("tsv_alpha" for 
 use_ties = False              # consensus: τ_MTL = TIES(K 20 %, dis-sum) instead of Σ τ
 tall_lambdas = [0.2, 0.3, 0.4, 0.5, 0.6]   # consensus: each task's TALL λ, chosen on its <Task>Val
 prun_thre_k = 2               # consensus: keep weights selected by at least k tasks
+merge_device = "cpu"          # tsv_merging: where its SVDs run ("cpu" | "auto" | "cuda[:i]")
 # AdaMerging coefficients (for tw_/lw_adamerging(pp) bases)
 coefficients = "auto"         # "published" | "learn" | a saved .json | "auto": published, saved, learn
 prior = 0.3                   # initial λ, in [0, 1]
@@ -40,7 +45,8 @@ adamerging_lr = 1e-3
 adamerging_eval_every = 500   # evaluate every N steps (and at the start and the end)
 # surgery (RepresentationSurgery defaults; SurgeryV2: surgery = "v2")
 surgery = "v1"                # "v1": module on the final feature; "v2": after every block as well
-rank = 16                     # SurgeryV2 paper's parameter-matched v1: 304 (B) / 132 (L/14)
+rank = "auto"                 # "auto": 16 (v1; v2 on B/32, B/16) or 4 (v2 on ViT-L/14), the originals'
+                              # SurgeryV2 paper's parameter-matched v1: 304 (B) / 132 (L/14)
 iterations = 500              # × tasks × 2 Adam steps (batch 16)
 eval_iterations = 100         # evaluate every N iterations
 lr = 1e-3

@@ -34,8 +34,13 @@ def script_config_class(script: str) -> type:
 
 
 def script_config(script: str, **replaced):
-    """The script's typed config with `replaced` settings, checked as the script would check it."""
-    return from_values(script_config_class(script), {**script_variables(script), **replaced}, script)
+    """The script's typed config with `replaced` settings, checked as the script would check it.
+    Tests compute on the CPU whatever the machine has: a script's `device="auto"` becomes "cpu"
+    unless a test sets it."""
+    variables = script_variables(script)
+    if "device" in variables:
+        variables["device"] = "cpu"
+    return from_values(script_config_class(script), {**variables, **replaced}, script)
 
 
 def config_from(script: str, settings: dict):

@@ -71,7 +71,7 @@ def test_the_debug_env_var_lets_an_input_error_through(monkeypatch):
 
 NAMESPACE = {"__file__": "main_TaskArithmetic.py", "model_name": "auto", "checkpoint_dir": "c",
              "data_location": "d", "data_format": "folders", "tasks": [], "log_dir": "l", "batch_size": 8,
-             "save_dir": "",
+             "save_dir": "", "device": "cpu", "tf32": False, "num_workers": 0,
              "scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks"}
 
 
@@ -103,7 +103,8 @@ def test_the_run_gets_the_checked_config_and_the_script(monkeypatch):
                argv=["--scaling_coef=1", "--debug=False"])
     expected = TaskArithmeticConfig(model_name="auto", checkpoint_dir="c", data_location="d",
                                     data_format="folders", tasks=[],
-                                    log_dir="l", batch_size=8, save_dir="", scaling_coef=1.0,
+                                    log_dir="l", batch_size=8, device="cpu", tf32=False, num_workers=0,
+                                    save_dir="", scaling_coef=1.0,
                                     select_on_val=False, val_grid="tall_masks")
     assert got == (expected, "main_TaskArithmetic.py")
     assert isinstance(got[0].scaling_coef, float)

@@ -23,7 +23,7 @@ def test_every_script_sets_exactly_its_config_and_its_defaults_pass_the_checks(s
     cls = script_config_class(script)
     variables = script_variables(script)
     assert set(variables) == {f.name for f in dataclasses.fields(cls)}
-    config = script_config(script)
+    config = from_values(cls, variables, script)
     assert dataclasses.asdict(config) == {k: (float(v) if isinstance(v, int) and not isinstance(v, bool)
                                               and isinstance(getattr(config, k), float) else v)
                                           for k, v in variables.items()}
@@ -120,6 +120,22 @@ def test_values_inside_their_range_pass(script, replaced):
         assert getattr(config, key) == (list(value) if isinstance(value, tuple) else value)
 
 
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if "device" in script_variables(s)])
+def test_every_evaluating_script_defaults_to_the_auto_device_with_tf32_off(script):
+    variables = script_variables(script)
+    assert (variables["device"], variables["tf32"], variables["num_workers"]) == ("auto", False, "auto")
+
+
+def test_auto_is_the_only_word_a_numeric_setting_takes():
+    assert script_config("main_TaskArithmetic_with_surgery.py", rank="auto").rank == "auto"
+    assert script_config("main_TaskArithmetic.py", num_workers=3).num_workers == 3
+    for bad in ("max", -1, 2.5):
+        with pytest.raises(ConfigError, match="num_workers"):
+            script_config("main_TaskArithmetic.py", num_workers=bad)
+    with pytest.raises(ConfigError, match=r"rank=0 .*>= 1.*or 'auto'"):
+        script_config("main_TaskArithmetic_with_surgery.py", rank=0)
+
+
 def test_an_int_given_for_a_float_becomes_a_float():
     config = script_config("main_TiesMerging.py", k=1)
     assert config.k == 1.0 and isinstance(config.k, float)
@@ -135,7 +151,8 @@ def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(s
         "ties_merging": {"preset": "ennengyang", "k": None, "merge": None, "val_grid": "tall_masks",
                          "scaling_coef": 0.3 if "TaskArithmetic" in script else None},
         "emr_merging": {"rescaler": "code"},
-        "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha"},
+        "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha",
+                        "merge_device": "cpu"},
         "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
                       "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks"},
     }

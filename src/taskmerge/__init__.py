@@ -4,4 +4,4 @@ One folder per layer, lowest first; a module may import from its own layer and t
 never from a later one (tests/test_layers.py reads every import to check it)."""
 __version__ = "0.1.0"
 
-LAYERS = ("storage", "datasets", "models", "merging", "adaptive", "embedded", "runs")
+LAYERS = ("storage", "compute", "datasets", "models", "merging", "adaptive", "embedded", "runs")

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from taskmerge.adaptive.adaptation_data import TaskImages, sample_batches
+from taskmerge.compute import distributed
 from taskmerge.adaptive.functional_merge import MergedEncoder
 from taskmerge.adaptive.training_state import TrainingCheckpoint
 
@@ -77,9 +78,11 @@ def evaluate_merged(merged: MergedEncoder, tasks: Sequence[str], images: Mapping
     accs = {}
     for t in tasks:
         correct = 0
-        for x, y in tqdm(images[t].batches(batch_size), desc=f"eval {t}", leave=False):
+        for x, y in tqdm(images[t].batches(batch_size, distributed.shard(len(images[t]))),
+                         desc=f"eval {t}", leave=False):
             pred = heads[t](merged.forward_with(theta, x.to(device))).argmax(dim=1).cpu()
             correct += (pred == y).sum().item()
+        correct, = distributed.sum_counts(correct)
         accs[t] = correct / len(images[t])
     return accs
 
@@ -132,13 +135,22 @@ def train_adamerging(merged: MergedEncoder, tasks: Sequence[str], images: Mappin
         accs = evaluate_merged(merged, tasks, images, heads, config.eval_batch_size, device)
         _log_eval(logger, history, "init", accs)
 
+    distributed.barrier()  # every rank has read the resume state before rank 0 may replace it
     bar = tqdm(range(start, config.steps), desc=f"AdaMerging ({merged.mode}-wise)", initial=start,
                total=config.steps)
+    rank, world = distributed.rank(), distributed.world_size()
     for step in bar:
-        batches = ((heads[t], images[t].take(idx).to(device)) for t in tasks
-                   for idx in sample_batches(len(images[t]), gen, config.batch_size, config.batches_per_task))
+        # every rank draws every batch (one generator state everywhere) and runs its own share
+        drawn = [(t, idx) for t in tasks
+                 for idx in sample_batches(len(images[t]), gen, config.batch_size, config.batches_per_task)]
+        batches = ((heads[t], images[t].take(idx).to(device)) for i, (t, idx) in enumerate(drawn)
+                   if i % world == rank)
         opt.zero_grad(set_to_none=True)
-        losses.append(adamerging_step(merged, batches))
+        loss = adamerging_step(merged, batches)
+        if world > 1:  # the same sum of 2·T batch gradients as one process, up to float rounding
+            distributed.all_reduce_sum(merged.lam_raw.grad)
+            loss = float(distributed.all_reduce_sum(torch.tensor([loss], dtype=torch.float64)))
+        losses.append(loss)
         opt.step()
         bar.set_postfix(entropy=f"{losses[-1]:.4f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:

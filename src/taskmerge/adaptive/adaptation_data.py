@@ -11,7 +11,7 @@ import hashlib
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from taskmerge.datasets.base import stack_dataset
 
@@ -31,8 +31,8 @@ class TaskImages:
 
     def __init__(self, dataset: Dataset | None = None, preload: bool | str = "auto",
                  max_preload_bytes: int = DEFAULT_MAX_PRELOAD_BYTES, num_workers: int = 0,
-                 name: str = "task"):
-        self.dataset, self.name, self.num_workers = dataset, name, num_workers
+                 name: str = "task", pin_memory: bool = False):
+        self.dataset, self.name, self.num_workers, self.pin_memory = dataset, name, num_workers, pin_memory
         self.images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         if dataset is None:
@@ -42,7 +42,10 @@ class TaskImages:
         if preload == "auto":
             first = dataset[0][0]
             preload = first.numel() * first.element_size() * len(dataset) <= max_preload_bytes
-        if preload:
+        if preload and num_workers > 0:  # decoded by the loader's workers, in dataset order
+            xs, ys = zip(*DataLoader(dataset, batch_size=256, shuffle=False, num_workers=num_workers))
+            self.images, self._labels = torch.cat(xs), torch.cat([torch.as_tensor(y) for y in ys]).long()
+        elif preload:
             self.images, self._labels = stack_dataset(dataset)
 
     @classmethod
@@ -66,19 +69,25 @@ class TaskImages:
             return self.images[torch.as_tensor(indices, dtype=torch.long)]
         return torch.stack([self.dataset[int(i)][0] for i in indices])
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) in dataset order; a full pass over a Dataset also records the labels."""
+    def batches(self, batch_size: int, part: range | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) in dataset order, of `part` (a contiguous range of indices: a rank's
+        shard) or of all; a full pass over a Dataset also records the labels."""
+        lo, hi = (0, len(self)) if part is None else (part.start, part.stop)
         if self.images is not None:
-            for start in range(0, len(self.images), batch_size):
-                yield self.images[start:start + batch_size], self._labels[start:start + batch_size]
+            for start in range(lo, hi, batch_size):
+                end = min(start + batch_size, hi)
+                yield self.images[start:end], self._labels[start:end]
             return
+        whole = (lo, hi) == (0, len(self))
         seen = []
-        for x, y in DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
-                               num_workers=self.num_workers):
+        for x, y in DataLoader(self.dataset if whole else Subset(self.dataset, range(lo, hi)),
+                               batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                               pin_memory=self.pin_memory):
             y = torch.as_tensor(y)
             seen.append(y)
             yield x, y
-        self._labels = torch.cat(seen)
+        if whole:
+            self._labels = torch.cat(seen)
 
     @property
     def labels(self) -> torch.Tensor:

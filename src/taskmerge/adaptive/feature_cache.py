@@ -20,6 +20,7 @@ from tqdm import tqdm
 from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.adaptive.surgery_modules import deep_forward
 from taskmerge.adaptive.training_state import run_hash
+from taskmerge.compute import distributed
 from taskmerge.models.encoders import ImageEncoder
 from taskmerge.storage import atomic
 from taskmerge.storage.errors import InputError
@@ -34,8 +35,9 @@ def features_of(encoders: Mapping[str, ImageEncoder], images: TaskImages, *, blo
     encoders = {k: e.to(device).eval() for k, e in encoders.items()}
     final = {k: [] for k in encoders}
     hidden = {k: [] for k in encoders}
-    for x, _ in tqdm(images.batches(batch_size), desc=desc or "features", leave=False,
-                     total=-(-len(images) // batch_size)):
+    n, part = len(images), distributed.shard(len(images))   # under torchrun: this rank's rows
+    for x, _ in tqdm(images.batches(batch_size, part), desc=desc or "features", leave=False,
+                     total=-(-len(part) // batch_size)):
         x = x.to(device)
         for k, encoder in encoders.items():
             if blocks:
@@ -44,10 +46,12 @@ def features_of(encoders: Mapping[str, ImageEncoder], images: TaskImages, *, blo
             else:
                 z = encoder(x)
             final[k].append(z.float().cpu())
-    out = {k: {"final": torch.cat(final[k])} for k in encoders}
+    out = {k: {"final": distributed.gather_rows(torch.cat(final[k]), n)} for k in encoders}
     if blocks:
-        for k in encoders:
-            out[k]["blocks"] = torch.cat(hidden[k], dim=1)
+        for k in encoders:  # (L, N, width): rows are dim 1
+            out[k]["blocks"] = distributed.gather_rows(torch.cat(hidden[k], dim=1).transpose(0, 1), n
+                                                       ).transpose(0, 1).contiguous() \
+                if distributed.active() else torch.cat(hidden[k], dim=1)
     return out
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from taskmerge.adaptive.adaptation_data import sample_batches
 from taskmerge.adaptive.surgery_modules import make_adapters
 from taskmerge.adaptive.training_state import TrainingCheckpoint, grad_presence, restore_grad_presence
+from taskmerge.compute import distributed
 
 ZERO_GRAD_MODES = {
     "zero": "torch 1.x zero_grad(set_to_none=False): modules used before keep moving with Adam momentum",
@@ -135,6 +136,7 @@ def train_loop(kind: str, tasks: Sequence[str], sizes: Mapping[str, int], adapte
             _record(history, logger, entry)
     else:
         _record(history, logger, init_round)
+    distributed.barrier()  # every rank has read the resume state before rank 0 may replace it
     bar = tqdm(range(start, config.iterations), desc=kind, initial=start, total=config.iterations)
     for it in bar:
         total, count = 0.0, 0
@@ -146,6 +148,7 @@ def train_loop(kind: str, tasks: Sequence[str], sizes: Mapping[str, int], adapte
         losses.append(total / count)
         bar.set_postfix(l1=f"{losses[-1]:.4f}")
         if (it + 1) % config.eval_every == 0 or it + 1 == config.iterations:
+            distributed.broadcast_module(adapters)  # ranks step alike; evaluate rank 0's modules exactly
             _record(history, logger, eval_round(it + 1, evaluate()))
         ckpt.maybe_save(it + 1, lambda: {
             "adapters": adapters.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
@@ -235,6 +238,7 @@ def train_surgery_online(tasks: Sequence[str], base_features: Mapping[str, torch
         log(f"Resumed surgery_online from {ckpt.path} at sample {seen}")
         for h in history:
             log(f"Eval: ratio: {h['ratio']} step:{h['step']} dataset: {h['task']} ACC: {h['acc']}")
+    distributed.barrier()  # every rank has read the resume state before rank 0 may replace it
 
     def evaluate_at(t, count, points):
         for r, k in points:

@@ -20,6 +20,7 @@ from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.adaptive.surgery import (SurgeryConfig, SurgeryResult, accuracy, eval_round, final_features,
                                         train_loop)
 from taskmerge.adaptive.surgery_modules import deep_forward, make_deep_adapters
+from taskmerge.compute import distributed
 from taskmerge.models.encoders import ImageEncoder
 
 
@@ -30,14 +31,21 @@ def deep_surgery_pass(encoder: ImageEncoder, adapters, images: TaskImages, head:
     """Accuracy of head(ẑ) over the full test set with SurgeryV2 modules (None: the plain encoder);
     with keep_features also the corrected {"blocks": (L, N, w), "final": (N, d)}."""
     correct, hidden, final = 0, [], []
-    for x, y in tqdm(images.batches(batch_size), desc="eval", leave=False):
+    n, part = len(images), distributed.shard(len(images))   # under torchrun: this rank's rows
+    for x, y in tqdm(images.batches(batch_size, part), desc="eval", leave=False):
         h, z = deep_forward(encoder, x.to(device), adapters)
         correct += (head(z).argmax(dim=1).cpu() == y).sum().item()
         if keep_features:
             hidden.append(torch.stack(h).to(block_dtype).cpu())
             final.append(z.float().cpu())
-    acc = correct / len(images)
-    return (acc, {"blocks": torch.cat(hidden, dim=1), "final": torch.cat(final)}) if keep_features else acc
+    correct, = distributed.sum_counts(correct)
+    acc = correct / n
+    if not keep_features:
+        return acc
+    blocks = torch.cat(hidden, dim=1)
+    if distributed.active():
+        blocks = distributed.gather_rows(blocks.transpose(0, 1), n).transpose(0, 1).contiguous()
+    return acc, {"blocks": blocks, "final": distributed.gather_rows(torch.cat(final), n)}
 
 
 def train_surgery_v2(tasks: Sequence[str], base: ImageEncoder | Mapping[str, ImageEncoder],

@@ -89,9 +89,17 @@ def polar_factor(x: torch.Tensor) -> torch.Tensor:
     return (a @ ((eigvecs / eigvals.sqrt()) @ eigvecs.mT)).to(x.dtype)
 
 
-def tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str = "TSVM"
-                  ) -> torch.Tensor:
-    """The TSV-M delta of one 2-D key from its T task vectors (streamed, one at a time)."""
+def tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str = "TSVM",
+                  device: str | torch.device | None = None) -> torch.Tensor:
+    """The TSV-M delta of one 2-D key from its T task vectors (streamed, one at a time). With
+    `device` (e.g. "cuda") the decompositions run there, one key at a time, as the TSV original
+    does on its GPU; the delta comes back to the CPU."""
+    if device is not None and torch.device(device).type != "cpu":
+        return _tsv_merge_key((tau.to(device) for tau in taus), num_tasks, method).cpu()
+    return _tsv_merge_key(taus, num_tasks, method)
+
+
+def _tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str) -> torch.Tensor:
     u_cat = s_cat = v_cat = None
     exact = method == "TSVM_2"
     zero_tasks = []  # all-zero τ_t: SVD deferred, skipped entirely if every task is zero
@@ -107,11 +115,10 @@ def tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str = "T
         block = slice(t * k, (t + 1) * k)
         u_cat[:, block], s_cat[block], v_cat[block, :] = leading_triplets(tau, k, exact)
     if len(zero_tasks) == num_tasks:
-        return torch.zeros(m, n, dtype=dtype)
+        return u_cat.new_zeros(m, n)
     for t in zero_tasks:  # the originals' U/V of a zero matrix still shape the polar factors
         block = slice(t * k, (t + 1) * k)
-        u_cat[:, block], s_cat[block], v_cat[block, :] = leading_triplets(
-            torch.zeros(m, n, dtype=dtype), k)
+        u_cat[:, block], s_cat[block], v_cat[block, :] = leading_triplets(u_cat.new_zeros(m, n), k)
     if method == "TSVM":
         # When T·k < r the tail columns of U_cat (rows of V_cat) are zero and so is S_cat there:
         # the polar factor of [U, 0] is [polar(U), any completion], which S_cat's zeros cancel.
@@ -125,8 +132,9 @@ def tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str = "T
 
 
 def tsv_delta(pretrained: StateDict, finetuned: Experts, method: str = "TSVM",
-              validate_inputs: bool = True) -> dict[str, torch.Tensor]:
-    """The unscaled TSV-M task vector, key by key."""
+              validate_inputs: bool = True, device: str | torch.device | None = None
+              ) -> dict[str, torch.Tensor]:
+    """The unscaled TSV-M task vector, key by key (the 2-D keys' decompositions on `device`)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     if validate_inputs:
@@ -136,7 +144,7 @@ def tsv_delta(pretrained: StateDict, finetuned: Experts, method: str = "TSVM",
         theta0 = as_float(pretrained[key])
         taus = taus_at(theta0, finetuned, key)
         if theta0.ndim == 2 and "text_projection" not in key:
-            merged[key] = tsv_merge_key(taus, len(finetuned), method)
+            merged[key] = tsv_merge_key(taus, len(finetuned), method, device)
             continue
         mean = next(taus)
         for i, tau in enumerate(taus, start=2):  # the originals' running mean
@@ -146,10 +154,11 @@ def tsv_delta(pretrained: StateDict, finetuned: Experts, method: str = "TSVM",
 
 
 def tsv_merging(pretrained: StateDict, finetuned: Experts, alpha: float = 1.0,
-                method: str = "TSVM", validate_inputs: bool = True) -> dict[str, torch.Tensor]:
+                method: str = "TSVM", validate_inputs: bool = True,
+                device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """θ0 + α·TSV-M. α = 1 is FusionBench's default; the originals pick α from `ALPHA_GRID`
-    = {0.1, …, 3.0} on the …Val splits (selection.py)."""
-    return apply(pretrained, tsv_delta(pretrained, finetuned, method, validate_inputs), alpha,
+    = {0.1, …, 3.0} on the …Val splits (selection.py). `device`: where the SVDs run."""
+    return apply(pretrained, tsv_delta(pretrained, finetuned, method, validate_inputs, device), alpha,
                  consume=True)
 
 

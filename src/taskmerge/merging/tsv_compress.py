@@ -67,9 +67,11 @@ class TSVCompressed:
 
 
 def tsv_compress(pretrained: StateDict, finetuned: Experts, rank: int | None = None,
-                 validate_inputs: bool = True) -> TSVCompressed:
+                 validate_inputs: bool = True, device: str | torch.device | None = None) -> TSVCompressed:
     """Each task's top k = r // T singular triplets per 2-D key (text_projection included);
-    `rank` replaces r // T by min(rank, r) (a large rank reconstructs every expert)."""
+    `rank` replaces r // T by min(rank, r) (a large rank reconstructs every expert). `device`:
+    where the SVDs run (the factors come back to the CPU)."""
+    on_device = device is not None and torch.device(device).type != "cpu"
     if validate_inputs:
         validate(pretrained, finetuned)
     num_tasks = len(finetuned)
@@ -85,6 +87,7 @@ def tsv_compress(pretrained: StateDict, finetuned: Experts, rank: int | None = N
             k = r // num_tasks if rank is None else min(rank, r)
             if not tau.any():  # zero delta: rank 0 rebuilds it exactly
                 k = 0
-            factors[t][key] = tuple(x.contiguous() for x in leading_triplets(tau, k)) if k else (
+            src = tau.to(device) if on_device else tau
+            factors[t][key] = tuple(x.contiguous().cpu() for x in leading_triplets(src, k)) if k else (
                 tau.new_zeros(tau.shape[0], 0), tau.new_zeros(0), tau.new_zeros(0, tau.shape[1]))
     return TSVCompressed(list(finetuned), factors, dense)

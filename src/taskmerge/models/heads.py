@@ -60,12 +60,14 @@ def format_templates(templates: Sequence[str | Callable[[str], str]], classname:
 
 @torch.no_grad()
 def build_zeroshot_head(clip: nn.Module, tokenizer, classnames: Sequence[str],
-                        templates: Sequence[str | Callable[[str], str]]) -> ClassificationHead:
-    """The zero-shot head of a task from a full CLIP (text tower present) and its templates."""
+                        templates: Sequence[str | Callable[[str], str]],
+                        device: str | torch.device = "cpu") -> ClassificationHead:
+    """The zero-shot head of a task from a full CLIP (text tower present, on `device`) and its
+    templates."""
     clip.eval()
     rows = []
     for name in classnames:
-        texts = tokenizer(format_templates(templates, name))
+        texts = tokenizer(format_templates(templates, name)).to(device)
         emb = clip.encode_text(texts)
         emb = emb / emb.norm(dim=-1, keepdim=True)
         emb = emb.mean(dim=0)

@@ -21,6 +21,7 @@ from taskmerge.adaptive.functional_merge import MergedEncoder
 from taskmerge.adaptive.representation_bias import bias_report, draw_representation_bias
 from taskmerge.adaptive.surgery import SurgeryConfig, corrected_features, train_surgery, train_surgery_online
 from taskmerge.adaptive.surgery_v2 import train_surgery_v2
+from taskmerge.compute import distributed
 from taskmerge.merging.task_vectors import task_vector
 from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.data_free import MERGERS, Run
@@ -42,7 +43,9 @@ def _adamerging_config(config: AdaMergingRunConfig, eval_batch_size: int) -> Ada
 
 def task_images(run: Run) -> dict[str, TaskImages]:
     """Each task's (unlabelled) test images, loaded once for the whole run."""
-    return {t: TaskImages(task_data(run.setup, t).test, name=t) for t in run.setup.tasks}
+    loader = run.setup.loader
+    return {t: TaskImages(task_data(run.setup, t).test, name=t, num_workers=loader.num_workers,
+                          pin_memory=loader.pin_memory) for t in run.setup.tasks}
 
 
 def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
@@ -68,7 +71,7 @@ def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
     else:
         vectors = [lambda t=t: task_vector(pretrained, experts[t]).materialize() for t in tasks]
     merged = MergedEncoder(build_image_encoder(setup.arch), theta0, vectors, mode=mode,
-                           init=config.prior, clamp=config.clamp)
+                           init=config.prior, clamp=config.clamp, device=setup.device)
     key = coefficients_key(run, method, merged, _adamerging_config(config, run.batch_size))
     folder = os.path.join(setup.model_dir, "adamerging")
     if source == "auto":
@@ -88,7 +91,7 @@ def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
         result = train_adamerging(merged, tasks, images or task_images(run), run.heads,
                                   _adamerging_config(config, run.batch_size), logger=run.log,
                                   checkpoint_dir=config.resume_dir or None,
-                                  run_key=key)
+                                  run_key=key, device=setup.device)
         names = merged.param_names if mode == "layer" else None
         saved = saved_path(folder, method, key)
         save_coefficients(saved, result.coefficients, method=method, model_name=setup.model_name,
@@ -167,6 +170,15 @@ def base_encoders(run: Run, method: str, config: SurgeryRunConfig, images) -> tu
     return {t: base for t in tasks}, {"base": merge.name, **merge.extra}
 
 
+def surgery_rank(rank: int | str, surgery: str, arch: str) -> int:
+    """The module rank; "auto" is the originals' per model: RepresentationSurgery's 16 for v1, and
+    SurgeryV2's 16 for ViT-B/32 and B/16 but 4 for ViT-L/14 (EnnengYang/SurgeryV2
+    src/main_tv_surgery_v2.py)."""
+    if rank != "auto":
+        return rank
+    return 4 if surgery == "v2" and arch.startswith("ViT-L") else 16
+
+
 def base_identity(method: str, base_info: dict) -> dict:
     """What fixes a Surgery base's weights: AdaMerging's actual coefficients (learned, saved or
     published alike), or a data-free merge's method, settings and chosen coefficient."""
@@ -193,17 +205,26 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
             model_name=setup.model_name, checkpoint_digest=file_digest(ckpt.finetuned_path(t)),
             dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}"
                        + ("@parquet" if setup.data_format == "parquet" and not setup.embedded else ""),
-            batch_size=run.batch_size)
-    scfg = SurgeryConfig(rank=config.rank, iterations=config.iterations, lr=config.lr,
+            batch_size=run.batch_size, device=setup.device)
+    rank = surgery_rank(config.rank, version, setup.arch)
+    scfg = SurgeryConfig(rank=rank, iterations=config.iterations, lr=config.lr,
                          eval_every=config.eval_iterations, checkpoint_every=config.checkpoint_every,
                          zero_grad_mode=config.zero_grad_mode, seed=config.seed,
                          eval_batch_size=run.batch_size)
     labels = {t: images[t].labels for t in tasks}
     key = {**_run_key(run, method), "base": base_identity(method, base_info), "surgery": version,
            "online": online}
-    common = dict(logger=run.log, checkpoint_dir=config.resume_dir or None, run_key=key)
-    run.log.info(f"Surgery {version}{' online' if online else ''} on {method}: rank {scfg.rank}, "
+    common = dict(logger=run.log, checkpoint_dir=config.resume_dir or None, run_key=key,
+                  device=setup.device)
+    run.log.info(f"Surgery {version}{' online' if online else ''} on {method}: rank {scfg.rank}"
+                 f"{' (rank=auto for ' + setup.arch + ')' if config.rank == 'auto' else ''}, "
                  f"zero_grad_mode={scfg.zero_grad_mode!r}")
+    if distributed.active():
+        run.log.info(f"Surgery on {distributed.world_size()} ranks: the frozen parts (base and expert "
+                     f"features, targets, evaluation passes) are sharded; the training is not split, "
+                     f"since one Adam couples every task's module (and with zero_grad_mode='zero' each "
+                     f"step moves every module used before), so every rank takes the same Adam steps "
+                     f"and rank 0's modules are broadcast before each evaluation")
     if version == "v2":
         result = train_surgery_v2(tasks, bases, images, expert_feats, base_feats, run.heads, scfg, **common)
     elif online:

@@ -17,7 +17,9 @@ import torch
 
 from taskmerge import merging
 from taskmerge.merging.task_vectors import apply
-from taskmerge.runs.evaluation import evaluate
+from taskmerge.compute import distributed
+from taskmerge.compute.devices import default_num_workers, resolve_device, use_tf32
+from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
 from taskmerge.runs.reporting import RunLogger, results_table
 from taskmerge.runs.script_configs import (VAL_GRIDS, EMRMerge, MergeRunConfig, RunConfig,
@@ -37,11 +39,20 @@ class Run:
     def __init__(self, config: RunConfig, script: str, method: str, subfolder: str = "merging"):
         self.config = config
         self.method = method
+        device = resolve_device(config.device)
+        distributed.init(device)
+        use_tf32(config.tf32)
         self.setup: Setup = resolve_setup(config.model_name, config.checkpoint_dir,
                                           config.data_location, config.tasks or None,
                                           config.data_format)
+        workers = default_num_workers(device) if config.num_workers == "auto" else config.num_workers
+        self.setup.device, self.setup.loader = device, LoaderSettings.for_device(device, workers)
         self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
                                         config.log_dir)
+        if distributed.active():
+            self.log.info(f"torch.distributed: {distributed.world_size()} ranks over "
+                          f"{distributed.backend()}; evaluation and features are sharded over them, "
+                          f"only rank 0 writes files")
         self.batch_size = config.batch_size
         self.heads = load_heads(self.setup)
         validate_checkpoints(self.setup)  # before the first evaluation reads any of them
@@ -184,10 +195,12 @@ def merge_emr(run: Run, s: EMRMerge) -> Merge:
 def merge_tsv(run: Run, s: TSVMerge) -> Merge:
     method = s.method
     pretrained, experts = run.experts()
+    device = resolve_device(s.merge_device)
+    run.log.info(f"TSV decompositions on {device}")
     if method == "TSVC":
-        tsvc = merging.tsv_compress(pretrained, experts, validate_inputs=False)
+        tsvc = merging.tsv_compress(pretrained, experts, validate_inputs=False, device=device)
         return Merge("TSVC", tsvc, per_task=True, extra={"alpha": 1.0, "storage": tsvc.storage_report()})
-    delta = merging.tsv_delta(pretrained, experts, method, validate_inputs=False)
+    delta = merging.tsv_delta(pretrained, experts, method, validate_inputs=False, device=device)
     alpha, curve = _coef(run, s.alpha, s.select_on_val, s.val_grid, delta)
     return Merge(f"{method}_{alpha}", apply(pretrained, delta, alpha),
                  extra={"tsv_method": method, "alpha": alpha, "val_curve": curve})
@@ -208,7 +221,8 @@ def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
 
     def task_val_acc(task, sd):
         return evaluate(encoder_for(run.setup, sd), run.heads[task],
-                        task_data(run.setup, task, "val").test, run.batch_size)
+                        task_data(run.setup, task, "val").test, run.batch_size,
+                        device=run.setup.device, loader=run.setup.loader)
 
     run.log.info(f"Choosing each task's TALL λ on its <Task>Val split over {lams}")
     chosen, lam_curve = select_per_task(lams, tasks, task_model, task_val_acc, run.log.info)

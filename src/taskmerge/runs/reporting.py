@@ -15,6 +15,7 @@ import time
 from datetime import datetime
 
 from taskmerge.storage import atomic
+from taskmerge.storage.writer import is_writer
 
 
 def log_path(log_dir: str, subfolder: str, model_name: str, script_stem: str, method: str,
@@ -26,8 +27,11 @@ def log_path(log_dir: str, subfolder: str, model_name: str, script_stem: str, me
     of one overwriting the other."""
     timestamp = timestamp or datetime.now().strftime("%Y%m%d_%H%M%S")
     folder = os.path.join(log_dir, subfolder, model_name)
-    os.makedirs(folder, exist_ok=True)
+    if is_writer():
+        os.makedirs(folder, exist_ok=True)
     stem = f"log_{script_stem}_{method}_{model_name}_{timestamp}"
+    if not is_writer():  # under torchrun rank 0 claims the name; the others write nothing
+        return os.path.join(folder, stem + ".txt")
     for n in itertools.count(1):
         path = os.path.join(folder, stem + (f"_{n}" if n > 1 else "") + ".txt")
         try:
@@ -44,7 +48,7 @@ class RunLogger:
         self.path = path
         self.report_path = os.path.splitext(path)[0] + ".json"
         self.config = dict(config)
-        self.echo = echo
+        self.echo = echo and is_writer()
         self.lines: list[str] = []
         self.start = time.time()
         self.info("Config: " + json.dumps(self.config, sort_keys=True, default=str))

@@ -52,6 +52,9 @@ class RunConfig:
     tasks: list[str] = setting(unique=True)             # []: every task of the model's benchmark
     log_dir: str = setting(nonempty=True)
     batch_size: int = setting(ge=1)
+    device: str = setting(nonempty=True)       # "auto" | "cpu" | "cuda" | "cuda:<i>" (checked when resolved)
+    tf32: bool = setting()                     # TF32 matmuls on CUDA (compute/devices.py)
+    num_workers: int = setting(ge=0, words=("auto",))   # DataLoader workers; "auto": 0 on CPU
 
 
 @dataclass
@@ -97,6 +100,7 @@ class TSVMerge:
     alpha: float = setting(finite=True)
     select_on_val: bool = setting()
     val_grid: str = setting(choices=VAL_GRIDS)
+    merge_device: str = setting(nonempty=True)   # where the SVDs run: "cpu" | "auto" | "cuda[:i]"
 
 
 @dataclass
@@ -182,9 +186,10 @@ class SurgeryRunConfig(AdaMergingRunConfig):
     use_ties: bool = setting()
     tall_lambdas: list[float] = setting(ge=0.0, finite=True, nonempty=True, unique=True)
     prun_thre_k: int = setting(ge=1)
+    merge_device: str = setting(nonempty=True)
     # the surgery itself
     surgery: str = setting(choices=("v1", "v2"))
-    rank: int = setting(ge=1)
+    rank: int = setting(ge=1, words=("auto",))   # "auto": the SurgeryV2 original's per model
     iterations: int = setting(ge=1)
     eval_iterations: int = setting(ge=1)
     lr: float = setting(gt=0.0, finite=True)

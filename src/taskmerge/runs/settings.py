@@ -30,11 +30,12 @@ class Rule:
     nonempty: bool = False         # strings and lists
     unique: bool = False           # lists: no repeated item
     suffix: str | None = None      # strings outside `choices` must end with it (e.g. ".json")
+    words: tuple | None = None     # strings accepted in place of a value of the type (e.g. "auto")
 
 
 def setting(**rule) -> Any:
     """A required dataclass field with its Rule (`choices=`, `ge=`, `gt=`, `le=`, `finite=`, …)."""
-    return dataclasses.field(metadata={"rule": Rule(**{k: tuple(v) if k == "choices" else v
+    return dataclasses.field(metadata={"rule": Rule(**{k: tuple(v) if k in ("choices", "words") else v
                                                        for k, v in rule.items()})})
 
 
@@ -51,6 +52,8 @@ def _allowed(hint, rule: Rule) -> str:
               "non-empty" if rule.nonempty else "", "without repeats" if rule.unique else ""]
     if any(bounds):
         parts.append(", ".join(b for b in bounds if b))
+    if rule.words:
+        parts.append("or " + " or ".join(repr(w) for w in rule.words))
     return "; ".join(parts)
 
 
@@ -72,6 +75,8 @@ class _Refused(Exception):
 
 def _convert(value, hint, rule: Rule, top: bool = True):
     """`value` as `hint` (an int is accepted for a float), or _Refused."""
+    if top and rule.words and isinstance(value, str) and value in rule.words:
+        return value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):

@@ -21,7 +21,9 @@ from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_cl
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer
 from taskmerge.runs import validation
-from taskmerge.runs.evaluation import evaluate
+from taskmerge.compute import distributed
+from taskmerge.compute.devices import device_description
+from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import as_json, data_identity, differing_fields, head_digest, short_hash
 from taskmerge.runs.reporting import RunLogger, log_path, method_label, results_table
 from taskmerge.storage import atomic
@@ -45,6 +47,8 @@ class Setup:
     embedded: bool
     micro: bool = False
     data_format: str = "folders"   # the real tasks' format: folders | parquet (embedded: ignored)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    loader: LoaderSettings = field(default_factory=LoaderSettings)
     _encoder_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -58,7 +62,13 @@ class Setup:
     def describe(self) -> dict:
         return {"model": self.model_name, "arch": self.arch, "checkpoint_family": self.family,
                 "model_dir": self.model_dir, "tasks": self.tasks, "data_location": self.data_location,
-                "data_format": "embedded" if self.embedded else self.data_format}
+                "data_format": "embedded" if self.embedded else self.data_format,
+                "compute": self.compute()}
+
+    def compute(self) -> dict:
+        """Where the run computes: device, GPU, torch / CUDA versions, TF32, ranks, loader workers."""
+        return {**device_description(self.device), "world_size": distributed.world_size(),
+                "backend": distributed.backend(), "num_workers": self.loader.num_workers}
 
 
 def _real_checkpoints_present(checkpoint_dir: str, model_name: str) -> bool:
@@ -88,7 +98,8 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
     if embedded:
         from taskmerge.embedded.build import ensure_embedded_benchmark
         micro = model_name.endswith("-micro")
-        model_dir = ensure_embedded_benchmark(checkpoint_dir, data_location, micro=micro)
+        with distributed.main_first():  # rank 0 builds it; the other ranks then find it built
+            model_dir = ensure_embedded_benchmark(checkpoint_dir, data_location, micro=micro)
         with open(os.path.join(model_dir, "manifest.json")) as f:
             built = json.load(f)["tasks"]
         tasks = list(tasks or built)
@@ -130,7 +141,7 @@ def _encoder(setup: Setup):
     """The run's one ImageEncoder module (weights are loaded into it per evaluation)."""
     enc = setup._encoder_cache.get("encoder")
     if enc is None:
-        enc = setup._encoder_cache["encoder"] = build_image_encoder(setup.arch)
+        enc = setup._encoder_cache["encoder"] = build_image_encoder(setup.arch).to(setup.device)
     return enc
 
 
@@ -142,7 +153,7 @@ def load_heads(setup: Setup) -> dict[str, ClassificationHead]:
     for task in setup.tasks:
         path = setup.checkpoints.head_path(task)
         if os.path.exists(path):
-            heads[task] = ClassificationHead.from_state_dict(load_head(path))
+            heads[task] = ClassificationHead.from_state_dict(load_head(path)).to(setup.device)
         else:
             heads[task] = _build_and_cache_head(setup, task)
         check_head(heads[task], path, task_data(setup, task).classnames, width)
@@ -175,10 +186,11 @@ def _pretrained_clip(setup: Setup, task: str):
 
 
 def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
-    clip = _pretrained_clip(setup, task)
+    clip = _pretrained_clip(setup, task).to(setup.device)
     data = task_data(setup, task)
-    head = build_zeroshot_head(clip, get_tokenizer(setup.arch), data.classnames, data.templates)
-    atomic.torch_save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()},
+    head = build_zeroshot_head(clip, get_tokenizer(setup.arch), data.classnames, data.templates,
+                               device=setup.device)
+    atomic.torch_save({"weight": head.weight.detach().cpu().clone(), "bias": head.bias.detach().cpu().clone()},
                       os.path.join(setup.model_dir, f"head_{task}.pt"))
     return head
 
@@ -200,7 +212,7 @@ def evaluate_tasks(setup: Setup, state_dicts: Mapping[str, Mapping[str, torch.Te
         sd = state_dicts[task] if per_task else state_dicts
         enc = encoder_for(setup, sd)
         accs[task] = evaluate(enc, heads[task], task_data(setup, task, split).test, batch_size,
-                              desc=f"eval {task}")
+                              desc=f"eval {task}", device=setup.device, loader=setup.loader)
     return accs
 
 
@@ -228,7 +240,8 @@ def individual_accuracies(setup: Setup, heads: dict[str, ClassificationHead], ba
             log(f"Individual accuracy of {task} ({split}): computing ({why})")
             enc = encoder_for(setup, setup.checkpoints.finetuned(task))
             entry = {"key": as_json(key), "accuracy": evaluate(enc, heads[task], data, batch_size,
-                                                               desc=f"expert {task}")}
+                                                               desc=f"expert {task}", device=setup.device,
+                                                               loader=setup.loader)}
             cache[short_hash(key)] = entry
             changed = True
         out[task] = entry["accuracy"]
@@ -251,7 +264,7 @@ def finish_run(logger: RunLogger, setup: Setup, method: str, accs: dict[str, flo
     """Write the JSON report (per-task, average, normalized) and print the results table."""
     avg = sum(accs.values()) / len(accs)
     report = {"method": method, "model": setup.model_name, "checkpoint_family": setup.family,
-              "tasks": setup.tasks, "accuracy": accs, "average_accuracy": avg}
+              "tasks": setup.tasks, "accuracy": accs, "average_accuracy": avg, "compute": setup.compute()}
     if individual:
         norm = {t: accs[t] / individual[t] for t in accs if individual.get(t)}
         report["individual_accuracy"] = individual

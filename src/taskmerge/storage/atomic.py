@@ -9,6 +9,9 @@ temporaries of our own naming, `.<name>.<host>-<pid>.<random>.tmp`: one is stale
 ran on this host (same boot, same pid namespace) and that process is gone, or (written elsewhere,
 or named the older way, `.<name>.<random>.tmp`) when nothing has written to it for `STALE_AFTER_S`.
 A live writer's temporary is never removed: its process exists, and it writes as it goes.
+
+Under torchrun only rank 0 writes (`writer.py`): on the other ranks both context managers hand out a
+private scratch path that is thrown away, so callers write the same way on every rank.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import sys
 import tempfile
 import time
 from typing import Iterator
+
+from taskmerge.storage.writer import is_writer
 
 STALE_AFTER_S = 24 * 3600
 
@@ -107,6 +112,10 @@ def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it vanishes.
 
     Stale temporaries of killed writes in the same folder are swept first."""
+    if not is_writer():
+        with _discarded(os.path.basename(path)) as scratch:
+            yield scratch
+        return
     folder, prefix = _temporary_name(path)
     os.makedirs(folder, exist_ok=True)
     sweep_stale_temporaries(folder)
@@ -133,6 +142,11 @@ def atomic_folder(path: str) -> Iterator[str]:
     file over the link) so the linked original is never written to. POSIX has no atomic exchange
     of two folders: `path` is moved aside, then the new folder into place, a window of two renames
     in which `path` is absent."""
+    if not is_writer():
+        with _discarded(os.path.basename(path)) as scratch:
+            os.makedirs(scratch)
+            yield scratch
+        return
     folder, prefix = _temporary_name(path)
     os.makedirs(folder, exist_ok=True)
     sweep_stale_temporaries(folder)
@@ -159,6 +173,16 @@ def atomic_folder(path: str) -> Iterator[str]:
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _discarded(name: str) -> Iterator[str]:
+    """A path in a private scratch folder, removed afterwards: a non-writing rank's "write"."""
+    scratch = tempfile.mkdtemp(prefix="taskmerge-rank-")
+    try:
+        yield os.path.join(scratch, name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

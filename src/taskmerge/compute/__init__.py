@@ -1,0 +1,1 @@
+"""Where the numbers are computed: the device a run uses, and the ranks of a torchrun launch."""

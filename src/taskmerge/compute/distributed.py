@@ -1,0 +1,151 @@
+"""Several processes on torch.distributed: `torchrun --nproc_per_node=N src/main_X.py` (NCCL between
+GPUs, gloo on the CPU). One process is the single-rank case of every function here, with no
+collective called, so a plain run computes exactly what it computed before.
+
+What is split: each evaluation and feature pass takes a contiguous shard of the test set per rank
+and gathers counts or rows back in dataset order; an AdaMerging step spreads its 2·T entropy batches
+over the ranks and sums the coefficient gradient. Everything else (the random draws, Adam steps,
+Surgery's training) runs the same on every rank, so every rank holds the same state. Only rank 0
+writes files (storage/writer.py).
+
+A collective must be reached by every rank in the same order, so every decision that leads to one
+(a cache hit or miss, a resume) is made on rank 0 and broadcast (`agree`).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def launched() -> bool:
+    """Whether torchrun (or any launcher setting WORLD_SIZE) started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: torch.device, timeout_s: float = 3600.0) -> str | None:
+    """Join torchrun's process group once (NCCL for CUDA devices, gloo otherwise); None when the
+    script was not launched with several processes. Other ranks stop drawing progress bars."""
+    if not launched():
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    if not is_main():
+        os.environ["TQDM_DISABLE"] = "1"
+    return dist.get_backend()
+
+
+def backend() -> str | None:
+    return dist.get_backend() if active() else None
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. builds a cache), then the others run it and find it built."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def agree(value: T) -> T:
+    """Rank 0's `value` on every rank (a picklable, small value: a flag, a name, a path)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(n: int) -> range:
+    """This rank's contiguous slice of n items (rank r: [r·n/W, (r+1)·n/W))."""
+    w, r = world_size(), rank()
+    return range(r * n // w, (r + 1) * n // w)
+
+
+def _comm_device() -> torch.device:
+    """Where tensors must sit for the collectives: the rank's GPU under NCCL, else the CPU."""
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, in place (returned for convenience)."""
+    if active():
+        buf = tensor.to(_comm_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        if buf is not tensor:
+            tensor.copy_(buf)
+    return tensor
+
+
+def sum_counts(*counts: int) -> tuple[int, ...]:
+    """Integer counts (e.g. correct, total) summed over ranks, exactly (int64)."""
+    t = torch.tensor(counts, dtype=torch.int64)
+    return tuple(int(v) for v in all_reduce_sum(t).tolist())
+
+
+def gather_rows(part: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's `shard(n)` rows of one tensor (dim 0), concatenated in rank order: the whole
+    tensor in dataset order, on every rank, on the CPU. `part` may have other dims of any size."""
+    if not active():
+        return part
+    w = world_size()
+    sizes = [(r + 1) * n // w - r * n // w for r in range(w)]
+    dev = _comm_device()
+    padded = torch.zeros((max(sizes), *part.shape[1:]), dtype=part.dtype, device=dev)
+    padded[: len(part)] = part.to(dev)
+    out = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]).cpu()
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers in `module` on every rank."""
+    if not active():
+        return
+    dev = _comm_device()
+    for t in list(module.parameters()) + list(module.buffers()):
+        buf = t.detach().to(dev)
+        dist.broadcast(buf, src=0)
+        if buf is not t:
+            with torch.no_grad():
+                t.copy_(buf)
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0 only (its result broadcast): work whose only effect is a file or a line."""
+    return agree(fn() if is_main() else None)
