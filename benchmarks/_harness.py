@@ -114,10 +114,20 @@ def random_setup(b: Bench):
     encoder = build_image_encoder(b.model_name)
     pre = {k: v.clone() for k, v in encoder.state_dict().items()}
 
+    # One seeded draw per tensor, shared: task t's vector is that noise rolled by t·7919 places.
+    # The tasks differ, and T vectors cost one draw (CPU random numbers are serial, ~6 s per 342M).
+    noise, g = {}, torch.Generator().manual_seed(100)
+
     def task_vector(t):
-        g = torch.Generator().manual_seed(100 + t)
-        return {k: (1e-3 * torch.randn(v.shape, generator=g) if k.startswith("model.visual.")
-                    else torch.zeros_like(v)) for k, v in pre.items()}
+        tau = {}
+        for k, v in pre.items():
+            if not k.startswith("model.visual."):
+                tau[k] = torch.zeros_like(v)
+                continue
+            if k not in noise:
+                noise[k] = torch.randn(v.numel(), generator=g)
+            tau[k] = (1e-3 * noise[k].roll(t * 7919)).view(v.shape)
+        return tau
 
     return encoder, pre, task_vector, random_heads(b.tasks, b.num_classes, encoder.feature_dim, b.device)
 
@@ -196,7 +206,7 @@ def adamerging_timings(b: Bench, steps: int, in_a_row: int = 0) -> dict:
     `steps` single steps each (synchronized one by one), and `in_a_row` steps back to back."""
     encoder, pre, task_vector, heads = random_setup(b)
     merged = MergedEncoder(encoder, pre, [lambda t=t: task_vector(t) for t in range(b.tasks)],
-                           mode="layer").to(b.device)
+                           mode="layer", device=b.device)
     opt = torch.optim.Adam([merged.lam_raw], lr=1e-3)
     plain = build_image_encoder(b.model_name, pre).to(b.device).requires_grad_(True)
     size = encoder.image_size

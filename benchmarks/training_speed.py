@@ -53,8 +53,9 @@ config = configure(globals())
 import torch  # noqa: E402
 
 import _harness as h  # noqa: E402
+from taskmerge.compute.devices import resolve_device  # noqa: E402
 
-bench = h.Bench(model_name=model_name, tasks=tasks, device=torch.device(device), batch_size=batch_size,
+bench = h.Bench(model_name=model_name, tasks=tasks, device=resolve_device(device), batch_size=batch_size,
                 batches_per_task=batches_per_task, images_per_task=images_per_task,
                 num_classes=num_classes, rank=rank)
 
