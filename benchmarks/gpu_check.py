@@ -195,8 +195,7 @@ def phase_evaluation(peak: h.PeakMemory):
     encoder = build_image_encoder(model_name).to(dev)
     size = encoder.image_size
     head, = h.random_heads(1, len(EUROSAT_FOLDERS), encoder.feature_dim, dev)
-    settings = LoaderSettings(num_workers=workers, pin_memory=dev.type == "cuda",
-                              persistent_workers=workers > 0)
+    settings = LoaderSettings.for_device(dev, workers)
     with tempfile.TemporaryDirectory(prefix="gpu_check_jpegs_") as root:
         t_write = time.perf_counter()
         write_jpegs(root, eval_images, jpeg_size)
@@ -385,7 +384,8 @@ def main():
     described = device_description(dev)
     print(f"config: {json.dumps(config)}")
     print(f"device: {json.dumps(described)}  torch threads: {torch.get_num_threads()}  "
-          f"loader workers: {workers}", flush=True)
+          f"loader workers: {workers}  ranks: Surgery v1 {v1_rank}, SurgeryV2 {v2_rank}, "
+          f"SurgeryV2 at {large_model} {v2_large_rank}", flush=True)
     peak = h.PeakMemory(dev)
     rows = run_phases(PHASES, time_budget_s, peak, start)
     total_s = time.perf_counter() - start
@@ -395,6 +395,7 @@ def main():
     print(f"\ntotal {total_s:.1f} s")
     if out:
         result = {"config": config, "device": described, "tf32": tf32, "loader_workers": workers,
+                  "ranks": {"surgery_v1": v1_rank, "surgery_v2": v2_rank, "surgery_v2_large": v2_large_rank},
                   "peak_kind": peak.kind, "rows": rows, "total_s": total_s, "markdown": table}
         if out.endswith(".json"):
             atomic.write_json(out, result)
