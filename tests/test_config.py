@@ -44,3 +44,10 @@ def test_configure_updates_the_namespace_and_returns_every_hyperparameter(capsys
     assert ns["steps"] == 7
     assert config == {"lr": 0.1, "steps": 7}
     assert "Overriding: steps = 7" in capsys.readouterr().out
+
+
+def test_auto_and_a_value_of_its_setting_replace_each_other():
+    defaults = {"rank": "auto", "num_workers": 4, "method": "ties"}
+    assert parse_overrides(["--rank=4", "--num_workers=auto"], defaults) == {"rank": 4, "num_workers": "auto"}
+    with pytest.raises(ConfigError, match="--method=3"):
+        parse_overrides(["--method=3"], defaults)

@@ -38,7 +38,8 @@ def parse_overrides(argv: Sequence[str], defaults: dict[str, Any]) -> dict[str, 
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # a bare string such as --method=ties
-        if default is not None and value is not None:
+        # "auto" stands in for a value of another type (rank = "auto" or 4): the typed config checks it
+        if default is not None and value is not None and "auto" not in (default, value):
             if isinstance(default, bool) != isinstance(value, bool):
                 raise _wrong_type(key, raw, default)
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
