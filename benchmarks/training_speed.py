@@ -13,20 +13,16 @@ Prints, each phase in its own process (so that peak RSS is per phase):
    evaluation with a merge per forward every eval_every iterations). The reference is timed for
    `reference_task_iterations` task-iterations and one task's evaluation, and extrapolated; the
    totals are also projected to the real 8 tasks' test-set sizes from the measured per-image costs.
-3. SurgeryV2: time per iteration (tasks × 2 steps through the merged model with deep modules).
+3. SurgeryV2: time per iteration of train_surgery_v2 (tasks × 2 steps through the merged model with
+   deep modules), the benchmarks' shared measurement (_harness.py).
 """
-import atexit
 import json
 import os
-import resource
-import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # model and data
 model_name = "ViT-B-32"
@@ -41,6 +37,7 @@ surgery_iterations = 500
 eval_every = 100
 reference_eval_batch_size = 256   # RepresentationSurgery's eval batch
 reference_task_iterations = 1
+surgery_v2_iterations = 4    # timed by train_surgery_v2's on_step: first and last left out
 rank = 16
 # real test-set sizes of SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD (for projections)
 project_test_sizes = [19887, 8041, 6300, 2700, 26032, 12630, 10000, 1880]
@@ -53,227 +50,42 @@ from taskmerge.runs.config import configure  # noqa: E402
 
 config = configure(globals())
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
-from taskmerge.adaptive.adamerging import adamerging_step, entropy  # noqa: E402
-from taskmerge.adaptive.adaptation_data import TaskImages  # noqa: E402
-from taskmerge.adaptive.feature_cache import features_of  # noqa: E402
-from taskmerge.adaptive.functional_merge import MergedEncoder  # noqa: E402
-from taskmerge.adaptive.surgery import SurgeryConfig, train_surgery  # noqa: E402
-from taskmerge.adaptive.surgery_modules import SurgeryAdapter, deep_forward, make_deep_adapters  # noqa: E402
-from taskmerge.datasets.base import ArrayDataset  # noqa: E402
-from taskmerge.models.encoders import build_image_encoder, eval_transform  # noqa: E402
-from taskmerge.models.heads import ClassificationHead  # noqa: E402
-from taskmerge.storage import atomic  # noqa: E402
+import _harness as h  # noqa: E402
+from taskmerge.compute.devices import resolve_device  # noqa: E402
 
-
-def sync():
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t, out
-
-
-def peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def random_setup():
-    torch.manual_seed(0)
-    encoder = build_image_encoder(model_name)
-    pre = {k: v.clone() for k, v in encoder.state_dict().items()}
-
-    def task_vector(t):
-        g = torch.Generator().manual_seed(100 + t)
-        return {k: (1e-3 * torch.randn(v.shape, generator=g) if k.startswith("model.visual.")
-                    else torch.zeros_like(v)) for k, v in pre.items()}
-
-    heads = []
-    for _ in range(tasks):
-        w = torch.randn(num_classes, encoder.feature_dim)
-        heads.append(ClassificationHead(100 * w / w.norm(dim=1, keepdim=True)).to(device))
-    return encoder, pre, task_vector, heads
+bench = h.Bench(model_name=model_name, tasks=tasks, device=resolve_device(device), batch_size=batch_size,
+                batches_per_task=batches_per_task, images_per_task=images_per_task,
+                num_classes=num_classes, rank=rank)
 
 
 def run_adamerging():
-    encoder, pre, task_vector, heads = random_setup()
-    merged = MergedEncoder(encoder, pre, [lambda t=t: task_vector(t) for t in range(tasks)], mode="layer").to(device)
-    opt = torch.optim.Adam([merged.lam_raw], lr=1e-3)
-    plain = build_image_encoder(model_name, pre).to(device).requires_grad_(True)
-    size = encoder.image_size
-    images = [[torch.randn(batch_size, 3, size, size).to(device) for _ in range(batches_per_task)]
-              for _ in range(tasks)]
-
-    def plain_step(n=None):
-        for i, (t, x) in enumerate((t, x) for t in range(tasks) for x in images[t]):
-            if n is not None and i >= n:
-                break
-            entropy(heads[t](plain(x))).mean().backward()
-        plain.zero_grad(set_to_none=True)
-
-    def ada_step(n=None):
-        batches = [(heads[t], x) for t in range(tasks) for x in images[t]][:n]
-        opt.zero_grad(set_to_none=True)
-        adamerging_step(merged, batches)
-        opt.step()
-
-    plain_step(1), ada_step(1)    # warm-up
-    t_plain, t_ada = [], []
-    for _ in range(adamerging_steps):
-        t_plain.append(timed(plain_step)[0])
-        t_ada.append(timed(ada_step)[0])
-    # The merge alone (forward + backward through θ(λ)), the only work a plain step does not do.
-    theta = merged.merge(merged.forward_names)
-    t_merge = timed(lambda: torch.autograd.backward(list(theta.values()),
-                                                    [torch.ones_like(v) for v in theta.values()]))[0]
-    t_merge += timed(lambda: merged.merge(merged.forward_names))[0]
-    return {"plain_step_s": statistics.median(t_plain), "adamerging_step_s": statistics.median(t_ada),
-            "plain_steps_s": [round(t, 2) for t in t_plain], "adamerging_steps_s": [round(t, 2) for t in t_ada],
-            "ratio": statistics.median(t_ada) / statistics.median(t_plain), "merge_fwd_bwd_s": t_merge,
-            "images_per_step": tasks * batches_per_task * batch_size}
-
-
-class ReferenceMerged(torch.nn.Module):
-    """The originals' merged model: every forward merges θ0 and the task vectors on the CPU from
-    tensors that all require grad, then moves the result to the device (METHODS.md §1.5)."""
-
-    def __init__(self, encoder, paramslist, alpha):
-        super().__init__()
-        self.encoder, self.paramslist, self.alpha = encoder, paramslist, alpha
-        self.names = list(encoder.state_dict().keys())
-
-    def merge(self):
-        return {n: sum(p[j] * a for p, a in zip(self.paramslist, self.alpha)).to(device)
-                for j, n in enumerate(self.names)}
-
-    def forward(self, x):
-        return functional_call(self.encoder, self.merge(), (x,))
-
-
-def surgery_inputs():
-    encoder, pre, task_vector, heads = random_setup()
-    size = encoder.image_size
-    folder = tempfile.mkdtemp(prefix="surgery_bench_")
-    atexit.register(shutil.rmtree, folder, True)
-    expert_path = os.path.join(folder, "finetuned.pt")
-    tau0 = task_vector(0)
-    atomic.torch_save({k: pre[k] + tau0[k] for k in pre}, expert_path)
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (images_per_task, size, size, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, images_per_task)
-    return encoder, pre, task_vector, heads, expert_path, raw, labels, eval_transform(size)
+    out = h.adamerging_timings(bench, adamerging_steps)
+    out["plain_steps_s"] = [round(t, 2) for t in out["plain_steps_s"]]
+    out["adamerging_steps_s"] = [round(t, 2) for t in out["adamerging_steps_s"]]
+    return out
 
 
 def run_surgery_v1_reference():
-    """Timings of one task-iteration and of one task's evaluation in the reference structure."""
-    encoder, pre, task_vector, heads, expert_path, raw, labels, transform = surgery_inputs()
-    paramslist = [tuple(v.clone().requires_grad_() for v in pre.values())]
-    paramslist += [tuple(tau[k].clone().requires_grad_() for k in pre)
-                   for tau in (task_vector(t) for t in range(tasks))]
-    ref = ReferenceMerged(build_image_encoder(model_name).to(device).requires_grad_(False), paramslist,
-                          [1.0] + [0.3] * tasks)
-    adapter = SurgeryAdapter(encoder.feature_dim, rank).to(device)
-    opt = torch.optim.Adam(adapter.parameters(), lr=1e-3)
-
-    def task_iteration():
-        dataset = ArrayDataset(raw, labels, transform)               # re-created every step
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
-        state = torch.load(expert_path, map_location="cpu", weights_only=True)   # reloaded every step
-        expert = build_image_encoder(model_name, state).to(device)
-        for i, (x, _) in enumerate(loader):
-            if i >= batches_per_task:
-                break
-            x = x.to(device)
-            z = adapter(ref(x))
-            with torch.no_grad():
-                z_ft = expert(x)
-            loss = F.l1_loss(z, z_ft)
-            opt.zero_grad()
-            loss.backward()       # through the whole model into the nine requires-grad copies
-            opt.step()
-
-    x_eval = torch.stack([transform(Image.fromarray(im)) for im in raw]).to(device)
-    with torch.no_grad():
-        ref.merge()                                            # warm-up (first touch of the memory)
-        t_merge = statistics.median(timed(ref.merge)[0] for _ in range(2))
-        fixed = ref.merge()
-        t_fwd = timed(lambda: heads[0](adapter(functional_call(ref.encoder, fixed, (x_eval,)))))[0]
-        del fixed
-    t_task = statistics.median(timed(task_iteration)[0] for _ in range(reference_task_iterations))
-    return {"task_iteration_s": t_task, "merge_s": t_merge, "eval_forward_per_image_s": t_fwd / images_per_task}
+    return h.surgery_v1_reference(bench, reference_task_iterations)
 
 
 def run_surgery_v1_ours():
-    encoder, pre, task_vector, heads, expert_path, raw, labels, transform = surgery_inputs()
-    tau0 = task_vector(0)
-    base = build_image_encoder(model_name, {k: pre[k] + 0.3 * tau0[k] for k in pre}).to(device)
-    images = TaskImages(ArrayDataset(raw, labels, transform), preload=False)
-    load_expert = lambda: build_image_encoder(  # noqa: E731
-        model_name, torch.load(expert_path, map_location="cpu", weights_only=True))
-    t_feat, feats = timed(lambda: features_of({"base": base, "expert": load_expert()}, images,
-                                              batch_size=128, device=device))
-    names = [f"T{t}" for t in range(tasks)]
-    cfg = SurgeryConfig(rank=rank, iterations=surgery_iterations, eval_every=eval_every,
-                        batch_size=batch_size, batches_per_task=batches_per_task)
-    t_train = timed(lambda: train_surgery(
-        names, {t: feats["base"]["final"] for t in names}, {t: feats["expert"]["final"] for t in names},
-        {t: torch.as_tensor(labels) for t in names}, {t: heads[i] for i, t in enumerate(names)}, cfg,
-        device=device))[0]
-    return {"features_one_task_s": t_feat, "train_all_iterations_s": t_train}
+    return h.surgery_v1_ours(bench, surgery_iterations, eval_every)
 
 
 def surgery_v1_totals(ref, ours):
-    """Whole-run times: the reference's task-iteration cost does not depend on N; its evaluation
-    (a merge per forward batch of 256, then the forward) and our one feature pass scale with N."""
-    rounds = surgery_iterations // eval_every + 1          # step 0 and every eval_every
-
-    def totals(sizes):
-        ref_s = surgery_iterations * len(sizes) * ref["task_iteration_s"] + rounds * sum(
-            -(-n // reference_eval_batch_size) * ref["merge_s"] + n * ref["eval_forward_per_image_s"]
-            for n in sizes)
-        ours_s = sum(sizes) * ours["features_one_task_s"] / images_per_task + ours["train_all_iterations_s"]
-        return ref_s, ours_s
-
-    return totals([images_per_task] * tasks), totals(project_test_sizes)
+    return (h.surgery_v1_totals(bench, ref, ours, surgery_iterations, eval_every, reference_eval_batch_size,
+                                [images_per_task] * tasks),
+            h.surgery_v1_totals(bench, ref, ours, surgery_iterations, eval_every, reference_eval_batch_size,
+                                project_test_sizes))
 
 
 def run_surgery_v2():
-    encoder, pre, task_vector, heads = random_setup()
-    tau0 = task_vector(0)
-    base = build_image_encoder(model_name, {k: pre[k] + 0.3 * tau0[k] for k in pre}).to(device)
-    base.requires_grad_(False)
-    size = encoder.image_size
-    x_all = torch.randn(images_per_task, 3, size, size)
-    adapters = make_deep_adapters([f"T{t}" for t in range(tasks)], base, rank).to(device)
-    with torch.no_grad():
-        hidden, z = deep_forward(base, x_all[:batch_size].to(device))
-    h_ft = [h.half() for h in hidden]
-    opt = torch.optim.Adam(adapters.parameters(), lr=1e-3)
-
-    def one_task_iteration(task="T0"):
-        for _ in range(batches_per_task):
-            idx = torch.randperm(images_per_task)[:batch_size]
-            hidden, zc = deep_forward(base, x_all[idx].to(device), adapters[task])
-            loss = sum(F.l1_loss(h, t.float()) for h, t in zip(hidden, h_ft)) + F.l1_loss(zc, z)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    one_task_iteration()   # warm-up
-    t_task = timed(one_task_iteration)[0]
-    params = sum(p.numel() for p in adapters["T0"].parameters())
-    return {"iteration_s": tasks * t_task, "task_iteration_s": t_task, "params_per_task": params}
+    out = h.surgery_v2_ours(bench, surgery_v2_iterations)
+    out["task_iteration_s"] = out["iteration_s"] / tasks
+    return out
 
 
 PHASES = {"adamerging": run_adamerging, "surgery_v1_reference": run_surgery_v1_reference,
@@ -285,7 +97,7 @@ def main():
         torch.set_num_threads(threads)
     if phase != "all":
         result = PHASES[phase]()
-        result["peak_rss_gib"] = peak_rss_gib()
+        result["peak_rss_gib"] = h.peak_rss_gib()
         print("RESULT " + json.dumps(result))
         return
     args = [a for a in sys.argv[1:] if not a.startswith("--phase=")]
