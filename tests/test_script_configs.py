@@ -81,7 +81,8 @@ REFUSED = [
     ("main_TaskArithmetic.py", {"log_dir": ""}, "log_dir=''", "non-empty"),
     # types
     ("main_TiesMerging.py", {"k": "0.2"}, "k='0.2'", "a float or None"),
-    ("main_TaskArithmetic.py", {"tasks": "MNIST"}, "tasks='MNIST'", "a list of strings"),
+    ("main_TaskArithmetic.py", {"tasks": "MNIST"}, "tasks='MNIST'", "'TALL14'"),  # not a benchmark name
+    ("main_TaskArithmetic.py", {"tasks": 8}, "tasks=8", "a list of strings or a string"),
     ("main_TaskArithmetic.py", {"select_on_val": 1}, "select_on_val=1", "True or False"),
     ("main_TaskArithmetic.py", {"batch_size": 12.0}, "batch_size=12.0", "an int"),
     ("main_TaskArithmetic.py", {"batch_size": True}, "batch_size=True", "an int"),

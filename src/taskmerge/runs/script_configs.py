@@ -21,7 +21,7 @@ from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
 from taskmerge.merging.ties import MERGES
 from taskmerge.merging.tsv import METHODS as TSV_METHODS
 from taskmerge.runs.settings import setting, subset
-from taskmerge.runs.setup import DATA_FORMATS
+from taskmerge.runs.setup import DATA_FORMATS, resolve_tasks
 from taskmerge.storage.errors import ConfigError
 
 # The coefficient grids a `val_grid` setting names (choosing λ / α on the <Task>Val splits).
@@ -49,9 +49,12 @@ class RunConfig:
     checkpoint_dir: str = setting(nonempty=True)
     data_location: str = setting(nonempty=True)
     data_format: str = setting(choices=DATA_FORMATS)    # the real tasks' format; embedded ignores it
-    tasks: list[str] = setting(unique=True)             # []: every task of the model's benchmark
+    tasks: list[str] | str = setting(unique=True)       # []: the model's benchmark; or "TALL14"/"TALL20"/…
     log_dir: str = setting(nonempty=True)
     batch_size: int = setting(ge=1)
+
+    def check_together(self):
+        resolve_tasks(self.tasks)  # a name must be one of the benchmarks
 
 
 @dataclass
@@ -161,6 +164,7 @@ class AdaMergingRunConfig(MergeRunConfig):
     checkpoint_every: int = setting(ge=1)
 
     def check_together(self):
+        super().check_together()
         if self.coefficients not in COEFFICIENT_SOURCES and not os.path.isfile(self.coefficients):
             raise ConfigError(f"setting coefficients={self.coefficients!r}: no such file; give a saved "
                               f"coefficients .json, or one of {', '.join(map(repr, COEFFICIENT_SOURCES))}")
@@ -220,9 +224,12 @@ class BuildBenchmarkConfig:
 class ConvertCheckpointsConfig:
     checkpoint_dir: str = setting(nonempty=True)
     model_name: str = setting(nonempty=True)
-    tasks: list[str] = setting(nonempty=True, unique=True)
+    tasks: list[str] | str = setting(nonempty=True, unique=True)   # or a benchmark name ("TALL20")
     family: str = setting(choices=("task_vectors", "tall_masks", "auto"))
     out_dir: str | None = setting(nonempty=True)
+
+    def check_together(self):
+        resolve_tasks(self.tasks)
 
 
 # --- the script that reads the reports back ---

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from taskmerge.datasets.parquet import HF_SOURCES, get_parquet_task
-from taskmerge.datasets.registry import PAPER_8, REAL_TASKS, get_task
+from taskmerge.datasets.registry import BENCHMARKS, PAPER_8, REAL_TASKS, get_task
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer
@@ -71,12 +71,29 @@ def _real_checkpoints_present(checkpoint_dir: str, model_name: str) -> bool:
         (os.path.join("openai", FUSIONBENCH_MODELS[model_name]), repo, os.path.join("hub", repo)))
 
 
+def resolve_tasks(tasks: list[str] | str | None) -> list[str] | None:
+    """A `tasks` setting as a task list: a list as given, a benchmark name ("TALL14": the first 14
+    of the tall_masks order, as its `num_tasks=14`; see datasets.registry.BENCHMARKS) as its list,
+    and [] / None as None (the model's own benchmark)."""
+    if isinstance(tasks, str):
+        if tasks not in BENCHMARKS:
+            raise ConfigError(f"setting tasks={tasks!r}: not a benchmark name; give a list of tasks or "
+                              f"one of {', '.join(map(repr, BENCHMARKS))} (the first 8 / 14 / 20 of "
+                              f"the tall_masks order; PAPER8: the 8 paper tasks in the EnnengYang order)")
+        return list(BENCHMARKS[tasks])
+    return list(tasks) if tasks else None
+
+
 def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
-                  data_location: str = "data", tasks: list[str] | None = None,
+                  data_location: str = "data", tasks: list[str] | str | None = None,
                   data_format: str = "folders") -> Setup:
     """Find the model's checkpoints (building the embedded benchmark if that is what is asked).
-    `data_format` is how the real tasks are stored under `data_location`: "folders" (the originals'
-    layouts, datasets/real.py) or "parquet" (the Hugging Face snapshots, datasets/parquet.py)."""
+    `tasks` is a list, a benchmark name (`resolve_tasks`) or None (the paper's 8, or the embedded
+    benchmark's tasks). `data_format` is how the real tasks are stored under `data_location`:
+    "folders" (the originals' layouts, datasets/real.py) or "parquet" (the Hugging Face
+    snapshots, datasets/parquet.py)."""
+    named = tasks if isinstance(tasks, str) else None
+    tasks = resolve_tasks(tasks)
     if data_format not in DATA_FORMATS:
         raise ConfigError(f"setting data_format={data_format!r}: expected one of {DATA_FORMATS}")
     if model_name == "auto":
@@ -85,6 +102,10 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
             print(f"No ViT-B-32 checkpoints under {checkpoint_dir}/ViT-B-32: using the embedded "
                   f"offline benchmark ({TINY_MODEL}). See README 'Real checkpoints' to use real ones.")
     embedded = model_name in EMBEDDED_MODELS
+    if embedded and named:
+        raise ConfigError(f"setting tasks={named!r}: {model_name} is the embedded offline benchmark, "
+                          f"whose tasks are its own; set tasks=[] (all of them) or a list of them, or "
+                          f"model_name to a real model to run the {named} tasks")
     if embedded:
         from taskmerge.embedded.build import ensure_embedded_benchmark
         micro = model_name.endswith("-micro")
