@@ -138,7 +138,8 @@ def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(s
         "emr_merging": {"rescaler": "code"},
         "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha"},
         "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
-                      "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks"},
+                      "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks",
+                      "load_mask": False},
     }
     assert set(expected) == set(BASES)
     for base, settings in expected.items():

@@ -38,7 +38,7 @@ BASES = {"weight_averaging": ("weight_averaging", {}),
          "ties_merging": ("ties_merging", {"val_grid": "tall_masks"}),
          "emr_merging": ("emr_merging", {}),
          "tsv_merging": ("tsv_merging", {"method": "TSVM", "val_grid": "tsv_alpha"}),
-         "consensus": ("tall_masks", {"method": "consensus", "val_grid": "tall_masks"})}
+         "consensus": ("tall_masks", {"method": "consensus", "val_grid": "tall_masks", "load_mask": False})}
 COEFFICIENT_SOURCES = ("learn", "published", "auto")   # or a saved .json
 
 
@@ -111,6 +111,7 @@ class TallMasksMerge:
     alpha: float = setting(finite=True)
     select_on_val: bool = setting()
     val_grid: str = setting(choices=VAL_GRIDS)
+    load_mask: bool = setting()                 # read the released TALL_mask_<N>task.npy
 
 
 # --- the data-free scripts: where they run, plus their method's settings ---

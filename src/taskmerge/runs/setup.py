@@ -17,6 +17,7 @@ import torch
 
 from taskmerge.datasets.parquet import HF_SOURCES, get_parquet_task
 from taskmerge.datasets.registry import BENCHMARKS, PAPER_8, REAL_TASKS, get_task
+from taskmerge.merging.tall_masks import released_mask_names
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer
@@ -129,6 +130,28 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
     return Setup(model_name, model_name, checkpoints, tasks, data_location, False,
                  data_format=data_format)
+
+
+def released_masks_path(setup: Setup, use_ties: bool) -> str:
+    """Where tall_masks' released `TALL_mask_<N>task.npy` is: its own rule (the checkpoint folder
+    with "checkpoints" replaced by "tall_masks"), a `tall_masks/` folder inside it (the download's
+    two folders side by side), or next to the checkpoints."""
+    ckpt = setup.checkpoints
+    if "tall_masks" not in (ckpt.family, ckpt.origin):
+        raise ConfigError(f"setting load_mask=True reads the masks released with the tall_masks "
+                          f"checkpoints, but these are {ckpt.family} checkpoints ({ckpt.model_dir}); "
+                          f"set load_mask=False to compute their masks")
+    root = os.path.normpath(ckpt.root)
+    folders = [os.path.join(root.replace("checkpoints", "tall_masks"), setup.model_name),
+               os.path.join(root, "tall_masks", setup.model_name), ckpt.model_dir]
+    names = released_mask_names(len(setup.tasks), use_ties)
+    candidates = [os.path.join(f, n) for f in dict.fromkeys(folders) for n in names]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        raise ConfigError(f"setting load_mask=True: no released TALL masks for {len(setup.tasks)} tasks; "
+                          f"looked for {', '.join(candidates)}. Download them with the tall_masks "
+                          f"checkpoints (README 'Real checkpoints'), or set load_mask=False")
+    return found
 
 
 def task_data(setup: Setup, task: str, split: str = "test"):
