@@ -25,6 +25,7 @@ prun_thre_k = 2               # consensus: keep weights selected by at least k t
 alpha = 1.0                   # consensus α when not chosen on val
 select_on_val = True          # consensus: choose α on the <Task>Val splits
 val_grid = "tall_masks"       # the α grid ("tall_masks" | "tsv" | "tsv_alpha")
+load_mask = False             # read the masks released with the tall_masks checkpoints (TALL_mask_<N>task.npy)
 
 if __name__ == "__main__":
     main(run_data_free, TallMasksConfig, globals())

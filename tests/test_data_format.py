@@ -47,6 +47,6 @@ def test_folders_is_the_default_and_does_not_read_parquet(tmp_path):
 def test_resolve_setup_checks_the_format_and_its_tasks(tmp_path):
     with pytest.raises(ConfigError, match="data_format='arrow'"):
         run_setup.resolve_setup("ViT-B-32", str(tmp_path), str(tmp_path), ["MNIST"], "arrow")
-    with pytest.raises(ConfigError, match="KMNIST"):  # no folder reader for KMNIST (yet)
-        run_setup.resolve_setup("ViT-B-32", str(tmp_path), str(tmp_path), ["KMNIST"], "folders")
+    with pytest.raises(ConfigError, match="'Omniglot'"):  # not one of the 20 tasks
+        run_setup.resolve_setup("ViT-B-32", str(tmp_path), str(tmp_path), ["Omniglot"], "folders")
     assert "KMNIST" in HF_SOURCES

@@ -376,3 +376,29 @@ def test_not_parquet_is_refused(tmp_path):
     with pytest.raises(DatasetLayoutError,
                        match="cannot read parquet file .*test-00000.*hf download tanganke/kmnist"):
         get_parquet_task("KMNIST", str(tmp_path))
+
+
+def test_classlabel_names_in_another_order_are_refused(tmp_path):
+    names = list(templates.CLASSNAMES["CIFAR10"])
+    names[0], names[3] = names[3], names[0]  # the dataset's label 0 is our "cat"
+    write_task(str(tmp_path), "CIFAR10", names=names)
+    with pytest.raises(DatasetLayoutError, match="its label 0 is 'cat', which is our class 3"):
+        get_parquet_task("CIFAR10", str(tmp_path))
+
+
+def test_classlabel_names_worded_differently_are_ours_in_the_same_order(tmp_path):
+    # EuroSAT's hub names are its folder names; ours are OpenAI's wording of the same classes
+    write_task(str(tmp_path), "EuroSAT", names=list(templates.EUROSAT_FOLDERS))
+    data = get_parquet_task("EuroSAT", str(tmp_path))
+    assert data.classnames[0] == "annual crop land" and data.info["dataset_classnames"][0] == "AnnualCrop"
+    write_task(str(tmp_path / "case"), "CIFAR10", names=[n.upper() for n in templates.CLASSNAMES["CIFAR10"]])
+    assert get_parquet_task("CIFAR10", str(tmp_path / "case")).classnames == templates.CLASSNAMES["CIFAR10"]
+
+
+def test_fer2013_as_tall_masks_reads_it(tmp_path):
+    from tall_trees import make_fer2013
+    written = make_fer2013(str(tmp_path))
+    data = get_parquet_task("FER2013", str(tmp_path), as_array)
+    assert data.classnames == templates.CLASSNAMES["FER2013"] and data.info["repo"] == "Jeneral/fer-2013"
+    assert data.test.labels.tolist() == written["test"]
+    check_pairs(data.test)

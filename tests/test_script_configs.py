@@ -81,7 +81,8 @@ REFUSED = [
     ("main_TaskArithmetic.py", {"log_dir": ""}, "log_dir=''", "non-empty"),
     # types
     ("main_TiesMerging.py", {"k": "0.2"}, "k='0.2'", "a float or None"),
-    ("main_TaskArithmetic.py", {"tasks": "MNIST"}, "tasks='MNIST'", "a list of strings"),
+    ("main_TaskArithmetic.py", {"tasks": "MNIST"}, "tasks='MNIST'", "'TALL14'"),  # not a benchmark name
+    ("main_TaskArithmetic.py", {"tasks": 8}, "tasks=8", "a list of strings or a string"),
     ("main_TaskArithmetic.py", {"select_on_val": 1}, "select_on_val=1", "True or False"),
     ("main_TaskArithmetic.py", {"batch_size": 12.0}, "batch_size=12.0", "an int"),
     ("main_TaskArithmetic.py", {"batch_size": True}, "batch_size=True", "an int"),
@@ -154,7 +155,8 @@ def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(s
         "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha",
                         "merge_device": "cpu"},
         "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
-                      "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks"},
+                      "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks",
+                      "load_mask": False},
     }
     assert set(expected) == set(BASES)
     for base, settings in expected.items():

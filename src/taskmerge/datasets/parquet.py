@@ -16,7 +16,17 @@ Lazy: construction reads each shard's footer and its label column only (labels a
 task's class count there, naming the file and value); an image is decoded in `__getitem__`, from the
 bytes of the one row group that holds it (the last row group read is kept, undecoded). Class names and
 templates are ours (`templates.py`); only the tasks whose originals take names from the data (SUN397,
-Cars, CIFAR100, Food101, OxfordIIITPet, FER2013) take them from the dataset's own `ClassLabel` names.
+Cars, CIFAR100, Food101, OxfordIIITPet) take them from the dataset's own `ClassLabel` names. For the
+others the dataset's `ClassLabel` names are checked against ours (`check_label_order`): a dataset may
+word its classes differently (our names are the originals' prompt wording, e.g. GTSRB's "stop" sign
+descriptions, EuroSAT's "annual crop land"), but a dataset whose class i carries our name of class
+j ≠ i numbers its labels in another order, and is refused.
+
+`<Task>Val` (the held-out split that α / λ are chosen on): the dataset's own `validation` split where it
+has one besides the test split (FusionBench's convention for model selection), else the originals'
+registry.split_train_val (random_split of `train`, seed 0). The hub's train splits are not guaranteed
+to list images in torchvision's order, so the second case is the same recipe, not necessarily the
+same images, as tall_masks' `<Task>Val`.
 """
 from __future__ import annotations
 
@@ -37,9 +47,8 @@ from torch.utils.data import Dataset
 from taskmerge.datasets import registry
 from taskmerge.datasets.base import TaskData
 from taskmerge.datasets.real import DatasetLayoutError
-from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS,
-                                          SUN397_CLASS_COUNT, base_task, dtd_classname, eurosat_classname,
-                                          get_templates)
+from taskmerge.datasets.templates import (CLASSNAMES, DATA_NAMED_COUNTS, DTD_FOLDERS, EUROSAT_FOLDERS,
+                                          base_task, dtd_classname, eurosat_classname, get_templates)
 
 
 @dataclass(frozen=True)
@@ -88,15 +97,14 @@ NOT_OUR_TASKS = {
 }
 
 # Class counts of the tasks whose names come from the data.
-DATA_NAMED = {"SUN397": SUN397_CLASS_COUNT, "Cars": CARS_CLASS_COUNT, "CIFAR100": 100, "Food101": 101,
-              "OxfordIIITPet": 37, "FER2013": 7}
+DATA_NAMED = DATA_NAMED_COUNTS
 
 FIXED_CLASSNAMES: dict[str, list[str]] = dict(
     CLASSNAMES, DTD=[dtd_classname(f) for f in DTD_FOLDERS],
     EuroSAT=[eurosat_classname(f) for f in EUROSAT_FOLDERS])
 
 # Column names in the order they are tried (FusionBench renames FER2013's `jpg`/`cls` the same way).
-IMAGE_COLUMNS = ("image", "img", "jpg")
+IMAGE_COLUMNS = ("image", "img", "jpg", "img_bytes")  # img_bytes: Jeneral/fer-2013, tall_masks' FER2013
 LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")
 VALIDATION_SPLITS = ("validation", "valid", "val")
 
@@ -313,6 +321,24 @@ class ParquetImageDataset(Dataset):
         return img, int(self.labels[i])
 
 
+def _normalized(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def check_label_order(task: str, path: str, dataset_names: list[str], ours: list[str]) -> None:
+    """Refuse a dataset whose `ClassLabel` names put one of our classes at another label id."""
+    theirs, mine = [_normalized(n) for n in dataset_names], [_normalized(n) for n in ours]
+    index = {name: j for j, name in enumerate(mine)}
+    for i, name in enumerate(theirs):
+        j = index.get(name, i)
+        if j != i and name != mine[i]:
+            raise DatasetLayoutError(
+                f"{task}: {path} numbers its classes in another order than ours: its label {i} is "
+                f"{dataset_names[i]!r}, which is our class {j} ({ours[j]!r}; our class {i} is "
+                f"{ours[i]!r}). The heads would score every image against the wrong class; this is "
+                f"a different variant of {task}'s dataset: {download_hint(task, os.path.dirname(path))}")
+
+
 # ---------------------------------------------------------------- the entry point
 def num_classes(task: str) -> int:
     return len(FIXED_CLASSNAMES[task]) if task in FIXED_CLASSNAMES else DATA_NAMED[task]
@@ -320,6 +346,8 @@ def num_classes(task: str) -> int:
 
 def _classnames(task: str, split: ParquetImageDataset, root: str) -> list[str]:
     if task in FIXED_CLASSNAMES:
+        if split.classlabel_names is not None:
+            check_label_order(task, split.files[0], split.classlabel_names, FIXED_CLASSNAMES[task])
         return list(FIXED_CLASSNAMES[task])
     if split.classlabel_names is None:
         raise DatasetLayoutError(f"{task}: {split.files[0]} carries no ClassLabel names in its schema "

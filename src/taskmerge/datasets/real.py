@@ -84,6 +84,13 @@ LAYOUTS = {
 }
 
 
+def _layout(task: str) -> str:
+    if task in LAYOUTS:
+        return LAYOUTS[task]
+    from taskmerge.datasets.tall_extras import LAYOUTS as EXTRA_LAYOUTS  # it imports this module
+    return EXTRA_LAYOUTS[task]
+
+
 class DatasetLayoutError(InputError):
     """A task's data is missing or not in the layout its reader expects."""
 
@@ -92,7 +99,7 @@ def layout_error(task: str, data_location: str, path: str, problem: str) -> Data
     return DatasetLayoutError(
         f"{task}: {problem}\n"
         f"  looked at: {path}\n"
-        f"Expected under data_location ({data_location}):\n{LAYOUTS[task]}\n"
+        f"Expected under data_location ({data_location}):\n{_layout(task)}\n"
         f"See {DATA_README} for how to prepare the datasets.")
 
 

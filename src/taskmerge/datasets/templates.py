@@ -125,6 +125,11 @@ TEMPLATES: dict[str, list[str]] = {
     "KMNIST": ["a photo of the character {c}."],
 }
 
+# Where TSV (task_singular_vectors) prompts differently from tall_masks (METHODS.md §5.2): one list
+# for STL10 and CIFAR, and SVHN's number prompt for EMNIST. Every other task is the same in both.
+TSV_TEMPLATES: dict[str, list[str]] = {"STL10": CIFAR_TEMPLATES, "EMNIST": NUMBER_TEMPLATES}
+TEMPLATE_FAMILIES = ("tall_masks", "tsv")
+
 # ---------------------------------------------------------------- class names that are fixed lists
 DIGITS = [str(d) for d in range(10)]  # SVHN, MNIST, EMNIST "digits"
 
@@ -247,9 +252,14 @@ FLOWERS102_CLASSNAMES = [
     "trumpet creeper", "blackberry lily",
 ]
 
+# tall_masks gives FER2013 synonym lists and formats each *list* into the templates, so the prompts
+# read "a photo of a ['happy', 'smiling'] looking face."; the names here are those strings, in
+# FER2013's label order (angry, disgust, fear, happy, sad, surprise, neutral).
+FER2013_SYNONYMS = [["angry"], ["disgusted"], ["fearful"], ["happy", "smiling"], ["sad", "depressed"],
+                    ["surprised", "shocked", "spooked"], ["neutral", "bored"]]
+
 # Fixed lists only. Not here because the originals read them from the data files: SUN397, DTD,
-# EuroSAT, Cars (functions below), CIFAR100, Food101, OxfordIIITPet (torchvision metadata), and
-# FER2013, whose tall_masks names are synonym lists formatted into the templates as Python lists.
+# EuroSAT, Cars (functions below), CIFAR100, Food101, OxfordIIITPet (torchvision's `.classes`).
 CLASSNAMES: dict[str, list[str]] = {
     "RESISC45": [c.replace("_", " ") for c in RESISC45_FOLDERS],
     "SVHN": DIGITS,
@@ -265,7 +275,12 @@ CLASSNAMES: dict[str, list[str]] = {
     "RenderedSST2": ["negative", "positive"],
     "EMNIST": DIGITS,
     "KMNIST": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+    "FER2013": [str(synonyms) for synonyms in FER2013_SYNONYMS],
 }
+
+# Class counts of the tasks whose names come from the data.
+DATA_NAMED_COUNTS = {"SUN397": SUN397_CLASS_COUNT, "Cars": CARS_CLASS_COUNT, "CIFAR100": 100,
+                     "Food101": 101, "OxfordIIITPet": 37}
 
 
 def base_task(name: str) -> str:
@@ -273,14 +288,22 @@ def base_task(name: str) -> str:
     return name[: -len("Val")] if name.endswith("Val") else name
 
 
-def get_templates(name: str) -> list[str]:
+def get_templates(name: str, family: str = "tall_masks") -> list[str]:
+    """The task's prompts; `family="tsv"` gives TSV's where it differs from tall_masks'."""
     base = base_task(name)
     if base not in TEMPLATES:
         raise ValueError(f"no prompt templates for task {name!r}; known: {sorted(TEMPLATES)}")
-    return list(TEMPLATES[base])
+    if family not in TEMPLATE_FAMILIES:
+        raise ValueError(f"unknown template family {family!r}; expected one of {TEMPLATE_FAMILIES}")
+    return list(TSV_TEMPLATES.get(base, TEMPLATES[base]) if family == "tsv" else TEMPLATES[base])
 
 
 # ---------------------------------------------------------------- names derived from the data
+def oxford_pet_classname(image_id: str) -> str:
+    """`american_pit_bull_terrier_12` → `American Pit Bull Terrier`, as torchvision names the breeds."""
+    return " ".join(part.title() for part in image_id.rsplit("_", 1)[0].split("_"))
+
+
 def sun397_classname(folder: str) -> str:
     """`a_abbey` → `abbey`: SUN397 folders carry a one-letter prefix and an underscore."""
     return folder[2:].replace("_", " ")

@@ -8,12 +8,19 @@ gets back its own model through a binary mask, computed as the original does on 
 Consensus keeps the weights that at least k tasks use: c = Σ_t m_t(λ_t), θ = θ0 + α·([c ≥ k] ⊙
 τ_MTL); k = 2 drops "catastrophic" and "selfish" weights, k = 0 is TA/TIES, k > T is zero-shot.
 Masks are stored bit-packed, one bit per parameter per task, next to τ_MTL.
+
+`load_released_masks` reads the masks tall_masks released with its checkpoints instead
+(`method.load_mask=True` there): `TALL_mask_<N>task.npy`, written by `np.save` of a dict
+{task: np.packbits(flat mask)}, where the flat mask runs over *every* key of the pre-trained state
+dict in sorted key order (tall_masks' `state_dict_to_vector`). The `.npy` holds a pickle; it is read
+by the restricted unpickler (numpy arrays only), never by `np.load(allow_pickle=True)`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from taskmerge.merging import bitpack
@@ -21,6 +28,7 @@ from taskmerge.merging.task_vectors import (Experts, StateDict, TaskVector, appl
                                             read_flat, shape_of, sum_of_task_vectors, validate)
 from taskmerge.merging.ties import ties_delta
 from taskmerge.storage.checkpoints import SafetensorsReader
+from taskmerge.storage.safe_pickle import CheckpointError, load_npy
 
 LAMS = (0.2, 0.3, 0.4, 0.5, 0.6)
 FORMAT = "taskmerge.tall/1"
@@ -121,6 +129,53 @@ def tall_masks(pretrained: StateDict, finetuned: Experts, lams: float | Sequence
             masks[key][t, start // 8:(stop + 7) // 8] = bitpack.pack(mask)
     tau_mtl = {k: v.to(torch.float32) for k, v in tau_mtl.items()}
     return TallMasks(list(finetuned), tau_mtl, masks, lams, use_ties)
+
+
+def released_mask_names(num_tasks: int, use_ties: bool) -> list[str]:
+    """The file names tall_masks gives its masks; with TIES it loads `…_use_ties.npy` but saves
+    `…_use_ties_<agg>.npy` (METHODS.md §2.13; agg "sum" by default), so both are accepted."""
+    stem = f"TALL_mask_{num_tasks}task"
+    return [f"{stem}_use_ties.npy", f"{stem}_use_ties_sum.npy"] if use_ties else [f"{stem}.npy"]
+
+
+def load_released_masks(path: str, pretrained: StateDict, tau_mtl: Mapping[str, torch.Tensor],
+                        tasks: Sequence[str], use_ties: bool = False) -> TallMasks:
+    """The released masks of `tasks` (a file may hold more tasks than asked) as TallMasks over
+    `tau_mtl`'s keys. Refused, naming the file: a payload that is not a dict of uint8 arrays, a
+    missing task, or a mask whose length is not the model's parameter count over its sorted keys
+    (masks of another model or checkpoint family)."""
+    payload = load_npy(path)
+    released = payload.item() if payload.dtype == object and payload.shape == () else payload
+    if not isinstance(released, dict):
+        raise CheckpointError(f"{path}: holds a {type(released).__name__}, expected tall_masks' dict "
+                              f"{{task: np.packbits(mask)}}")
+    missing = [t for t in tasks if t not in released]
+    if missing:
+        raise CheckpointError(f"{path}: no mask for {', '.join(missing)} (the file has "
+                              f"{', '.join(map(str, released))}); it was made for other tasks: set "
+                              f"load_mask=False to compute the masks, or give the file of these tasks")
+    keys = sorted(pretrained.keys())
+    sizes = [torch.Size(shape_of(pretrained, k)).numel() for k in keys]
+    total = sum(sizes)
+    masks = {k: torch.empty(len(tasks), (v.numel() + 7) // 8, dtype=torch.uint8) for k, v in tau_mtl.items()}
+    for t, task in enumerate(tasks):
+        packed = released[task]
+        if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 1:
+            raise CheckpointError(f"{path}: the mask of {task} is a {type(packed).__name__} "
+                                  f"{getattr(packed, 'dtype', '')}, expected a 1-D uint8 np.packbits array")
+        if packed.size != (total + 7) // 8:
+            raise CheckpointError(f"{path}: the mask of {task} has {packed.size} bytes ({8 * packed.size} "
+                                  f"bits), but the model has {total} parameters over its {len(keys)} "
+                                  f"keys ({(total + 7) // 8} bytes); these are masks of another model "
+                                  f"or checkpoint family")
+        flat = np.unpackbits(packed, count=total).view(np.bool_)
+        offset = 0
+        for key, size in zip(keys, sizes):
+            if key in masks:  # τ_MTL skips non-float keys; their bits are not used
+                masks[key][t] = bitpack.pack(torch.from_numpy(flat[offset:offset + size].copy()))
+            offset += size
+    tau_mtl = {k: v.to(torch.float32) for k, v in tau_mtl.items()}
+    return TallMasks(list(tasks), tau_mtl, masks, [float("nan")] * len(tasks), use_ties)
 
 
 def _consensus_at(tall: TallMasks, key: str, k: int) -> torch.Tensor:

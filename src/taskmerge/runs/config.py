@@ -46,7 +46,10 @@ def parse_overrides(argv: Sequence[str], defaults: dict[str, Any]) -> dict[str, 
                 value = float(value)
             if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
                 value = type(default)(value)
-            if not isinstance(value, type(default)):
+            # a list setting may also take a name (tasks="TALL20") and back: the typed config,
+            # which knows the setting's declared type, accepts or refuses it
+            swappable = isinstance(default, (list, tuple, str)) and isinstance(value, (list, tuple, str))
+            if not isinstance(value, type(default)) and not swappable:
                 raise _wrong_type(key, raw, default)
         out[key] = value
     return out

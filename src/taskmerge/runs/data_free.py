@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import torch
 
 from taskmerge import merging
+from taskmerge.merging.tall_masks import load_released_masks
 from taskmerge.merging.task_vectors import apply
 from taskmerge.compute import distributed
 from taskmerge.compute.devices import default_num_workers, resolve_device, use_tf32
@@ -26,8 +27,9 @@ from taskmerge.runs.script_configs import (VAL_GRIDS, EMRMerge, MergeRunConfig, 
                                            SingleTaskEvalConfig, TallMasksMerge, TaskArithmeticMerge,
                                            TiesMerge, TSVMerge, WeightAveragingMerge)
 from taskmerge.runs.selection import select_coefficient, select_per_task
-from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run, individual_accuracies,
-                                  load_heads, resolve_setup, start_run, task_data, validate_checkpoints)
+from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
+                                  individual_accuracies, load_heads, released_masks_path, resolve_setup,
+                                  start_run, task_data, validate_checkpoints)
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
 from taskmerge.storage.errors import ConfigError
@@ -214,6 +216,29 @@ def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
                           f"keeps the weights that at least k tasks select (1 <= k <= {len(tasks)})")
     pretrained, experts = run.experts()
     tau_mtl = merging.multitask_vector(pretrained, experts, use_ties, validate_inputs=False)
+    suffix = "_use_ties" if use_ties else ""
+    if s.load_mask:  # the released masks instead of choosing λ per task (tall_masks' load_mask=True)
+        path = released_masks_path(run.setup, use_ties)
+        run.log.info(f"Loading the released TALL masks from {path}")
+        tall = load_released_masks(path, pretrained, tau_mtl, tasks, use_ties)
+        extra = {"masks_loaded_from": path, "use_ties": use_ties, "storage": tall.storage_report()}
+    else:
+        tall, extra = _choose_tall_masks(run, lams, pretrained, experts, tau_mtl, use_ties)
+    if method == "tall_mask":
+        return Merge(f"TALL_mask_{len(tasks)}task{suffix}", tall, per_task=True, extra=extra)
+    mask = merging.consensus_mask(tall, k)
+    delta = {key: tau * mask[key] for key, tau in tall.tau_mtl.items()}
+    kept = sum(int(m.sum()) for m in mask.values()) / max(sum(m.numel() for m in mask.values()), 1)
+    run.log.info(f"Consensus k={k}: keeps {100 * kept:.2f}% of the multi-task vector's entries")
+    alpha, curve = _coef(run, s.alpha, s.select_on_val, s.val_grid, delta)
+    return Merge(f"consensus_k{k}_{alpha}{suffix}", apply(pretrained, delta, alpha),
+                 extra={**extra, "alpha": alpha, "prun_thre_k": k, "kept_fraction": kept,
+                        "val_curve": curve})
+
+
+def _choose_tall_masks(run: Run, lams: list[float], pretrained, experts, tau_mtl, use_ties: bool):
+    """Each task's mask at the λ its <Task>Val accuracy chooses (the originals' default path)."""
+    tasks = run.setup.tasks
 
     def task_model(task, lam):
         mask = merging.tall_mask(pretrained, experts[task], tau_mtl, lam)
@@ -228,19 +253,8 @@ def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
     chosen, lam_curve = select_per_task(lams, tasks, task_model, task_val_acc, run.log.info)
     tall = merging.tall_masks(pretrained, experts, [chosen[t] for t in tasks], tau_mtl=tau_mtl,
                               use_ties=use_ties, validate_inputs=False)
-    extra = {"tall_lambdas": chosen, "tall_val_curve": lam_curve, "use_ties": use_ties,
-             "storage": tall.storage_report()}
-    suffix = "_use_ties" if use_ties else ""
-    if method == "tall_mask":
-        return Merge(f"TALL_mask_{len(tasks)}task{suffix}", tall, per_task=True, extra=extra)
-    mask = merging.consensus_mask(tall, k)
-    delta = {key: tau * mask[key] for key, tau in tall.tau_mtl.items()}
-    kept = sum(int(m.sum()) for m in mask.values()) / max(sum(m.numel() for m in mask.values()), 1)
-    run.log.info(f"Consensus k={k}: keeps {100 * kept:.2f}% of the multi-task vector's entries")
-    alpha, curve = _coef(run, s.alpha, s.select_on_val, s.val_grid, delta)
-    return Merge(f"consensus_k{k}_{alpha}{suffix}", apply(pretrained, delta, alpha),
-                 extra={**extra, "alpha": alpha, "prun_thre_k": k, "kept_fraction": kept,
-                        "val_curve": curve})
+    return tall, {"tall_lambdas": chosen, "tall_val_curve": lam_curve, "use_ties": use_ties,
+                  "storage": tall.storage_report()}
 
 
 MERGERS: dict[str, Callable[[Run, object], Merge]] = {

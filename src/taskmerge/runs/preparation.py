@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from taskmerge.embedded.build import ensure_embedded_benchmark, read_manifest, summary
 from taskmerge.runs.script_configs import BuildBenchmarkConfig, ConvertCheckpointsConfig, SummaryConfig
+from taskmerge.runs.setup import resolve_tasks
 from taskmerge.runs.summary import summarize
 from taskmerge.storage.checkpoints import convert_to_safetensors
 
@@ -29,7 +30,8 @@ def run_build_benchmark(config: BuildBenchmarkConfig, script: str) -> str:
 def run_convert_checkpoints(config: ConvertCheckpointsConfig, script: str) -> dict:
     """Write the safetensors copies of a model's checkpoints (already converted ones are skipped)."""
     _print_config(config)
-    done = convert_to_safetensors(config.checkpoint_dir, config.model_name, config.tasks, out=config.out_dir,
+    done = convert_to_safetensors(config.checkpoint_dir, config.model_name, resolve_tasks(config.tasks),
+                                  out=config.out_dir,
                                   family=config.family)
     print(f"wrote {len(done['written'])} files, skipped {len(done['skipped'])} already converted")
     return done

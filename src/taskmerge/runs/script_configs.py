@@ -21,7 +21,7 @@ from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
 from taskmerge.merging.ties import MERGES
 from taskmerge.merging.tsv import METHODS as TSV_METHODS
 from taskmerge.runs.settings import setting, subset
-from taskmerge.runs.setup import DATA_FORMATS
+from taskmerge.runs.setup import DATA_FORMATS, resolve_tasks
 from taskmerge.storage.errors import ConfigError
 
 # The coefficient grids a `val_grid` setting names (choosing λ / α on the <Task>Val splits).
@@ -38,7 +38,7 @@ BASES = {"weight_averaging": ("weight_averaging", {}),
          "ties_merging": ("ties_merging", {"val_grid": "tall_masks"}),
          "emr_merging": ("emr_merging", {}),
          "tsv_merging": ("tsv_merging", {"method": "TSVM", "val_grid": "tsv_alpha"}),
-         "consensus": ("tall_masks", {"method": "consensus", "val_grid": "tall_masks"})}
+         "consensus": ("tall_masks", {"method": "consensus", "val_grid": "tall_masks", "load_mask": False})}
 COEFFICIENT_SOURCES = ("learn", "published", "auto")   # or a saved .json
 
 
@@ -49,12 +49,15 @@ class RunConfig:
     checkpoint_dir: str = setting(nonempty=True)
     data_location: str = setting(nonempty=True)
     data_format: str = setting(choices=DATA_FORMATS)    # the real tasks' format; embedded ignores it
-    tasks: list[str] = setting(unique=True)             # []: every task of the model's benchmark
+    tasks: list[str] | str = setting(unique=True)       # []: the model's benchmark; or "TALL14"/"TALL20"/…
     log_dir: str = setting(nonempty=True)
     batch_size: int = setting(ge=1)
     device: str = setting(nonempty=True)       # "auto" | "cpu" | "cuda" | "cuda:<i>" (checked when resolved)
     tf32: bool = setting()                     # TF32 matmuls on CUDA (compute/devices.py)
     num_workers: int = setting(ge=0, words=("auto",))   # DataLoader workers; "auto": 0 on CPU
+
+    def check_together(self):
+        resolve_tasks(self.tasks)  # a name must be one of the benchmarks
 
 
 @dataclass
@@ -112,6 +115,7 @@ class TallMasksMerge:
     alpha: float = setting(finite=True)
     select_on_val: bool = setting()
     val_grid: str = setting(choices=VAL_GRIDS)
+    load_mask: bool = setting()                 # read the released TALL_mask_<N>task.npy
 
 
 # --- the data-free scripts: where they run, plus their method's settings ---
@@ -165,6 +169,7 @@ class AdaMergingRunConfig(MergeRunConfig):
     checkpoint_every: int = setting(ge=1)
 
     def check_together(self):
+        super().check_together()
         if self.coefficients not in COEFFICIENT_SOURCES and not os.path.isfile(self.coefficients):
             raise ConfigError(f"setting coefficients={self.coefficients!r}: no such file; give a saved "
                               f"coefficients .json, or one of {', '.join(map(repr, COEFFICIENT_SOURCES))}")
@@ -225,9 +230,12 @@ class BuildBenchmarkConfig:
 class ConvertCheckpointsConfig:
     checkpoint_dir: str = setting(nonempty=True)
     model_name: str = setting(nonempty=True)
-    tasks: list[str] = setting(nonempty=True, unique=True)
+    tasks: list[str] | str = setting(nonempty=True, unique=True)   # or a benchmark name ("TALL20")
     family: str = setting(choices=("task_vectors", "tall_masks", "auto"))
     out_dir: str | None = setting(nonempty=True)
+
+    def check_together(self):
+        resolve_tasks(self.tasks)
 
 
 # --- the script that reads the reports back ---

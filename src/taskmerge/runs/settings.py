@@ -81,8 +81,12 @@ def _convert(value, hint, rule: Rule, top: bool = True):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        others = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(value, others[0], rule, top)
+        for other in (a for a in typing.get_args(hint) if a is not type(None)):
+            try:  # the first alternative that takes the value (`list[str] | str`: a list, or a name)
+                return _convert(value, other, rule, top)
+            except _Refused:
+                pass
+        raise _Refused
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise _Refused

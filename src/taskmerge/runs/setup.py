@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from taskmerge.datasets.parquet import HF_SOURCES, get_parquet_task
-from taskmerge.datasets.registry import PAPER_8, REAL_TASKS, get_task
+from taskmerge.datasets.registry import BENCHMARKS, PAPER_8, REAL_TASKS, get_task
+from taskmerge.merging.tall_masks import released_mask_names
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer
@@ -84,12 +85,29 @@ def _real_checkpoints_present(checkpoint_dir: str, model_name: str) -> bool:
         (os.path.join("openai", FUSIONBENCH_MODELS[model_name]), repo, os.path.join("hub", repo)))
 
 
+def resolve_tasks(tasks: list[str] | str | None) -> list[str] | None:
+    """A `tasks` setting as a task list: a list as given, a benchmark name ("TALL14": the first 14
+    of the tall_masks order, as its `num_tasks=14`; see datasets.registry.BENCHMARKS) as its list,
+    and [] / None as None (the model's own benchmark)."""
+    if isinstance(tasks, str):
+        if tasks not in BENCHMARKS:
+            raise ConfigError(f"setting tasks={tasks!r}: not a benchmark name; give a list of tasks or "
+                              f"one of {', '.join(map(repr, BENCHMARKS))} (the first 8 / 14 / 20 of "
+                              f"the tall_masks order; PAPER8: the 8 paper tasks in the EnnengYang order)")
+        return list(BENCHMARKS[tasks])
+    return list(tasks) if tasks else None
+
+
 def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
-                  data_location: str = "data", tasks: list[str] | None = None,
+                  data_location: str = "data", tasks: list[str] | str | None = None,
                   data_format: str = "folders") -> Setup:
     """Find the model's checkpoints (building the embedded benchmark if that is what is asked).
-    `data_format` is how the real tasks are stored under `data_location`: "folders" (the originals'
-    layouts, datasets/real.py) or "parquet" (the Hugging Face snapshots, datasets/parquet.py)."""
+    `tasks` is a list, a benchmark name (`resolve_tasks`) or None (the paper's 8, or the embedded
+    benchmark's tasks). `data_format` is how the real tasks are stored under `data_location`:
+    "folders" (the originals' layouts, datasets/real.py) or "parquet" (the Hugging Face
+    snapshots, datasets/parquet.py)."""
+    named = tasks if isinstance(tasks, str) else None
+    tasks = resolve_tasks(tasks)
     if data_format not in DATA_FORMATS:
         raise ConfigError(f"setting data_format={data_format!r}: expected one of {DATA_FORMATS}")
     if model_name == "auto":
@@ -98,6 +116,10 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
             print(f"No ViT-B-32 checkpoints under {checkpoint_dir}/ViT-B-32: using the embedded "
                   f"offline benchmark ({TINY_MODEL}). See README 'Real checkpoints' to use real ones.")
     embedded = model_name in EMBEDDED_MODELS
+    if embedded and named:
+        raise ConfigError(f"setting tasks={named!r}: {model_name} is the embedded offline benchmark, "
+                          f"whose tasks are its own; set tasks=[] (all of them) or a list of them, or "
+                          f"model_name to a real model to run the {named} tasks")
     if embedded:
         from taskmerge.embedded.build import ensure_embedded_benchmark
         micro = model_name.endswith("-micro")
@@ -122,6 +144,28 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
     return Setup(model_name, model_name, checkpoints, tasks, data_location, False,
                  data_format=data_format)
+
+
+def released_masks_path(setup: Setup, use_ties: bool) -> str:
+    """Where tall_masks' released `TALL_mask_<N>task.npy` is: its own rule (the checkpoint folder
+    with "checkpoints" replaced by "tall_masks"), a `tall_masks/` folder inside it (the download's
+    two folders side by side), or next to the checkpoints."""
+    ckpt = setup.checkpoints
+    if "tall_masks" not in (ckpt.family, ckpt.origin):
+        raise ConfigError(f"setting load_mask=True reads the masks released with the tall_masks "
+                          f"checkpoints, but these are {ckpt.family} checkpoints ({ckpt.model_dir}); "
+                          f"set load_mask=False to compute their masks")
+    root = os.path.normpath(ckpt.root)
+    folders = [os.path.join(root.replace("checkpoints", "tall_masks"), setup.model_name),
+               os.path.join(root, "tall_masks", setup.model_name), ckpt.model_dir]
+    names = released_mask_names(len(setup.tasks), use_ties)
+    candidates = [os.path.join(f, n) for f in dict.fromkeys(folders) for n in names]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        raise ConfigError(f"setting load_mask=True: no released TALL masks for {len(setup.tasks)} tasks; "
+                          f"looked for {', '.join(candidates)}. Download them with the tall_masks "
+                          f"checkpoints (README 'Real checkpoints'), or set load_mask=False")
+    return found
 
 
 def task_data(setup: Setup, task: str, split: str = "test"):

@@ -25,11 +25,13 @@ import _compat_pickle
 import collections
 import io
 import pickle
+import re
 import struct
 import sys
 import zipfile
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from taskmerge.storage.errors import InputError
@@ -576,6 +578,183 @@ def safe_load(path: str) -> dict[str, torch.Tensor]:
                           f"a state dict (str -> tensor)")
 
 
+# --- plain data holding numpy arrays: CIFAR's python batches, tall_masks' .npy mask dicts ---------
+#
+# numpy pickles an array as `_reconstruct(ndarray, (0,), b'b')` followed by a BUILD with the state
+# (version, shape, dtype, fortran_order, raw data), and a dtype as `dtype('u1', False, True)` with a
+# BUILD of its byte order. Both globals map to inert records here; the records are turned into
+# arrays after the pickle is read, from the raw bytes alone, so no numpy `__setstate__` ever runs on
+# what the file says. Object arrays (np.save of a dict is a 0-d object array) hold elements that
+# were themselves unpickled under these rules.
+
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+# bool, signed/unsigned ints, floats, complex, bytes, str, object: no structured or void dtypes
+_SIMPLE_DTYPE = re.compile(r"^[|<>=]?[biufcSUO]\d*$")
+
+
+class _DtypeRecord:
+    def __init__(self, spec):
+        if not isinstance(spec, str) or not _SIMPLE_DTYPE.match(spec):
+            raise CheckpointError(f"numpy dtype {spec!r} is not allowed (plain numeric, string "
+                                  f"and object dtypes only)")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
+            raise CheckpointError(f"malformed numpy dtype state {state!r}")
+        if state[1] in "<>" and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _ArrayRecord:
+    state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    @classmethod
+    def of(cls, state) -> "_ArrayRecord":
+        record = cls()
+        record.state = state
+        return record
+
+
+def _np_dtype(spec, align=False, copy=False):
+    return _DtypeRecord(spec)
+
+
+def _np_reconstruct(cls, shape, typecode):
+    if cls is not np.ndarray:
+        raise CheckpointError(f"numpy _reconstruct of {cls!r} is not allowed (plain ndarrays only)")
+    return _ArrayRecord()
+
+
+def _np_scalar(dtype, data=None):
+    if not isinstance(dtype, _DtypeRecord) or dtype.dtype.hasobject or not isinstance(data, (bytes, str)):
+        raise CheckpointError("only numeric numpy scalars are allowed")
+    raw = data.encode("latin1") if isinstance(data, str) else data
+    return np.frombuffer(raw, dtype=dtype.dtype, count=1)[0]
+
+
+def _np_frombuffer(buf, dtype, shape, order):
+    # protocol 5 spells a contiguous numeric array this way
+    if isinstance(dtype, np.dtype) and not dtype.hasobject and _SIMPLE_DTYPE.match(dtype.str):
+        dtype = _DtypeRecord(dtype.str)
+    return _ArrayRecord.of((1, tuple(shape), dtype, order == "F", bytes(buf)))
+
+
+def _np_array(record: _ArrayRecord) -> np.ndarray:
+    state = record.state
+    if not (isinstance(state, tuple) and len(state) == 5):
+        raise CheckpointError(f"malformed numpy array state ({type(state).__name__})")
+    _, shape, dtype, fortran, data = state
+    if (not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(dtype, _DtypeRecord)):
+        raise CheckpointError(f"malformed numpy array state (shape {shape!r}, dtype {dtype!r})")
+    dtype, order = dtype.dtype, "F" if fortran else "C"
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype.hasobject:
+        if not isinstance(data, list) or len(data) != count:
+            raise CheckpointError("malformed numpy object array: its elements are not a list of "
+                                  "the array's size")
+        out = np.empty(count, dtype=object)
+        for i, item in enumerate(data):
+            out[i] = _np_resolve(item)
+        return out.reshape(shape, order=order)
+    raw = data.encode("latin1") if isinstance(data, str) else data  # Python 2 pickles hold str
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dtype.itemsize:
+        raise CheckpointError(f"malformed numpy array: {len(raw) if hasattr(raw, '__len__') else '?'} "
+                              f"data bytes for shape {shape} of {dtype}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _np_resolve(obj: Any) -> Any:
+    """The unpickled tree with every array record built (containers rebuilt, others as they are)."""
+    if isinstance(obj, _ArrayRecord):
+        return _np_array(obj)
+    if isinstance(obj, _DtypeRecord):
+        return obj.dtype
+    if isinstance(obj, dict):
+        return {_np_resolve(k): _np_resolve(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_np_resolve(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_np_resolve(v) for v in obj)
+    return obj
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Builtin containers and scalars (pickle's own opcodes) plus numpy arrays; nothing else."""
+
+    def __init__(self, file: BinaryIO, source: str, encoding: str):
+        super().__init__(file, encoding=encoding)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if module in _NUMPY_MODULES and name in ("_reconstruct", "scalar"):
+            return _np_reconstruct if name == "_reconstruct" else _np_scalar
+        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return _np_frombuffer
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return _np_dtype
+        if (module, name) in (("collections", "OrderedDict"), ("_codecs", "encode")):
+            return _SAFE_GLOBALS[(module, name)]
+        raise CheckpointError(f"{self.source}: refusing to unpickle {module}.{name}: this file may hold "
+                              f"only plain data and numpy arrays (dicts, lists, numbers, strings, "
+                              f"ndarrays), and anything else could run code from it; the file is "
+                              f"corrupt, malicious or of another kind")
+
+    def persistent_load(self, pid):
+        raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r}")
+
+
+def load_numpy_pickle(file: BinaryIO, source: str, encoding: str = "ASCII") -> Any:
+    """A pickle of plain data and numpy arrays (dicts, lists, str, numbers, ndarrays) read from
+    `file` without running code from it; anything else it names is refused with CheckpointError.
+    `encoding="latin1"` reads Python 2 pickles (CIFAR's batches), as numpy's own loaders do."""
+    try:
+        return _np_resolve(_NumpyUnpickler(file, source, encoding).load())
+    except CheckpointError as e:
+        raise e if source in str(e) else CheckpointError(f"{source}: {e}") from e
+    except MemoryError:
+        raise CheckpointError(f"{source}: a record declares more bytes than memory holds; the file "
+                              f"is truncated or corrupt") from None
+    except RecursionError:
+        raise CheckpointError(f"{source}: objects nested too deep; the file is corrupt") from None
+    except (pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{source}: cannot unpickle ({type(e).__name__}: {e}); the file is "
+                              f"truncated, corrupt or not a pickle of arrays") from e
+
+
+def load_npy(path: str) -> Any:
+    """The array of an `.npy` file; an object array (what `np.save` writes for a dict or list) is
+    read through `load_numpy_pickle` instead of numpy's `allow_pickle=True`."""
+    from numpy.lib import format as npy_format
+    try:
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            read_header = (npy_format.read_array_header_1_0 if version == (1, 0)
+                           else npy_format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if not dtype.hasobject:
+                f.seek(0)
+                return npy_format.read_array(f, allow_pickle=False)
+            array = load_numpy_pickle(f, str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable .npy file ({e})") from e
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
+        raise CheckpointError(f"{path}: its pickled payload is not the array of shape {shape} that "
+                              f"its header declares")
+    return array
+
+
 __all__ = ["CheckpointError", "ALLOWED_CLASSES", "NON_PERSISTENT_BUFFERS", "StandIn",
            "is_stand_in", "stand_in_name", "load_pickled_checkpoint", "module_state_dict",
-           "safe_load"]
+           "safe_load", "load_numpy_pickle", "load_npy"]
