@@ -46,7 +46,7 @@ def iso_c_key(tau_sum: torch.Tensor) -> torch.Tensor:
 
 def iso_cts_key(pretrained: StateDict, finetuned: Experts, key: str, tau_sum: torch.Tensor,
                 fraction: float = COMMON_SPACE_FRACTION) -> torch.Tensor:
-    """Iso-CTS's Δ of one 2-D key; reads each task's τ again for its residual."""
+    """Iso-CTS's Δ of one 2-D key; reads each task's τ again for its residual (on tau_sum's device)."""
     num_tasks = len(finetuned)
     c, k = subspace_sizes(min(tau_sum.shape), num_tasks, fraction)
     if k == 0:
@@ -54,6 +54,7 @@ def iso_cts_key(pretrained: StateDict, finetuned: Experts, key: str, tau_sum: to
     u, sigma, vh = leading_triplets(tau_sum, c)
     blocks_u, blocks_s, blocks_v = [], [], []
     for tau in taus_at(as_float(pretrained[key]), finetuned, key):
+        tau = tau.to(tau_sum.device)
         residual = tau - u @ (u.mT @ tau)  # only the common column space is projected out
         p, rho, qh = leading_triplets(residual, k)
         blocks_u.append(p)
@@ -66,9 +67,11 @@ def iso_cts_key(pretrained: StateDict, finetuned: Experts, key: str, tau_sum: to
 
 
 def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
-              fraction: float = COMMON_SPACE_FRACTION, validate_inputs: bool = True
-              ) -> dict[str, torch.Tensor]:
-    """The unscaled Iso-C / Iso-CTS task vector, key by key (θ = θ0 + α·Δ with `apply`)."""
+              fraction: float = COMMON_SPACE_FRACTION, validate_inputs: bool = True,
+              device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The unscaled Iso-C / Iso-CTS task vector, key by key (θ = θ0 + α·Δ with `apply`). With
+    `device` (e.g. "cuda") each 2-D key's decompositions run there, one key at a time; Δ is on the CPU."""
+    on_device = device is not None and torch.device(device).type != "cpu"
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: expected one of {METHODS}")
     if not 0.0 <= fraction <= 1.0:
@@ -87,10 +90,11 @@ def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
                 tau_sum += tau
             if all_zero:
                 delta[key] = tau_sum
-            elif method == "iso_c":
-                delta[key] = iso_c_key(tau_sum)
             else:
-                delta[key] = iso_cts_key(pretrained, finetuned, key, tau_sum, fraction)
+                src = tau_sum.to(device) if on_device else tau_sum
+                out = iso_c_key(src) if method == "iso_c" else iso_cts_key(pretrained, finetuned, key, src,
+                                                                          fraction)
+                delta[key] = out.cpu() if on_device else out
             continue
         for i, tau in enumerate(taus, start=2):  # the original's running mean
             tau_sum += (tau - tau_sum) / i
@@ -99,9 +103,10 @@ def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
 
 
 def iso_merging(pretrained: StateDict, finetuned: Experts, alpha: float = 1.0, method: str = "iso_c",
-                fraction: float = COMMON_SPACE_FRACTION, validate_inputs: bool = True
-                ) -> dict[str, torch.Tensor]:
+                fraction: float = COMMON_SPACE_FRACTION, validate_inputs: bool = True,
+                device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """θ0 + α·Iso(τ_1..τ_T). The original picks α from `ALPHA_GRID` on the …Val splits;
-    FusionBench fixes α (1.0 in its yaml, 1.5 in its docs and published row)."""
-    return apply(pretrained, iso_delta(pretrained, finetuned, method, fraction, validate_inputs), alpha,
-                 consume=True)
+    FusionBench fixes α (1.0 in its yaml, 1.5 in its docs and published row). `device`: where the
+    SVDs run."""
+    return apply(pretrained, iso_delta(pretrained, finetuned, method, fraction, validate_inputs, device),
+                 alpha, consume=True)
