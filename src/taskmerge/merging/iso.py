@@ -71,7 +71,7 @@ def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
               device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The unscaled Iso-C / Iso-CTS task vector, key by key (θ = θ0 + α·Δ with `apply`). With
     `device` (e.g. "cuda") each 2-D key's decompositions run there, one key at a time; Δ is on the CPU."""
-    on_device = device is not None and torch.device(device).type != "cpu"
+    on_device = device is not None
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: expected one of {METHODS}")
     if not 0.0 <= fraction <= 1.0:

@@ -94,7 +94,7 @@ def tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str = "T
     """The TSV-M delta of one 2-D key from its T task vectors (streamed, one at a time). With
     `device` (e.g. "cuda") the decompositions run there, one key at a time, as the TSV original
     does on its GPU; the delta comes back to the CPU."""
-    if device is not None and torch.device(device).type != "cpu":
+    if device is not None:
         return _tsv_merge_key((tau.to(device) for tau in taus), num_tasks, method).cpu()
     return _tsv_merge_key(taus, num_tasks, method)
 

@@ -71,7 +71,7 @@ def tsv_compress(pretrained: StateDict, finetuned: Experts, rank: int | None = N
     """Each task's top k = r // T singular triplets per 2-D key (text_projection included);
     `rank` replaces r // T by min(rank, r) (a large rank reconstructs every expert). `device`:
     where the SVDs run (the factors come back to the CPU)."""
-    on_device = device is not None and torch.device(device).type != "cpu"
+    on_device = device is not None
     if validate_inputs:
         validate(pretrained, finetuned)
     num_tasks = len(finetuned)
