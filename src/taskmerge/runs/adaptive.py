@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from typing import Mapping
 
 from taskmerge import merging
 from taskmerge.adaptive.adamerging import AdaMergingConfig, train_adamerging
@@ -164,8 +165,7 @@ def base_encoders(run: Run, method: str, config: SurgeryRunConfig, images) -> tu
     pretrained, _ = run.experts()
     check_merged(merge.name, merge.model, merge.per_task, merge.extra, pretrained, tasks)
     if merge.per_task:  # EMR / TSV-C / TALL: task t's modules sit on task t's own model
-        return {t: build_image_encoder(run.setup.arch, merge.model.task_state_dict(pretrained, t))
-                for t in tasks}, {"base": merge.name, **merge.extra}
+        return _TaskEncoders(run.setup.arch, merge.model, pretrained, tasks), {"base": merge.name, **merge.extra}
     base = build_image_encoder(run.setup.arch, merge.model)
     return {t: base for t in tasks}, {"base": merge.name, **merge.extra}
 
@@ -177,6 +177,26 @@ def surgery_rank(rank: int | str, surgery: str, arch: str) -> int:
     if rank != "auto":
         return rank
     return 4 if surgery == "v2" and arch.startswith("ViT-L") else 16
+
+
+class _TaskEncoders(Mapping):
+    """{task: its own reconstructed encoder}, built when asked for: Surgery v1 reads each once (its
+    features), so only one of the T models is alive at a time; SurgeryV2 runs them every step and
+    keeps all T."""
+
+    def __init__(self, arch, per_task_model, pretrained, tasks):
+        self.arch, self.model, self.pretrained, self.tasks = arch, per_task_model, pretrained, list(tasks)
+
+    def __getitem__(self, task):
+        if task not in self.tasks:
+            raise KeyError(task)
+        return build_image_encoder(self.arch, self.model.task_state_dict(self.pretrained, task))
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self):
+        return len(self.tasks)
 
 
 def base_identity(method: str, base_info: dict) -> dict:
