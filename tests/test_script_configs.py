@@ -162,7 +162,8 @@ def test_a_surgery_setting_overrides_what_the_base_name_defines():
     config = script_config("main_TiesMerging_with_surgery.py", method_name="task_arithmetic",
                            scaling_coef=0.5, val_grid="tsv")
     name, settings = base_merge_settings(config)
-    assert name == "task_arithmetic" and settings == TaskArithmeticMerge(0.5, False, "tsv")
+    assert name == "task_arithmetic" and settings == TaskArithmeticMerge(
+        dare_p=0.0, dare_rescale=True, dare_seed=0, scaling_coef=0.5, select_on_val=False, val_grid="tsv")
     _, consensus = base_merge_settings(dataclasses.replace(config, method_name="consensus", alpha=2.0))
     assert isinstance(consensus, TallMasksMerge) and consensus.alpha == 2.0 and consensus.val_grid == "tsv"
 
