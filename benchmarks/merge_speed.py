@@ -2,6 +2,8 @@
 
     python benchmarks/merge_speed.py                       # 8, 14 and 20 tasks, every method
     python benchmarks/merge_speed.py --tasks=[8] "--methods=['ties','tsvm']" --threads=1
+    python benchmarks/merge_speed.py --tasks=[8] "--methods=['wudi@0','wudi@30']"   # WUDI's 300 steps,
+        # projected: t(0) + 10·(t(30) − t(0)) (the A, B precompute, then 300 equal Adam steps)
 
 The experts are built here, nothing is downloaded: the open_clip ViT-B-32 image encoder with random
 weights (158 tensors, 113.4M floats, task_vectors' `model.` keys) is θ0, and each expert adds a
@@ -148,6 +150,8 @@ def run_worker() -> None:
         result = merging.iso_merging(theta0, experts, alpha=1.0, method=worker)
     elif worker in ("wudi", "wudi_closed_form"):
         result = merging.wudi_merging(theta0, experts, solver="adam" if worker == "wudi" else "closed_form")
+    elif worker.startswith("wudi@"):  # "wudi@N": N Adam steps, to project 300 from two short runs
+        result = merging.wudi_merging(theta0, experts, solver="adam", steps=int(worker[5:]))
     elif worker == "cart":  # the 8-task preset stands in where the repository has none
         result = merging.cart_merging(theta0, experts, **merging.CART_PRESETS.get(num_tasks,
                                                                                   merging.CART_PRESETS[8]))

@@ -45,12 +45,22 @@ add consensus_val       "src/main_TallMasks.py --method=consensus --prun_thre_k=
 for m in tw_adamerging lw_adamerging tw_adamergingpp lw_adamergingpp; do
   add "$m"              "src/main_AdaMerging.py --method_name=$m --coefficients=learn --adamerging_steps=500 $TRAINING"
 done
+# The 2025 data-free records, and DARE / PCB (METHODS_RECORDS.md): the originals' defaults.
+add iso_c_val           "src/main_IsoMerging.py --method=iso_c"             # α on val, early stopping
+add iso_cts_val         "src/main_IsoMerging.py --method=iso_cts"           # f 0.8, α on val
+add wudi_adam           "src/main_WUDIMerging.py"                           # block matrices, Adam 300 steps
+add wudi_closed_form    "src/main_WUDIMerging.py --wudi_solver=closed_form" # X* = B·A⁺
+add cart                "src/main_CARTMerging.py"                           # the 8-task preset: λ 2.0, ρ 0.12
+add pcb                 "src/main_PCBMerging.py"                            # r 0.05, λ 1.2
+add dare_ta             "src/main_TaskArithmetic.py --dare_p=0.5"           # FusionBench's DARE+TA: λ 0.3
+add dare_ties           "src/main_TiesMerging.py --dare_p=0.5 --scaling_coef=0.5"   # its DARE+TIES: λ 0.5
 add emr                 "src/main_EMRMerging.py"
 add tall_mask           "src/main_TallMasks.py --method=tall_mask"
 add tsvc                "src/main_TSVMerging.py --method=TSVC"
 
 # Surgery table: v1 and SurgeryV2 on each base; the bases take their Surgery-script settings
-# (TA λ 0.3, TIES dis-sum λ 0.3, TSV-M α 1.0, Consensus k 2 α 1.0: no search on val).
+# (TA λ 0.3, TIES dis-sum λ 0.3, TSV-M α 1.0, Consensus k 2 α 1.0: no search on val; Iso-C / Iso-CTS
+# choose α on val, as the original does; DARE+TA / DARE+TIES: FusionBench's p 0.5, λ 0.3 / 0.5).
 # EMR, TSV-M and Consensus have no script of their own: main_AdaMerging_with_surgery.py takes any base.
 for v in v1 v2; do
   add "surgery_${v}_ta"        "src/main_TaskArithmetic_with_surgery.py --surgery=$v --scaling_coef=0.3 $TRAINING"
@@ -61,6 +71,14 @@ for v in v1 v2; do
   add "surgery_${v}_emr"       "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=emr_merging $TRAINING"
   add "surgery_${v}_tsvm"      "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=tsv_merging $TRAINING"
   add "surgery_${v}_consensus" "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=consensus $TRAINING"
+  add "surgery_${v}_iso_c"     "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=iso_c --select_on_val=True $TRAINING"
+  add "surgery_${v}_iso_cts"   "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=iso_cts --select_on_val=True $TRAINING"
+  add "surgery_${v}_wudi_adam" "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=wudi_merging $TRAINING"
+  add "surgery_${v}_wudi_closed_form" "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=wudi_merging --wudi_solver=closed_form $TRAINING"
+  add "surgery_${v}_cart"      "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=cart_merging $TRAINING"
+  add "surgery_${v}_pcb"       "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=pcb_merging $TRAINING"
+  add "surgery_${v}_dare_ta"   "src/main_TaskArithmetic_with_surgery.py --surgery=$v --scaling_coef=0.3 --dare_p=0.5 $TRAINING"
+  add "surgery_${v}_dare_ties" "src/main_TiesMerging_with_surgery.py --surgery=$v --preset=ennengyang --dare_p=0.5 --scaling_coef=0.5 $TRAINING"
 done
 # Online Surgery (batch 1, each test image once) on layer-wise AdaMerging.
 add surgery_online_lw "src/main_AdaMerging_with_surgery_online.py --method_name=lw_adamerging --coefficients=learn $TRAINING"

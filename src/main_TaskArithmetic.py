@@ -21,6 +21,10 @@ num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, co
 scaling_coef = 0.3            # λ (EnnengYang's fixed prior)
 select_on_val = False         # True: choose λ on the <Task>Val splits (tall_masks/TSV protocol)
 val_grid = "tall_masks"       # "tall_masks" (0.1…1.0) | "tsv" (1/30…1.0) | "tsv_alpha" (0.1…3.0)
+# DARE before the merge (FusionBench's defaults: p 0.5, rescale; for DARE+TIES it uses λ 0.5)
+dare_p = 0.0                  # drop probability of each task-vector entry; 0: no DARE
+dare_rescale = True           # kept entries ×1/(1 − p), as DARE is published
+dare_seed = 0                 # masks seeded by (seed, task, key): reproducible, unlike FusionBench's
 
 if __name__ == "__main__":
     main(run_data_free, TaskArithmeticConfig, globals())

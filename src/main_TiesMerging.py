@@ -23,6 +23,10 @@ k = None                      # kept fraction in (0, 1]; None: the preset's
 merge = None                  # "dis-sum" | "dis-mean" | "dis-max"; None: the preset's
 scaling_coef = None           # λ; None: the preset's (chosen on val for "tall_masks")
 val_grid = "tall_masks"       # the λ grid when λ is chosen on val ("tall_masks" | "tsv" | "tsv_alpha")
+# DARE before the merge (FusionBench's defaults: p 0.5, rescale; for DARE+TIES it uses λ 0.5)
+dare_p = 0.0                  # drop probability of each task-vector entry; 0: no DARE
+dare_rescale = True           # kept entries ×1/(1 − p), as DARE is published
+dare_seed = 0                 # masks seeded by (seed, task, key): reproducible, unlike FusionBench's
 
 if __name__ == "__main__":
     main(run_data_free, TiesMergingConfig, globals())

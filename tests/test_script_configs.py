@@ -15,7 +15,7 @@ SURGERY_SCRIPTS = [s for s in SCRIPTS if "surgery" in s]
 
 
 def test_there_is_a_config_for_every_script():
-    assert len(SCRIPTS) == 16 and len(SURGERY_SCRIPTS) == 5
+    assert len(SCRIPTS) == 20 and len(SURGERY_SCRIPTS) == 5
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -79,6 +79,11 @@ REFUSED = [
     ("main_TallMasks.py", {"tall_lambdas": [0.2, -0.1]}, "tall_lambdas=[0.2, -0.1]", ">= 0.0"),
     ("main_TaskArithmetic.py", {"tasks": ["MNIST", "MNIST"]}, "tasks=['MNIST', 'MNIST']", "without repeats"),
     ("main_TaskArithmetic.py", {"log_dir": ""}, "log_dir=''", "non-empty"),
+    ("main_TaskArithmetic.py", {"dare_p": 1.0}, "dare_p=1.0", "< 1.0"),
+    ("main_IsoMerging.py", {"method": "iso"}, "method='iso'", "'iso_cts'"),
+    ("main_WUDIMerging.py", {"wudi_solver": "lbfgs"}, "wudi_solver='lbfgs'", "'closed_form'"),
+    ("main_WUDIMerging.py", {"wudi_ridge": 0.1}, "wudi_ridge=0.1", "wudi_solver='closed_form'"),
+    ("main_PCBMerging.py", {"pcb_ratio": 0.0}, "pcb_ratio=0.0", "> 0.0"),
     # types
     ("main_TiesMerging.py", {"k": "0.2"}, "k='0.2'", "a float or None"),
     ("main_TaskArithmetic.py", {"tasks": "MNIST"}, "tasks='MNIST'", "'TALL14'"),  # not a benchmark name
@@ -146,10 +151,11 @@ def test_an_int_given_for_a_float_becomes_a_float():
 def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(script):
     """The values the bases' `config.get(key, default)` fallbacks gave: nothing a run computes moved."""
     config = script_config(script)
+    no_dare = {"dare_p": 0.0, "dare_rescale": True, "dare_seed": 0}
     expected = {
         "weight_averaging": {"drop_last": False},
-        "task_arithmetic": {"scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks"},
-        "ties_merging": {"preset": "ennengyang", "k": None, "merge": None, "val_grid": "tall_masks",
+        "task_arithmetic": {**no_dare, "scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks"},
+        "ties_merging": {**no_dare, "preset": "ennengyang", "k": None, "merge": None, "val_grid": "tall_masks",
                          "scaling_coef": 0.3 if "TaskArithmetic" in script else None},
         "emr_merging": {"rescaler": "code"},
         "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha",
@@ -157,6 +163,15 @@ def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(s
         "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
                       "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks",
                       "load_mask": False},
+        # the bases added with the 2025 records (METHODS_RECORDS.md): the originals' defaults
+        "iso_c": {"method": "iso_c", "common_space_fraction": 0.8, "alpha": 1.0, "select_on_val": False,
+                  "merge_device": "cpu"},
+        "iso_cts": {"method": "iso_cts", "common_space_fraction": 0.8, "alpha": 1.0, "select_on_val": False,
+                  "merge_device": "cpu"},
+        "wudi_merging": {"wudi_preset": "original", "wudi_solver": "adam", "wudi_steps": None,
+                         "wudi_lr": 1e-5, "wudi_ridge": 0.0},
+        "cart_merging": {"cart_preset": None, "cart_lambda": None, "cart_rank_ratio": None},
+        "pcb_merging": {"pcb_ratio": 0.05, "pcb_lambda": 1.2},
     }
     assert set(expected) == set(BASES)
     for base, settings in expected.items():
@@ -168,7 +183,8 @@ def test_a_surgery_setting_overrides_what_the_base_name_defines():
     config = script_config("main_TiesMerging_with_surgery.py", method_name="task_arithmetic",
                            scaling_coef=0.5, val_grid="tsv")
     name, settings = base_merge_settings(config)
-    assert name == "task_arithmetic" and settings == TaskArithmeticMerge(0.5, False, "tsv")
+    assert name == "task_arithmetic" and settings == TaskArithmeticMerge(
+        dare_p=0.0, dare_rescale=True, dare_seed=0, scaling_coef=0.5, select_on_val=False, val_grid="tsv")
     _, consensus = base_merge_settings(dataclasses.replace(config, method_name="consensus", alpha=2.0))
     assert isinstance(consensus, TallMasksMerge) and consensus.alpha == 2.0 and consensus.val_grid == "tsv"
 

@@ -27,6 +27,7 @@ from taskmerge.storage.errors import ConfigError
 METHODS = ("iso_c", "iso_cts")
 COMMON_SPACE_FRACTION = 0.8  # config/method/iso_cts.yaml
 ALPHA_GRID = [i / 10 for i in range(1, 31)]  # linspace(0, 3, 31)[1:], src/eval/eval.py
+EARLY_STOPPING_PATIENCE = 3  # config/config.yaml: the α sweep stops after 3 values without a gain
 
 
 def subspace_sizes(r: int, num_tasks: int, fraction: float = COMMON_SPACE_FRACTION) -> tuple[int, int]:

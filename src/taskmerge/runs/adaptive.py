@@ -1,6 +1,7 @@
 """The data-dependent entry scripts: AdaMerging, and Surgery v1 / online / SurgeryV2 on any base.
 
-A Surgery base is any method of runs.data_free.MERGERS (WA, TA, TIES, EMR, TSV-M, Consensus) or
+A Surgery base is any method of runs.data_free.MERGERS (WA, TA and TIES with or without DARE, EMR,
+TSV-M, Consensus, Iso-C, Iso-CTS, WUDI, CART, PCB) or
 task-/layer-wise AdaMerging(++) with published, saved or freshly learned coefficients. Its fixed
 encoder (one per task for EMR/TSV-C/TALL) gives the features the modules are trained on; the
 experts' features are cached on disk (keyed by checkpoint digest), so a second run never touches

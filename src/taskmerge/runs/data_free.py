@@ -23,9 +23,11 @@ from taskmerge.compute.devices import default_num_workers, resolve_device, use_t
 from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
 from taskmerge.runs.reporting import RunLogger, results_table
-from taskmerge.runs.script_configs import (VAL_GRIDS, EMRMerge, MergeRunConfig, RunConfig,
-                                           SingleTaskEvalConfig, TallMasksMerge, TaskArithmeticMerge,
-                                           TiesMerge, TSVMerge, WeightAveragingMerge)
+from taskmerge.merging.iso import EARLY_STOPPING_PATIENCE
+from taskmerge.runs.script_configs import (VAL_GRIDS, CARTMerge, DareSettings, EMRMerge, IsoMerge,
+                                           MergeRunConfig, PCBMerge, RunConfig, SingleTaskEvalConfig,
+                                           TallMasksMerge, TaskArithmeticMerge, TiesMerge, TSVMerge,
+                                           WeightAveragingMerge, WUDIMerge)
 from taskmerge.runs.selection import select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
                                   individual_accuracies, load_heads, released_masks_path, resolve_setup,
@@ -79,10 +81,12 @@ class Run:
                                                          log=self.log.info)
         return self._individual_val
 
-    def select(self, grid, merged_at: Callable[[float], Mapping[str, torch.Tensor]]) -> tuple[float, dict]:
-        self.log.info(f"Choosing the coefficient on the <Task>Val splits over {list(grid)}")
+    def select(self, grid, merged_at: Callable[[float], Mapping[str, torch.Tensor]],
+               patience: int | None = None) -> tuple[float, dict]:
+        self.log.info(f"Choosing the coefficient on the <Task>Val splits over {list(grid)}"
+                      + (f", stopping after {patience} without a better avg ACC" if patience else ""))
         best, curve = select_coefficient(grid, merged_at, lambda sd: self.evaluate(sd, "val"),
-                                         self.individual_val, self.log.info)
+                                         self.individual_val, self.log.info, patience)
         self.log.info(f"Chosen coefficient: {best}")
         return best, {str(k): v for k, v in curve.items()}
 
@@ -155,13 +159,28 @@ def merge_weight_averaging(run: Run, s: WeightAveragingMerge) -> Merge:
                  extra={"drop_last": drop_last})
 
 
-def merge_task_arithmetic(run: Run, s: TaskArithmeticMerge) -> Merge:
+def dare_experts(run: Run, s: DareSettings):
+    """(θ0, the experts, or their DARE drop-and-rescaled versions when dare_p > 0, the name prefix
+    and the report's DARE fields); with dare_p = 0 nothing changes, the name and the keys included."""
     pretrained, experts = run.experts()
+    if s.dare_p == 0.0:
+        return pretrained, experts, "", {}
+    dare = {"p": s.dare_p, "rescale": s.dare_rescale, "seed": s.dare_seed}
+    run.log.info(f"DARE: each task-vector entry dropped with p={s.dare_p}"
+                 f"{f', kept ones rescaled by 1/(1 − p)' if s.dare_rescale else ', no rescale'}, "
+                 f"on every floating-point key, masks seeded by (seed {s.dare_seed}, task, key)")
+    dropped = merging.drop_and_rescale(pretrained, experts, s.dare_p, s.dare_rescale, s.dare_seed,
+                                       validate_inputs=False)
+    return pretrained, dropped, f"dare_p{s.dare_p}_", {"dare": dare}
+
+
+def merge_task_arithmetic(run: Run, s: TaskArithmeticMerge) -> Merge:
+    pretrained, experts, prefix, dare = dare_experts(run, s)
     tau_sum = merging.multitask_vector(pretrained, experts, validate_inputs=False)
     lam, curve = _coef(run, s.scaling_coef, s.select_on_val, s.val_grid, tau_sum)
     run.log.info(f"scaling_coef:{lam}")
-    return Merge(f"task_arithmetic_{lam}", apply(pretrained, tau_sum, lam),
-                 extra={"scaling_coef": lam, "val_curve": curve})
+    return Merge(f"{prefix}task_arithmetic_{lam}", apply(pretrained, tau_sum, lam),
+                 extra={**dare, "scaling_coef": lam, "val_curve": curve})
 
 
 def ties_settings(s: TiesMerge) -> dict:
@@ -176,11 +195,11 @@ def ties_settings(s: TiesMerge) -> dict:
 def merge_ties(run: Run, settings: TiesMerge) -> Merge:
     s = ties_settings(settings)
     run.log.info(f"TIES settings: {s}")
-    pretrained, experts = run.experts()
+    pretrained, experts, prefix, dare = dare_experts(run, settings)
     delta = merging.ties_delta(pretrained, experts, k=s["k"], merge=s["merge"], validate_inputs=False)
     lam, curve = _coef(run, s["lam"], s["lam"] is None, settings.val_grid, delta)
-    return Merge(f"ties_{s['merge']}_k{s['k']}_{lam}", apply(pretrained, delta, lam),
-                 extra={"ties": s, "scaling_coef": lam, "val_curve": curve})
+    return Merge(f"{prefix}ties_{s['merge']}_k{s['k']}_{lam}", apply(pretrained, delta, lam),
+                 extra={**dare, "ties": s, "scaling_coef": lam, "val_curve": curve})
 
 
 def merge_emr(run: Run, s: EMRMerge) -> Merge:
@@ -257,6 +276,92 @@ def _choose_tall_masks(run: Run, lams: list[float], pretrained, experts, tau_mtl
                   "storage": tall.storage_report()}
 
 
+def attention_layout(run: Run) -> str:
+    """How the attention input projection reaches a matrix method (Iso, WUDI, CART: one SVD / one
+    objective of the fused 3d × d matrix in the originals; separate q/k/v would be another merge)."""
+    if run.setup.family == "fusionbench":
+        return ("attention in_proj merged as one fused matrix (q/k/v concatenated from the HF "
+                "checkpoint at load time), as the original")
+    return "attention in_proj merged as one fused matrix (open_clip's in_proj_weight), as the original"
+
+
+def merge_iso(run: Run, s: IsoMerge) -> Merge:
+    method = s.method
+    pretrained, experts = run.experts()
+    run.log.info(attention_layout(run))
+    device = resolve_device(s.merge_device)
+    run.log.info(f"Iso decompositions on {device}")
+    delta = merging.iso_delta(pretrained, experts, method, s.common_space_fraction, validate_inputs=False,
+                              device=device)
+    if s.select_on_val:
+        alpha, curve = run.select(merging.ISO_ALPHA_GRID, lambda a: apply(pretrained, delta, a),
+                                  EARLY_STOPPING_PATIENCE)
+    else:
+        alpha, curve = s.alpha, None
+    run.log.info(f"alpha:{alpha}")
+    fraction = {"common_space_fraction": s.common_space_fraction} if method == "iso_cts" else {}
+    return Merge(f"{method}_{alpha}", apply(pretrained, delta, alpha),
+                 extra={"iso_method": method, **fraction, "alpha": alpha, "val_curve": curve})
+
+
+def wudi_settings(s: WUDIMerge) -> dict:
+    """The preset's solver settings with the script's; Adam's steps and lr only where Adam runs."""
+    settings = {**merging.WUDI_PRESETS[s.wudi_preset], "solver": s.wudi_solver, "lr": s.wudi_lr}
+    if s.wudi_steps is not None:
+        settings["steps"] = s.wudi_steps
+    if s.wudi_solver == "closed_form":
+        del settings["steps"], settings["lr"]
+        settings["ridge"] = s.wudi_ridge
+    return {"preset": s.wudi_preset, **settings}
+
+
+def merge_wudi(run: Run, s: WUDIMerge) -> Merge:
+    w = wudi_settings(s)
+    run.log.info(f"WUDI settings: {w}")
+    run.log.info(attention_layout(run))
+    pretrained, experts = run.experts()
+    merged = merging.wudi_merging(pretrained, experts, solver=w["solver"], steps=w.get("steps", 0),
+                                  lr=w.get("lr", 1.0), keys=w["keys"], others=w["others"],
+                                  ridge=w.get("ridge", 0.0), validate_inputs=False)
+    steps = f"_{w['steps']}" if "steps" in w else ""
+    return Merge(f"wudi_{w['preset']}_{w['solver']}{steps}", merged, extra={"wudi": w})
+
+
+def cart_settings(s: CARTMerge, num_tasks: int) -> tuple[str, dict]:
+    """(where the preset came from, {preset, lam, rank_ratio}): the repository's config for
+    `cart_preset` tasks (None: the one nearest the run's number of tasks), each value replaced by the
+    setting that is not None."""
+    presets = merging.CART_PRESETS
+    size = s.cart_preset
+    why = f"cart_preset={size}"
+    if size is None:
+        size = min(presets, key=lambda n: (abs(n - num_tasks), n))
+        why = f"the repository's config nearest to {num_tasks} tasks" if size != num_tasks else               f"the repository's {num_tasks}-task config"
+    settings = {"preset": size, **presets[size]}
+    if s.cart_lambda is not None:
+        settings["lam"] = s.cart_lambda
+    if s.cart_rank_ratio is not None:
+        settings["rank_ratio"] = s.cart_rank_ratio
+    return why, settings
+
+
+def merge_cart(run: Run, s: CARTMerge) -> Merge:
+    why, c = cart_settings(s, len(run.setup.tasks))
+    run.log.info(f"CART settings: {c} ({why})")
+    run.log.info(attention_layout(run))
+    pretrained, experts = run.experts()
+    merged = merging.cart_merging(pretrained, experts, c["lam"], c["rank_ratio"], validate_inputs=False)
+    return Merge(f"cart_{c['lam']}_rho{c['rank_ratio']}", merged, extra={"cart": c})
+
+
+def merge_pcb(run: Run, s: PCBMerge) -> Merge:
+    p = {"ratio": s.pcb_ratio, "lam": s.pcb_lambda}
+    run.log.info(f"PCB settings: {p} (pcb_ES.py's balancing, λ_t = {s.pcb_lambda} for every task)")
+    pretrained, experts = run.experts()
+    merged = merging.pcb_merging(pretrained, experts, s.pcb_ratio, s.pcb_lambda, validate_inputs=False)
+    return Merge(f"pcb_r{s.pcb_ratio}_{s.pcb_lambda}", merged, extra={"pcb": p})
+
+
 MERGERS: dict[str, Callable[[Run, object], Merge]] = {
     "weight_averaging": merge_weight_averaging,
     "task_arithmetic": merge_task_arithmetic,
@@ -264,6 +369,10 @@ MERGERS: dict[str, Callable[[Run, object], Merge]] = {
     "emr_merging": merge_emr,
     "tsv_merging": merge_tsv,
     "tall_masks": merge_tall_masks,
+    "iso_merging": merge_iso,
+    "wudi_merging": merge_wudi,
+    "cart_merging": merge_cart,
+    "pcb_merging": merge_pcb,
 }
 
 

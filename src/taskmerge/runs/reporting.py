@@ -106,6 +106,13 @@ def _on_val(report: dict) -> str:
     return " on val" if report.get("val_curve") else ""
 
 
+def _dare(report: dict) -> str:
+    dare = report.get("dare")
+    if not isinstance(dare, dict):
+        return ""
+    return f"DARE p {_num(dare.get('p'))}{'' if dare.get('rescale', True) else ' no rescale'}, "
+
+
 def _merge_name(report: dict) -> str:
     # data-free reports name their merge `merge`; Surgery reports name their base's merge `base`
     return str(report.get("merge") or report.get("base") or "")
@@ -131,11 +138,26 @@ def _base_label(method: str, report: dict) -> str:
     if method == "weight_averaging":
         return "weight_averaging (drop last)" if report.get("drop_last") else "weight_averaging"
     if method == "task_arithmetic" and "scaling_coef" in report:
-        return f"task_arithmetic (λ {_num(report['scaling_coef'])}{_on_val(report)})"
+        return f"task_arithmetic ({_dare(report)}λ {_num(report['scaling_coef'])}{_on_val(report)})"
     if method == "ties_merging" and isinstance(report.get("ties"), dict):
         ties = report["ties"]
-        return (f"ties_merging ({ties.get('merge')}, K {_num(ties.get('k'))}, "
+        return (f"ties_merging ({_dare(report)}{ties.get('merge')}, K {_num(ties.get('k'))}, "
                 f"λ {_num(report.get('scaling_coef'))}{_on_val(report)})")
+    if method in ("iso_merging", "iso_c", "iso_cts") and report.get("iso_method"):
+        fraction = (f"f {_num(report['common_space_fraction'])}, "
+                    if "common_space_fraction" in report else "")
+        return f"{report['iso_method']} ({fraction}α {_num(report.get('alpha'))}{_on_val(report)})"
+    if method == "wudi_merging" and isinstance(report.get("wudi"), dict):
+        wudi = report["wudi"]
+        solver = (f"Adam {wudi.get('steps')} steps" if wudi.get("solver") == "adam"
+                  else "closed form" + (f", ridge {_num(wudi['ridge'])}" if wudi.get("ridge") else ""))
+        return f"wudi_merging ({wudi.get('preset')}, {solver})"
+    if method == "cart_merging" and isinstance(report.get("cart"), dict):
+        cart = report["cart"]
+        return f"cart_merging (λ {_num(cart.get('lam'))}, ρ {_num(cart.get('rank_ratio'))})"
+    if method == "pcb_merging" and isinstance(report.get("pcb"), dict):
+        pcb = report["pcb"]
+        return f"pcb_merging (r {_num(pcb.get('ratio'))}, λ {_num(pcb.get('lam'))})"
     if method == "emr_merging":
         return f"emr_merging ({report['rescaler']} rescaler)" if report.get("rescaler") else method
     if method == "tsv_merging":

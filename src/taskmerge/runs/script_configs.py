@@ -17,9 +17,11 @@ from typing import ClassVar
 from taskmerge import merging
 from taskmerge.adaptive.surgery import ZERO_GRAD_MODES
 from taskmerge.merging.emr import RESCALERS
+from taskmerge.merging.iso import METHODS as ISO_METHODS
 from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
 from taskmerge.merging.ties import MERGES
 from taskmerge.merging.tsv import METHODS as TSV_METHODS
+from taskmerge.merging.wudi import SOLVERS as WUDI_SOLVERS
 from taskmerge.runs.settings import setting, subset
 from taskmerge.runs.setup import DATA_FORMATS, resolve_tasks
 from taskmerge.storage.errors import ConfigError
@@ -38,7 +40,12 @@ BASES = {"weight_averaging": ("weight_averaging", {}),
          "ties_merging": ("ties_merging", {"val_grid": "tall_masks"}),
          "emr_merging": ("emr_merging", {}),
          "tsv_merging": ("tsv_merging", {"method": "TSVM", "val_grid": "tsv_alpha"}),
-         "consensus": ("tall_masks", {"method": "consensus", "val_grid": "tall_masks", "load_mask": False})}
+         "consensus": ("tall_masks", {"method": "consensus", "val_grid": "tall_masks", "load_mask": False}),
+         "iso_c": ("iso_merging", {"method": "iso_c"}),
+         "iso_cts": ("iso_merging", {"method": "iso_cts"}),
+         "wudi_merging": ("wudi_merging", {}),
+         "cart_merging": ("cart_merging", {}),
+         "pcb_merging": ("pcb_merging", {})}
 COEFFICIENT_SOURCES = ("learn", "published", "auto")   # or a saved .json
 
 
@@ -58,6 +65,9 @@ class RunConfig:
 
     def check_together(self):
         resolve_tasks(self.tasks)  # a name must be one of the benchmarks
+        method_rules = getattr(super(), "check_together", None)  # the method's *Merge, next in the MRO
+        if method_rules is not None:
+            method_rules()
 
 
 @dataclass
@@ -77,14 +87,22 @@ class WeightAveragingMerge:
 
 
 @dataclass
-class TaskArithmeticMerge:
+class DareSettings:
+    """DARE before TA or TIES: drop each task-vector entry with probability p, rescale by 1/(1 − p)."""
+    dare_p: float = setting(ge=0.0, lt=1.0)    # 0: no DARE
+    dare_rescale: bool = setting()
+    dare_seed: int = setting(ge=0)
+
+
+@dataclass
+class TaskArithmeticMerge(DareSettings):
     scaling_coef: float = setting(finite=True)
     select_on_val: bool = setting()
     val_grid: str = setting(choices=VAL_GRIDS)
 
 
 @dataclass
-class TiesMerge:
+class TiesMerge(DareSettings):
     preset: str = setting(choices=merging.TIES_PRESETS)
     k: float | None = setting(gt=0.0, le=1.0)
     merge: str | None = setting(choices=MERGES)
@@ -118,6 +136,43 @@ class TallMasksMerge:
     load_mask: bool = setting()                 # read the released TALL_mask_<N>task.npy
 
 
+@dataclass
+class IsoMerge:
+    method: str = setting(choices=ISO_METHODS)
+    common_space_fraction: float = setting(ge=0.0, le=1.0)
+    alpha: float = setting(finite=True)
+    select_on_val: bool = setting()
+    merge_device: str = setting(nonempty=True)   # where the SVDs run: "cpu" | "auto" | "cuda[:i]"
+
+
+@dataclass
+class WUDIMerge:
+    wudi_preset: str = setting(choices=merging.WUDI_PRESETS)
+    wudi_solver: str = setting(choices=WUDI_SOLVERS)
+    wudi_steps: int | None = setting(ge=0)
+    wudi_lr: float = setting(gt=0.0, finite=True)
+    wudi_ridge: float = setting(ge=0.0, finite=True)
+
+    def check_together(self):
+        if self.wudi_ridge > 0 and self.wudi_solver != "closed_form":
+            raise ConfigError(f"setting wudi_ridge={self.wudi_ridge} is not allowed with wudi_solver="
+                              f"{self.wudi_solver!r}: the ridge regularises the closed form only "
+                              f"(set wudi_ridge=0.0, or wudi_solver='closed_form')")
+
+
+@dataclass
+class CARTMerge:
+    cart_preset: int | None = setting(choices=tuple(merging.CART_PRESETS))
+    cart_lambda: float | None = setting(finite=True)
+    cart_rank_ratio: float | None = setting(ge=0.0, le=1.0)
+
+
+@dataclass
+class PCBMerge:
+    pcb_ratio: float = setting(gt=0.0, le=1.0)
+    pcb_lambda: float = setting(finite=True)
+
+
 # --- the data-free scripts: where they run, plus their method's settings ---
 @dataclass
 class WeightAveragingConfig(MergeRunConfig, WeightAveragingMerge):
@@ -149,9 +204,30 @@ class TallMasksConfig(MergeRunConfig, TallMasksMerge):
     method_key: ClassVar[str] = "tall_masks"
 
 
+@dataclass
+class IsoMergingConfig(MergeRunConfig, IsoMerge):
+    method_key: ClassVar[str] = "iso_merging"
+
+
+@dataclass
+class WUDIMergingConfig(MergeRunConfig, WUDIMerge):
+    method_key: ClassVar[str] = "wudi_merging"
+
+
+@dataclass
+class CARTMergingConfig(MergeRunConfig, CARTMerge):
+    method_key: ClassVar[str] = "cart_merging"
+
+
+@dataclass
+class PCBMergingConfig(MergeRunConfig, PCBMerge):
+    method_key: ClassVar[str] = "pcb_merging"
+
+
 MERGE_SETTINGS = {"weight_averaging": WeightAveragingMerge, "task_arithmetic": TaskArithmeticMerge,
                   "ties_merging": TiesMerge, "emr_merging": EMRMerge, "tsv_merging": TSVMerge,
-                  "tall_masks": TallMasksMerge}
+                  "tall_masks": TallMasksMerge, "iso_merging": IsoMerge, "wudi_merging": WUDIMerge,
+                  "cart_merging": CARTMerge, "pcb_merging": PCBMerge}
 
 
 # --- the data-dependent scripts ---
@@ -192,6 +268,20 @@ class SurgeryRunConfig(AdaMergingRunConfig):
     tall_lambdas: list[float] = setting(ge=0.0, finite=True, nonempty=True, unique=True)
     prun_thre_k: int = setting(ge=1)
     merge_device: str = setting(nonempty=True)
+    dare_p: float = setting(ge=0.0, lt=1.0)
+    dare_rescale: bool = setting()
+    dare_seed: int = setting(ge=0)
+    common_space_fraction: float = setting(ge=0.0, le=1.0)
+    wudi_preset: str = setting(choices=merging.WUDI_PRESETS)
+    wudi_solver: str = setting(choices=WUDI_SOLVERS)
+    wudi_steps: int | None = setting(ge=0)
+    wudi_lr: float = setting(gt=0.0, finite=True)
+    wudi_ridge: float = setting(ge=0.0, finite=True)
+    cart_preset: int | None = setting(choices=tuple(merging.CART_PRESETS))
+    cart_lambda: float | None = setting(finite=True)
+    cart_rank_ratio: float | None = setting(ge=0.0, le=1.0)
+    pcb_ratio: float = setting(gt=0.0, le=1.0)
+    pcb_lambda: float = setting(finite=True)
     # the surgery itself
     surgery: str = setting(choices=("v1", "v2"))
     rank: int = setting(ge=1, words=("auto",))   # "auto": the SurgeryV2 original's per model

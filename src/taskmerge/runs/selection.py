@@ -14,13 +14,18 @@ import torch
 def select_coefficient(grid: Sequence[float],
                        merged_at: Callable[[float], Mapping[str, torch.Tensor]],
                        evaluate_val: Callable[[Mapping[str, torch.Tensor]], dict[str, float]],
-                       individual_val: dict[str, float], log: Callable[[str], None] = print
-                       ) -> tuple[float, dict]:
+                       individual_val: dict[str, float], log: Callable[[str], None] = print,
+                       patience: int | None = None) -> tuple[float, dict]:
     """Evaluate the merge at every grid value on validation; return the best value and the curve.
 
-    Ties go to the first (smallest) grid value, as `argmax` does in the originals."""
+    Ties go to the first (smallest) grid value, as `argmax` does in the originals. With `patience`
+    (Iso-C / Iso-CTS: 3), the sweep, in grid order, stops after that many values in a row without
+    a strictly higher mean *absolute* val accuracy, while the choice among the values evaluated is
+    still by mean *normalized* accuracy: the two criteria differ in the original
+    (iso-merging `src/eval/eval.py` and `src/utils/utils.py`), and are kept as they are there."""
     curve = {}
     best, best_score = None, -float("inf")
+    best_absolute, misses = 0.0, 0
     for value in grid:
         accs = evaluate_val(merged_at(value))
         # An expert at 0 % on its own val split (only in degenerate toy setups) cannot normalize.
@@ -30,6 +35,16 @@ def select_coefficient(grid: Sequence[float],
         log(f"Val: coef: {value} avg normalized ACC: {score}")
         if score > best_score:
             best, best_score = value, score
+        if patience is not None:
+            absolute = float(np.mean(list(accs.values())))
+            if absolute > best_absolute:
+                best_absolute, misses = absolute, 0
+            else:
+                misses += 1
+                if misses >= patience:
+                    log(f"Early stopping at coef {value}: {patience} values without a higher "
+                        f"avg absolute ACC than {best_absolute}")
+                    break
     return best, curve
 
 

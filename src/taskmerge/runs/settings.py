@@ -26,6 +26,7 @@ class Rule:
     ge: float | None = None        # value >= ge
     gt: float | None = None        # value > gt
     le: float | None = None        # value <= le
+    lt: float | None = None        # value < lt
     finite: bool = False           # floats: no inf / nan
     nonempty: bool = False         # strings and lists
     unique: bool = False           # lists: no repeated item
@@ -48,7 +49,8 @@ def _allowed(hint, rule: Rule) -> str:
     else:
         parts.append(_type_name(hint))
     bounds = [f">= {rule.ge}" if rule.ge is not None else "", f"> {rule.gt}" if rule.gt is not None else "",
-              f"<= {rule.le}" if rule.le is not None else "", "finite" if rule.finite else "",
+              f"<= {rule.le}" if rule.le is not None else "", f"< {rule.lt}" if rule.lt is not None else "",
+              "finite" if rule.finite else "",
               "non-empty" if rule.nonempty else "", "without repeats" if rule.unique else ""]
     if any(bounds):
         parts.append(", ".join(b for b in bounds if b))
@@ -112,7 +114,8 @@ def _convert(value, hint, rule: Rule, top: bool = True):
             raise _Refused
     if hint in (int, float):
         if ((rule.ge is not None and not value >= rule.ge) or (rule.gt is not None and not value > rule.gt)
-                or (rule.le is not None and not value <= rule.le)):
+                or (rule.le is not None and not value <= rule.le)
+                or (rule.lt is not None and not value < rule.lt)):
             raise _Refused
     if rule.choices is not None and value not in rule.choices:
         if not (rule.suffix and isinstance(value, str) and value.endswith(rule.suffix)):

@@ -17,7 +17,8 @@ from taskmerge.storage.checkpoints import validate_experts
 from taskmerge.storage.errors import InputError
 
 # The merge settings a refusal names: the coefficient (and what chose it) of each method.
-COEFFICIENT_KEYS = ("scaling_coef", "alpha", "lam", "rescaler", "tall_lambdas", "prun_thre_k", "ties")
+COEFFICIENT_KEYS = ("scaling_coef", "alpha", "lam", "rescaler", "tall_lambdas", "prun_thre_k", "ties",
+                    "dare", "wudi", "cart", "pcb")
 
 
 def validate_checkpoints(checkpoints, encoder) -> None:

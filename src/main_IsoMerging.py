@@ -1,0 +1,28 @@
+"""Iso-C and Iso-CTS, isotropic merging (METHODS_RECORDS.md §1, §2)."""
+from taskmerge.runs.cli import main
+from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import IsoMergingConfig
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF snapshots); embedded ignores it
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128              # evaluation batch
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
+# method
+method = "iso_c"              # "iso_c" | "iso_cts" (common + task-specific subspaces)
+common_space_fraction = 0.8   # iso_cts: the common subspace's share of each key's rank
+alpha = 1.0                   # α when not chosen on val (FusionBench: 1.0 in its yaml, 1.5 in its docs)
+merge_device = "cpu"          # where the SVDs run: "cpu" (streaming) | "auto" | "cuda[:i]"
+select_on_val = True          # the original: α from {0.1, …, 3.0} on <Task>Val, stopping after 3 without gain
+
+if __name__ == "__main__":
+    main(run_data_free, IsoMergingConfig, globals())

@@ -1,0 +1,25 @@
+"""PCB-Merging: parameter competition balancing, pcb_ES.py's variant (METHODS_RECORDS.md §6)."""
+from taskmerge.runs.cli import main
+from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import PCBMergingConfig
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF snapshots); embedded ignores it
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128              # evaluation batch
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
+# method
+pcb_ratio = 0.05              # r: the top fraction of each task's balancing scores that keeps a weight
+pcb_lambda = 1.2              # λ_t of every task (pcb.py's fixed value; pcb_ES's NGOpt search is not here)
+
+if __name__ == "__main__":
+    main(run_data_free, PCBMergingConfig, globals())

@@ -1,0 +1,29 @@
+"""WUDI-Merging: per-layer least squares over the task vectors' own row spaces (METHODS_RECORDS.md §3)."""
+from taskmerge.runs.cli import main
+from taskmerge.runs.data_free import run_data_free
+from taskmerge.runs.script_configs import WUDIMergingConfig
+
+# model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
+model_name = "auto"
+checkpoint_dir = "checkpoints"
+data_location = "data"
+data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF snapshots); embedded ignores it
+tasks = []                    # empty: every task of the model's benchmark, in its order
+# output
+log_dir = "src/logs"
+save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
+batch_size = 128              # evaluation batch
+# machine (README "GPUs and torchrun")
+device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
+tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
+num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
+# method
+wudi_preset = "original"      # "original": block matrices, 300 steps, other keys at θ0;
+                              # "fusionbench": every 2-D key, 400 steps, other keys the mean
+wudi_solver = "adam"          # "adam" (the original) | "closed_form" (ours: the exact minimiser X* = B·A⁺)
+wudi_steps = None             # Adam steps; None: the preset's
+wudi_lr = 1e-5                # Adam's learning rate (the original's)
+wudi_ridge = 0.0              # closed_form: solve with A + ε·I, ε = ridge·tr(A)/in (0: the pseudo-inverse)
+
+if __name__ == "__main__":
+    main(run_data_free, WUDIMergingConfig, globals())
