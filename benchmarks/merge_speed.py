@@ -199,10 +199,15 @@ def run_one(method: str, count: int) -> dict:
 
 
 def main() -> None:
+    if worker == "build":
+        return build_experts(num_tasks)
     if worker:
         return run_worker()
     os.makedirs(cache_dir, exist_ok=True)
-    build_experts(max(tasks))
+    # in a child: Linux keeps a process's peak RSS across fork + exec, so experts built in this
+    # process would set every later run's reported peak (2.5 GiB at 14 tasks, whatever the method)
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker=build", f"--num_tasks={max(tasks)}",
+                    f"--cache_dir={cache_dir}", f"--seed={seed}"], check=True)
     print(f"torch threads per run: {threads}; cpu count: {os.cpu_count()}; "
           f"freed memory recycled: {recycle_memory}; "
           f"load average before: {os.getloadavg()[0]:.2f}")
