@@ -4,6 +4,7 @@ and a run killed mid-training resumes from rank 0's state."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,8 +16,18 @@ from taskmerge.runs.adaptive import run_adamerging, run_surgery
 RANKS = 2
 
 
-def _common(micro_benchmark, out):
+@pytest.fixture(scope="module")
+def micro_copy(micro_benchmark, tmp_path_factory):
+    """The micro benchmark's checkpoints copied: these runs write caches into the model folder, and
+    the session's benchmark must stay as built for the other test files."""
     ckpt, data = micro_benchmark
+    copy = tmp_path_factory.mktemp("distributed") / "checkpoints"
+    shutil.copytree(ckpt, copy)
+    return str(copy), data
+
+
+def _common(benchmark, out):
+    ckpt, data = benchmark
     return {"model_name": "taskmerge-tiny-micro", "checkpoint_dir": ckpt, "data_location": data,
             "device": "cpu", "save_dir": "", "log_dir": str(out / "logs")}
 
@@ -58,10 +69,10 @@ def _close(a, b, tol=1e-6):
     return a == b
 
 
-def test_adamerging_on_two_ranks_matches_one_process_and_only_rank0_writes(micro_benchmark, tmp_path):
-    one = run_adamerging(script_config("main_AdaMerging.py", **_common(micro_benchmark, tmp_path / "one"),
+def test_adamerging_on_two_ranks_matches_one_process_and_only_rank0_writes(micro_copy, tmp_path):
+    one = run_adamerging(script_config("main_AdaMerging.py", **_common(micro_copy, tmp_path / "one"),
                                        resume_dir="", **ADAMERGING), script="main_AdaMerging.py")
-    settings = {**_common(micro_benchmark, tmp_path / "two"), "resume_dir": "", **ADAMERGING}
+    settings = {**_common(micro_copy, tmp_path / "two"), "resume_dir": "", **ADAMERGING}
     _torchrun([os.path.join(SRC, "main_AdaMerging.py"), *_args(settings)], cwd=str(tmp_path))
     reports, logs = _reports(tmp_path / "two" / "logs"), _logs(tmp_path / "two" / "logs")
     assert len(reports) == 1 and len(logs) == 1   # rank 1 wrote nothing
@@ -76,14 +87,14 @@ def test_adamerging_on_two_ranks_matches_one_process_and_only_rank0_writes(micro
     assert "2 ranks over gloo" in open(logs[0]).read()
 
 
-def test_surgery_v2_on_two_ranks_matches_one_process(micro_benchmark, tmp_path):
+def test_surgery_v2_on_two_ranks_matches_one_process(micro_copy, tmp_path):
     """SurgeryV2 covers v1's sharded parts too (the features and the cache) and adds the sharded
     evaluation passes through the deep modules."""
     settings = {"surgery": "v2", "iterations": 2, "eval_iterations": 1, "resume_dir": "", "rank": 4}
-    one_common = _common(micro_benchmark, tmp_path / "one")
+    one_common = _common(micro_copy, tmp_path / "one")
     one = run_surgery(script_config("main_TaskArithmetic_with_surgery.py", **one_common, **settings,
                                     feature_cache=str(tmp_path / "cache_one")), script="surgery.py")
-    two_settings = {**_common(micro_benchmark, tmp_path / "two"), **settings,
+    two_settings = {**_common(micro_copy, tmp_path / "two"), **settings,
                     "feature_cache": str(tmp_path / "cache_two")}
     _torchrun([os.path.join(SRC, "main_TaskArithmetic_with_surgery.py"), *_args(two_settings)],
               cwd=str(tmp_path))
@@ -115,12 +126,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_a_two_rank_run_killed_mid_training_resumes_to_the_same_coefficients(micro_benchmark, tmp_path):
-    reference = run_adamerging(script_config("main_AdaMerging.py", **_common(micro_benchmark, tmp_path / "ref"),
+def test_a_two_rank_run_killed_mid_training_resumes_to_the_same_coefficients(micro_copy, tmp_path):
+    reference = run_adamerging(script_config("main_AdaMerging.py", **_common(micro_copy, tmp_path / "ref"),
                                              resume_dir="", **ADAMERGING), script="main_AdaMerging.py")
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER.format(src=SRC, k=KILL_AT_STEP))
-    settings = {**_common(micro_benchmark, tmp_path / "run"), "resume_dir": str(tmp_path / "resume"),
+    settings = {**_common(micro_copy, tmp_path / "run"), "resume_dir": str(tmp_path / "resume"),
                 **ADAMERGING}
     script = os.path.join(SRC, "main_AdaMerging.py")
     killed = _torchrun([str(killer), script, *_args(settings)], cwd=str(tmp_path), check=False)

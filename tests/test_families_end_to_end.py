@@ -34,6 +34,11 @@ DATA_FREE = [("main_WeightAveraging.py", {}), ("main_TaskArithmetic.py", {}), ("
              ("main_EMRMerging.py", {}), ("main_TSVMerging.py", {"method": "TSVC"}),
              ("main_TallMasks.py", {"method": "tall_mask", "load_mask": True}),
              ("main_TallMasks.py", {"method": "consensus", "load_mask": True, "select_on_val": False})]
+# the 2025 records and DARE, on the HF layout (whose q/k/v are fused into in_proj on load)
+RECORDS = [("main_IsoMerging.py", {"method": "iso_c", "select_on_val": False}),
+           ("main_IsoMerging.py", {"method": "iso_cts", "select_on_val": False}),
+           ("main_WUDIMerging.py", {"wudi_steps": 2}), ("main_CARTMerging.py", {}),
+           ("main_PCBMerging.py", {}), ("main_TaskArithmetic.py", {"dare_p": 0.3})]
 FUSIONBENCH_TASKS = [t for t in registry.TALL_20 if t != "EMNIST"]  # FusionBench has no EMNIST digits
 
 
@@ -156,7 +161,7 @@ def test_fusionbench_download_runs_the_other_merges_and_surgery(fusionbench_root
     patched = _tiny_encoder(lambda: ImageEncoder(create_clip_from_config(oc_config)))
     monkeypatch.setattr(run_setup, "build_image_encoder", patched)
     monkeypatch.setattr(run_adaptive, "build_image_encoder", patched)
-    for script, extra in DATA_FREE[:5]:
+    for script, extra in DATA_FREE[:5] + RECORDS:
         report = run_data_free(script_config(script, **_settings(script, config), **extra), script=script)
         _check(report, FUSIONBENCH_TASKS, "fusionbench")
     surgery = run_surgery(script_config("main_TaskArithmetic_with_surgery.py",
