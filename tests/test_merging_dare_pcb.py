@@ -144,14 +144,19 @@ def test_pcb_needs_one_lambda_per_task():
         merging.pcb_merging(theta0, experts, lams=[1.0, 1.0, 1.0])
 
 
-def test_pcb_quantile_of_a_stream_is_the_sorts_after_many_shrinks():
-    from taskmerge.merging.pcb import CHUNK, LargestValues
+def test_pcb_quantile_of_streams_is_the_sorts_with_ties_and_signs():
+    from taskmerge.merging.pcb import CHUNK, KthLargest
     g = torch.Generator().manual_seed(2)
-    stream = torch.cat([torch.randn(3 * CHUNK, generator=g), torch.zeros(CHUNK)])  # ties at 0
+    stream = torch.cat([torch.randn(3 * CHUNK, generator=g), torch.zeros(CHUNK),   # ties at 0
+                        torch.full((500,), 0.125), -torch.rand(1000, generator=g) * 1e-30])  # a tie, tiny negatives
     stream = stream[torch.randperm(stream.numel(), generator=g)]
-    for count in (1, 1000, CHUNK + 7, 2 * CHUNK):  # the last: its count-th largest is a tied 0
-        largest = LargestValues(count)
-        for piece in stream.split(CHUNK // 3):
-            largest.add(piece)
-        ordered = stream.sort().values
-        assert largest.lowest_and_highest() == [float(ordered[-count]), float(ordered[-1])], count
+    streams = torch.stack([stream, -stream, stream * 1e6])
+    ordered = streams.sort(dim=1).values
+    for count in (1, 1000, CHUNK + 7, 2 * CHUNK, streams.shape[1]):  # 2·CHUNK: a tied 0; the last: the minimum
+        largest = KthLargest(len(streams), count)
+        pieces = streams.split(CHUNK // 3, dim=1)
+        for piece in pieces:
+            largest.count_pass(piece)
+        for piece in reversed(pieces):   # the second pass may read the chunks in any order
+            largest.keep_pass(piece)
+        assert largest.bounds() == [[float(o[-count]), float(o[-1])] for o in ordered], count

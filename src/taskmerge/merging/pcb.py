@@ -14,9 +14,9 @@ would divide by zero in minmax; here it normalises to 0.
 
 After clamping, a_t's minimum and maximum are the two clamp bounds, so minmax needs no extra pass.
 The quantiles are selections (numpy's introselect) instead of sorts, at the originals' exact indices:
-|τ_t|'s in one d-sized buffer, task by task; β_t's from its r·d largest values, gathered while the
-chunks stream past (≈ 2·r·d floats per task), so memory stays far below the original's T × d arrays
-and β is computed twice instead of stored.
+|τ_t|'s in one d-sized buffer, task by task; β_t's in two streaming passes (`KthLargest`: a histogram
+of each task's β, then only the values of the bin holding the quantile), so memory is flat in T and
+far below the original's T × d arrays, and β is computed three times instead of stored.
 """
 from __future__ import annotations
 
@@ -69,30 +69,62 @@ def balancing_score(taus: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return torch.exp(len(taus) * normed.square()) * inter
 
 
-class LargestValues:
-    """The `count` largest values of a stream, holding about twice that many, not the stream."""
+BINS = 1 << 16
 
-    def __init__(self, count: int):
-        self.count, self.floor, self.parts, self.held = count, -float("inf"), [], 0
 
-    def add(self, values: torch.Tensor) -> None:
-        values = values[values >= self.floor]  # below the count-th largest seen so far: never needed
-        self.parts.append(values)
-        self.held += values.numel()
-        if self.held >= 2 * self.count + CHUNK:
-            self._shrink()
+def _ordered_bins(values: torch.Tensor) -> torch.Tensor:
+    """The bin of each float32 value: its 16 high bits, mapped so that the bin order is the value
+    order (negative floats have their magnitude bits flipped), in [0, 65536)."""
+    bits = values.float().contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered >> 16) + (BINS // 2)
 
-    def _shrink(self) -> None:
-        pool = torch.cat(self.parts)
-        if pool.numel() > self.count:
-            self.floor = kth_smallest(pool, [pool.numel() - self.count])[0]
-            pool = pool[pool.numel() - self.count:].clone()
-        self.parts, self.held = [pool], pool.numel()
 
-    def lowest_and_highest(self) -> list[float]:
-        """[the count-th largest, the largest]."""
-        self._shrink()
-        return [float(self.parts[0].min()), float(self.parts[0].max())]
+class KthLargest:
+    """Exactly the `count`-th largest value and the largest of each of T streams that can be read
+    twice, holding a 65,536-bin histogram per stream instead of the values: the first pass counts
+    the values per bin (the bin order is the value order), the second keeps only the values of the
+    bin where the count-th largest falls, and a selection among them gives it. Memory is flat in T
+    and in d (the original sorts T × d arrays)."""
+
+    def __init__(self, num_streams: int, count: int):
+        self.count = count
+        self.hist = torch.zeros(num_streams, BINS, dtype=torch.int64)
+        self.top = torch.full((num_streams,), -float("inf"))
+        self.kept: list[list[torch.Tensor]] = [[] for _ in range(num_streams)]
+        self.bin = self.need = None
+
+    def count_pass(self, values: torch.Tensor) -> None:
+        """First pass: one (T, c) chunk of the streams."""
+        bins = _ordered_bins(values)
+        offsets = torch.arange(len(values))[:, None] * BINS
+        self.hist += torch.bincount((bins + offsets).view(-1), minlength=len(values) * BINS).view(len(values), BINS)
+        self.top = torch.maximum(self.top, values.amax(dim=1).float())
+
+    def _locate(self) -> None:
+        above = self.hist.flip(1).cumsum(1).flip(1)   # above[t, b]: values in bins ≥ b
+        self.bin = (above >= self.count).sum(1) - 1   # the highest bin with ≥ count values at or above it
+        rows = torch.arange(len(self.hist))
+        higher = torch.where(self.bin + 1 < BINS, above[rows, (self.bin + 1).clamp(max=BINS - 1)], 0)
+        self.need = self.count - higher              # the rank of the wanted value inside its bin
+
+    def keep_pass(self, values: torch.Tensor) -> None:
+        """Second pass over the same chunks, in any order."""
+        if self.bin is None:
+            self._locate()
+        bins = _ordered_bins(values)
+        for t in range(len(values)):
+            picked = values[t][bins[t] == self.bin[t]]
+            if picked.numel():
+                self.kept[t].append(picked)
+
+    def bounds(self) -> list[list[float]]:
+        """[[the count-th largest, the largest]] per stream."""
+        out = []
+        for t, parts in enumerate(self.kept):
+            pool = torch.cat(parts)
+            out.append([kth_smallest(pool.clone(), [pool.numel() - int(self.need[t])])[0], float(self.top[t])])
+        return out
 
 
 def stacked_chunks(pretrained: StateDict, finetuned: Experts, keys: list[str]):
@@ -124,11 +156,12 @@ def pcb_delta(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
     if count < 1:
         raise ConfigError(f"ratio={ratio}: keeps no entry of the {dim} task-vector entries; "
                           f"use a larger r")
-    largest = [LargestValues(count) for _ in range(num_tasks)]
+    largest = KthLargest(num_tasks, count)
     for _, _, taus in stacked_chunks(pretrained, finetuned, keys):
-        for row, beta in zip(largest, balancing_score(taus, bounds)):
-            row.add(beta)
-    beta_bounds = torch.tensor([row.lowest_and_highest() for row in largest], dtype=bounds.dtype)
+        largest.count_pass(balancing_score(taus, bounds))
+    for _, _, taus in stacked_chunks(pretrained, finetuned, keys):
+        largest.keep_pass(balancing_score(taus, bounds))
+    beta_bounds = torch.tensor(largest.bounds(), dtype=bounds.dtype)
     del largest
     lam = torch.tensor(lams, dtype=bounds.dtype)[:, None]
     delta = {}
