@@ -49,9 +49,7 @@ def features_of(encoders: Mapping[str, ImageEncoder], images: TaskImages, *, blo
     out = {k: {"final": distributed.gather_rows(torch.cat(final[k]), n)} for k in encoders}
     if blocks:
         for k in encoders:  # (L, N, width): rows are dim 1
-            out[k]["blocks"] = distributed.gather_rows(torch.cat(hidden[k], dim=1).transpose(0, 1), n
-                                                       ).transpose(0, 1).contiguous() \
-                if distributed.active() else torch.cat(hidden[k], dim=1)
+            out[k]["blocks"] = distributed.gather_rows(torch.cat(hidden[k], dim=1), n, dim=1)
     return out
 
 

@@ -42,10 +42,8 @@ def deep_surgery_pass(encoder: ImageEncoder, adapters, images: TaskImages, head:
     acc = correct / n
     if not keep_features:
         return acc
-    blocks = torch.cat(hidden, dim=1)
-    if distributed.active():
-        blocks = distributed.gather_rows(blocks.transpose(0, 1), n).transpose(0, 1).contiguous()
-    return acc, {"blocks": blocks, "final": distributed.gather_rows(torch.cat(final), n)}
+    return acc, {"blocks": distributed.gather_rows(torch.cat(hidden, dim=1), n, dim=1),
+                 "final": distributed.gather_rows(torch.cat(final), n)}
 
 
 def train_surgery_v2(tasks: Sequence[str], base: ImageEncoder | Mapping[str, ImageEncoder],

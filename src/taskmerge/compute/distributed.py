@@ -9,19 +9,20 @@ Surgery's training) runs the same on every rank, so every rank holds the same st
 writes files (storage/writer.py).
 
 A collective must be reached by every rank in the same order, so every decision that leads to one
-(a cache hit or miss, a resume) is made on rank 0 and broadcast (`agree`).
+(a cache hit or miss, a resume) must come out the same on every rank. It does because each is read
+before a collective that rank 0 must pass before it can write that file (the training loops put a
+barrier right after reading their resume state), so no rank can see a file another rank is about
+to decide without.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-
-T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -80,15 +81,6 @@ def main_first() -> Iterator[None]:
             barrier()
 
 
-def agree(value: T) -> T:
-    """Rank 0's `value` on every rank (a picklable, small value: a flag, a name, a path)."""
-    if not active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shard(n: int) -> range:
     """This rank's contiguous slice of n items (rank r: [r·n/W, (r+1)·n/W))."""
     w, r = world_size(), rank()
@@ -118,11 +110,13 @@ def sum_counts(*counts: int) -> tuple[int, ...]:
     return tuple(int(v) for v in all_reduce_sum(t).tolist())
 
 
-def gather_rows(part: torch.Tensor, n: int) -> torch.Tensor:
-    """Every rank's `shard(n)` rows of one tensor (dim 0), concatenated in rank order: the whole
-    tensor in dataset order, on every rank, on the CPU. `part` may have other dims of any size."""
+def gather_rows(part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+    """Every rank's `shard(n)` rows of one tensor (along `dim`), concatenated in rank order: the
+    whole tensor in dataset order, on every rank, on the CPU. The other dims may be any size."""
     if not active():
         return part
+    if dim != 0:
+        return gather_rows(part.movedim(dim, 0), n).movedim(0, dim).contiguous()
     w = world_size()
     sizes = [(r + 1) * n // w - r * n // w for r in range(w)]
     dev = _comm_device()
@@ -144,8 +138,3 @@ def broadcast_module(module: torch.nn.Module) -> None:
         if buf is not t:
             with torch.no_grad():
                 t.copy_(buf)
-
-
-def on_main(fn: Callable[[], Any]) -> Any:
-    """fn() on rank 0 only (its result broadcast): work whose only effect is a file or a line."""
-    return agree(fn() if is_main() else None)
