@@ -105,7 +105,7 @@ def _tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str) ->
     zero_tasks = []  # all-zero τ_t: SVD deferred, skipped entirely if every task is zero
     for t, tau in enumerate(taus):
         if u_cat is None:
-            (m, n), dtype = tau.shape, tau.dtype
+            m, n = tau.shape
             r = min(m, n)
             k = r // num_tasks
             u_cat, s_cat, v_cat = tau.new_zeros(m, r), tau.new_zeros(r), tau.new_zeros(r, n)

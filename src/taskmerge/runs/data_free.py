@@ -31,7 +31,7 @@ from taskmerge.runs.script_configs import (VAL_GRIDS, CARTMerge, DareSettings, E
 from taskmerge.runs.selection import select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
                                   individual_accuracies, load_heads, released_masks_path, resolve_setup,
-                                  start_run, task_data, validate_checkpoints)
+                                  start_run, validate_checkpoints)
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
 from taskmerge.storage.errors import ConfigError

@@ -189,12 +189,10 @@ def evaluation_split(setup: Setup, task: str, split: str = "test"):
         return data, setup.loader
     key = (task, split, "preloaded")
     if key not in setup._data_cache:
-        first = data[0][0] if len(data) else None
-        fits = first is not None and first.numel() * first.element_size() * len(data) <= MAX_PRELOAD_BYTES
-        setup._data_cache[key] = TaskImages(data, preload=True, num_workers=setup.loader.num_workers,
-                                            name=f"{task}Val") if fits else None
+        setup._data_cache[key] = TaskImages(data, preload="auto", max_preload_bytes=MAX_PRELOAD_BYTES,
+                                            num_workers=setup.loader.num_workers, name=f"{task}Val")
     images = setup._data_cache[key]
-    if images is None:
+    if not images.preloaded:
         return data, setup.loader
     return TensorDataset(images.images, images.labels), LoaderSettings(pin_memory=setup.loader.pin_memory)
 
