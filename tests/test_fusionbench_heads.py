@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from contextlib import contextmanager
 
 import pytest
 import torch

@@ -82,6 +82,28 @@ def test_settings_come_from_the_folders_preprocessor_config(tmp_path):
     bare = clip_image_processor(str(tmp_path / "none"), image_size=32)
     assert (bare.shortest_edge, bare.crop_size, bare.resample) == (32, (32, 32), 3)
     cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    # a CLIPProcessor saved by transformers 5.x: the settings nested in processor_config.json
+    from test_fusionbench_heads import _hf_tokenizer_from_open_clip_vocab
+    from transformers import CLIPProcessor
+    saved = tmp_path / "processor"
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 38}, crop_size={"height": 33, "width": 33})
+    CLIPProcessor(image_processor=image_processor,
+                  tokenizer=_hf_tokenizer_from_open_clip_vocab()).save_pretrained(saved)
+    processor = CLIPProcessor.from_pretrained(saved)  # what FusionBench's modelpool loads
+    assert processor.image_processor.backend == "torchvision"
+    ours = clip_image_processor(str(saved), image_size=224)
+    assert (ours.shortest_edge, ours.crop_size) == (38, (33, 33))
+    assert torch.equal(ours(image), _theirs(processor, image))
+    # openai/clip-vit-base-patch32's own file: the older format, sizes as plain integers
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 30, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 34}))
+    ours = clip_image_processor(str(legacy), image_size=224)
+    assert (ours.shortest_edge, ours.crop_size) == (34, (30, 30))
+    assert torch.equal(ours(image), _theirs(CLIPImageProcessor.from_pretrained(legacy), image))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**cfg, "do_center_crop": False}))
     with pytest.raises(ValueError, match="do_center_crop"):
         clip_image_processor(str(tmp_path), image_size=224)

@@ -93,15 +93,21 @@ class CLIPImageProcessorTransform:
 
 def clip_image_processor(folder: str | None, image_size: int, backend: str = "torchvision"
                          ) -> CLIPImageProcessorTransform:
-    """The transform `CLIPProcessor.from_pretrained(folder)` applies: the settings of the folder's
-    `preprocessor_config.json` where it has one (openai/clip-vit-*: shortest edge and crop 224 or
-    336, OpenAI's mean and std, bicubic, 1/255), else CLIPImageProcessor's defaults at the
-    encoder's `image_size`."""
-    cfg = {}
-    path = os.path.join(folder, "preprocessor_config.json") if folder else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            cfg = json.load(f)
+    """The transform `CLIPProcessor.from_pretrained(folder)` applies: the folder's settings, as
+    transformers looks for them (image_processing_base.py `get_image_processor_dict`): the
+    `image_processor` entry of `processor_config.json` (what transformers 5.x saves), else
+    `preprocessor_config.json` (openai/clip-vit-*: shortest edge and crop 224 or 336, OpenAI's
+    mean and std, bicubic), else CLIPImageProcessor's defaults at the encoder's `image_size`."""
+    cfg, path = {}, None
+    for name, entry in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        candidate = os.path.join(folder, name) if folder else ""
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                found = json.load(f)
+            if entry is None or entry in found:
+                cfg, path = (found[entry] if entry else found), candidate
+                break
+    if path:
         off = [k for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize") if cfg.get(k) is False]
         if off:
             raise ValueError(f"{path}: {', '.join(off)} is false; only CLIP's full preprocessing is "
