@@ -233,3 +233,29 @@ def test_rank0_builds_first_and_the_others_load(fb_root, tiny_towers, monkeypatc
     heads = run_heads.load_heads(_setup(root, "parquet", ["KMNIST", "FER2013"]))
     assert events == ["barrier"]  # another rank: waits for rank 0, then loads what it wrote
     assert all(isinstance(h, ClassificationHead) for h in heads.values())
+
+
+def test_a_rebuilt_embedded_head_equals_the_built_one_and_a_gone_text_tower_is_said(micro_benchmark, tmp_path):
+    import shutil
+    from taskmerge.storage.checkpoints import CheckpointError
+    ckpt, data = micro_benchmark
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(ckpt, copy)
+    setup = run_setup.resolve_setup("taskmerge-tiny-micro", str(copy), data)
+    task = setup.tasks[0]
+    path = setup.checkpoints.head_path(task)
+    built = torch.load(path, weights_only=True)["weight"]
+    os.remove(path)
+    lines = []
+    rebuilt = run_heads.load_heads(setup, log=lines.append)[task]
+    assert torch.equal(rebuilt.weight, built) and not lines  # the same head the embedded build wrote
+    key = json.loads(open(run_heads.key_path(path)).read())
+    assert key["text_tower"] and key["tokenizer"].startswith("taskmerge pruned BPE")
+    tower = run_heads.text_tower_path(setup)
+    os.rename(tower, tower + ".moved")
+    again = run_heads.load_heads(setup, log=lines.append)[task]
+    assert torch.equal(again.weight, built) and len(lines) == 1 and "no longer" in lines[0]
+    with open(run_heads.key_path(path), "w") as f:
+        json.dump({**key, "templates": ["{c}"]}, f)
+    with pytest.raises(CheckpointError, match="built from other inputs"):
+        run_heads.load_heads(setup, log=lines.append)

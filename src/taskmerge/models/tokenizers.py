@@ -83,6 +83,7 @@ def _file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
 def tokenizer_identity(model_name: str) -> str:
     """What a zero-shot head's cache key names as its tokenizer: the kind and a digest of its
     vocabulary file. The fusionbench family uses open_clip's BPE as well: its ids equal those of

@@ -108,11 +108,12 @@ def load_heads(setup: Setup, log=print) -> dict[str, ClassificationHead]:
 
 def _cached_or_built(setup: Setup, task: str, path: str, prompts: HeadPrompts, text_tower: str | None,
                      log) -> ClassificationHead:
+    cached = os.path.exists(path)
+    stored = read_key(path) if cached else None
+    if cached and stored is None and setup.family in KEYLESS_REUSED:
+        return ClassificationHead.from_state_dict(load_head(path)).to(setup.device)
     key = head_key(setup, task, prompts, text_tower)
-    if os.path.exists(path):
-        stored = read_key(path)
-        if stored is None and setup.family in KEYLESS_REUSED:
-            return ClassificationHead.from_state_dict(load_head(path)).to(setup.device)
+    if cached:
         if stored is not None and text_tower is None and stored.get("text_tower"):
             stored = dict(stored, text_tower=None)  # the text tower is gone: the rest still must match
             log(f"Head {path}: its text tower is no longer in {setup.model_dir}; checked by the rest "
