@@ -1,5 +1,6 @@
 """What every entry script needs before and after its method: which model, checkpoints and data to
-use, the heads, the evaluation of a state dict on every task, and the run's log and report.
+use (and how its images are preprocessed), the evaluation of a state dict on every task, and the
+run's log and report. The heads are runs/heads.py's.
 
 `model_name = "auto"` picks ViT-B-32 when its checkpoints are under `checkpoint_dir`, and otherwise
 the embedded offline benchmark (building it on first use), so every script runs on a laptop CPU
@@ -204,7 +205,7 @@ def evaluation_split(setup: Setup, task: str, split: str = "test"):
 
 def image_transform(setup: Setup):
     """The run's image preprocessing (`Setup.preprocessing`): on the fusionbench family the one
-    `CLIPProcessor.from_pretrained(<pretrained folder>)` gives (its preprocessor_config.json, else
+    `CLIPProcessor.from_pretrained(<pretrained folder>)` gives (the folder's processor settings, else
     CLIPImageProcessor's defaults at the encoder's size), else open_clip's eval transform."""
     if setup.preprocessing == PREPROCESSING[1]:
         return clip_image_processor(setup.checkpoints.zeroshot_path, _image_size(setup))
