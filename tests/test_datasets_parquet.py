@@ -213,10 +213,21 @@ def test_each_task_reads_with_our_class_names_and_templates(tmp_path, task):
     assert data.num_classes == count
     if task in templates.CLASSNAMES:
         assert data.classnames == templates.CLASSNAMES[task]
-    elif task in parquet.DATA_NAMED:  # names come from the data, `_` → space as the originals do
-        assert data.classnames[:2] == ["name 0 x", "name 1 x"]
+    elif task in parquet.DATA_NAMED:  # names come from the data, spelled as the dataset spells them
+        assert data.classnames[:2] == ["name_0_x", "name_1_x"]
     assert [data.test[i][1] for i in range(len(labels))] == labels
-    check_pairs(data.test)
+    if task == "FER2013":  # grayscale first, as tall_masks reads it, then RGB
+        check_grayscale_pairs(data.test)
+    else:
+        check_pairs(data.test)
+
+
+def check_grayscale_pairs(dataset):
+    for i in range(len(dataset)):
+        img, label = dataset[i]
+        colour = Image.open(io.BytesIO(image_bytes(label, i))).convert("RGB")
+        assert np.array_equal(img, np.asarray(colour.convert("L").convert("RGB"))), (i, label)
+        assert not np.array_equal(img, np.asarray(colour)), "the colour image was not made grayscale"
 
 
 def test_data_named_task_without_classlabel_names_is_refused(tmp_path):

@@ -130,11 +130,12 @@ def test_every_data_free_stage_gets_the_run_device(config, monkeypatch):
 
 def test_a_head_missing_from_the_cache_is_built_on_the_run_device(config, monkeypatch):
     spy = DeviceSpy(monkeypatch)
-    spy.wrap(runs_setup, "build_zeroshot_head", modules=[0])
+    from taskmerge.runs import heads as runs_heads
+    spy.wrap(runs_heads, "build_zeroshot_head", modules=[0])
     setup = runs_setup.resolve_setup(config["model_name"], config["checkpoint_dir"], config["data_location"])
     setup.device = runs_data_free.resolve_device("cpu")
     os.remove(setup.checkpoints.head_path(setup.tasks[0]))
-    heads = runs_setup.load_heads(setup)
+    heads = runs_heads.load_heads(setup)
     assert spy.calls == {"build_zeroshot_head": 1}
     assert all(p.device == setup.device for h in heads.values() for p in h.parameters())
 

@@ -25,6 +25,7 @@ from taskmerge.merging.tall_masks import multitask_vector, tall_masks
 from taskmerge.models.encoders import TINY_MODEL, ImageEncoder, build_image_encoder
 from taskmerge.models.hf_encoders import create_clip_from_config
 from taskmerge.runs import adaptive as run_adaptive
+from taskmerge.runs import heads as run_heads
 from taskmerge.runs import setup as run_setup
 from taskmerge.runs.adaptive import run_adamerging, run_surgery
 from taskmerge.runs.data_free import run_data_free, run_single_task_eval
@@ -103,15 +104,9 @@ def fusionbench_root(tmp_path_factory):
         tower = getattr(vision, "vision_model", vision)
         tower.load_state_dict({k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in base.items()})
         vision.save_pretrained(root / "tanganke" / f"clip-vit-base-patch32_{HF_SOURCES[task].fusionbench}")
-    # heads where the run would build and cache them (their text tower path is test_fusionbench_family's)
-    os.makedirs(root / "ViT-B-32")
+    # no heads: the run builds them from FusionBench's class names with the tiny text tower
     with open(root / "openai" / "clip-vit-base-patch32" / "config.json") as f:
         config = open_clip_config(json.load(f))
-    for task in FUSIONBENCH_TASKS:
-        from taskmerge.datasets.parquet import get_parquet_task
-        count = len(get_parquet_task(task, data).classnames)
-        torch.save({"weight": torch.randn(count, config["embed_dim"], generator=gen), "bias": torch.zeros(count)},
-                   root / "ViT-B-32" / f"head_{task}.pt")
     return {"model_name": "ViT-B-32", "checkpoint_dir": str(root), "data_location": data,
             "data_format": "parquet", "tasks": FUSIONBENCH_TASKS, "log_dir": str(root / "logs"),
             "save_dir": "", "batch_size": 64}, config
@@ -156,11 +151,19 @@ def test_tall_masks_folder_of_20_tasks_runs_eval_tall_masks_and_adamerging(tall_
     assert len(ada["coefficients"][0]) == 21
 
 
+def _tiny_text_tower(monkeypatch, oc_config):
+    """The tiny CLIP's text tower (100 ids) builds the heads, with a tokenizer that fits it."""
+    from test_fusionbench_heads import TinyTokenizer
+    monkeypatch.setattr(run_heads, "create_clip", lambda arch: create_clip_from_config(oc_config))
+    monkeypatch.setattr(run_heads, "get_tokenizer", lambda arch: TinyTokenizer())
+
+
 def test_fusionbench_download_runs_the_other_merges_and_surgery(fusionbench_root, monkeypatch):
     config, oc_config = fusionbench_root
     patched = _tiny_encoder(lambda: ImageEncoder(create_clip_from_config(oc_config)))
     monkeypatch.setattr(run_setup, "build_image_encoder", patched)
     monkeypatch.setattr(run_adaptive, "build_image_encoder", patched)
+    _tiny_text_tower(monkeypatch, oc_config)
     for script, extra in DATA_FREE[:5] + RECORDS:
         report = run_data_free(script_config(script, **_settings(script, config), **extra), script=script)
         _check(report, FUSIONBENCH_TASKS, "fusionbench")
@@ -176,6 +179,7 @@ def test_released_masks_are_refused_for_other_families(fusionbench_root, monkeyp
     config, oc_config = fusionbench_root
     patched = _tiny_encoder(lambda: ImageEncoder(create_clip_from_config(oc_config)))
     monkeypatch.setattr(run_setup, "build_image_encoder", patched)
+    _tiny_text_tower(monkeypatch, oc_config)
     with pytest.raises(ConfigError, match="load_mask=True reads the masks released with the tall_masks"):
         run_data_free(script_config("main_TallMasks.py", **{**_settings("main_TallMasks.py", config),
                                                             "tasks": ["Cars", "DTD"]},

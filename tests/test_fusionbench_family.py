@@ -120,14 +120,15 @@ def test_task_names_agree_with_the_parquet_sources():
 
 def test_heads_text_tower_comes_from_the_clip_model_folder(download_root, monkeypatch):
     from taskmerge.models.hf_encoders import create_clip_from_config
+    from taskmerge.runs import heads as run_heads
     from taskmerge.runs import setup as run_setup
     root, clip, _ = download_root
     ckpt = CheckpointSet.discover(root, "ViT-B-32", TASKS)
     config = open_clip_config(ckpt._hf_base().config)
     # The real ViT-B-32 is too large for a test: the tiny config stands in for its architecture.
-    monkeypatch.setattr(run_setup, "create_clip", lambda arch: create_clip_from_config(config))
+    monkeypatch.setattr(run_heads, "create_clip", lambda arch: create_clip_from_config(config))
     setup = run_setup.Setup("ViT-B-32", "ViT-B-32", ckpt, list(TASKS), str(root), False)
-    ours = run_setup._pretrained_clip(setup, "Cars")
+    ours = run_heads._pretrained_clip(setup, "Cars", run_heads.text_tower_path(setup))
     tokens = torch.tensor([[98, 5, 7, 99] + [1] * 12])
     with torch.no_grad():
         want = clip.get_text_features(input_ids=tokens[:, :4])

@@ -106,10 +106,12 @@ def test_method_label_of_an_unknown_or_incomplete_report_is_its_method():
 
 def test_a_runs_closing_table_names_its_row_with_the_label(tmp_path):
     logger = RunLogger(str(tmp_path / "log.txt"), {"method_name": "task_arithmetic"}, echo=False)
-    setup = SimpleNamespace(model_name="m", family="embedded", tasks=["A", "B"], compute=lambda: {"device": "cpu"})
+    setup = SimpleNamespace(model_name="m", family="embedded", tasks=["A", "B"], compute=lambda: {"device": "cpu"},
+                            preprocessing="open_clip")
     report = finish_run(logger, setup, "task_arithmetic", {"A": 0.5, "B": 1.0}, {"A": 1.0, "B": 1.0},
                         surgery="v1", online=False, base="task_arithmetic_0.3", scaling_coef=0.3,
                         val_curve=None)
     rows = [line for line in open(tmp_path / "log.txt").read().splitlines() if line.startswith("| ")]
     assert rows[1] == "| task_arithmetic (λ 0.3) + Surgery v1 | 50.00 | 100.00 | 75.00 |"
     assert method_label(report) == "task_arithmetic (λ 0.3) + Surgery v1"
+    assert report["preprocessing"] == "open_clip"  # which image preprocessing the numbers come from

@@ -20,7 +20,8 @@ from taskmerge.runs.adaptive import run_adamerging, run_surgery
 from taskmerge.runs.data_free import run_data_free, run_single_task_eval
 from taskmerge.runs.evaluation import evaluate
 from taskmerge.runs.identity import data_identity, head_digest
-from taskmerge.runs.setup import encoder_for, load_heads, resolve_setup, task_data
+from taskmerge.runs.heads import load_heads
+from taskmerge.runs.setup import encoder_for, resolve_setup, task_data
 
 from script_variables import config_from as _config
 

@@ -16,7 +16,8 @@ Lazy: construction reads each shard's footer and its label column only (labels a
 task's class count there, naming the file and value); an image is decoded in `__getitem__`, from the
 bytes of the one row group that holds it (the last row group read is kept, undecoded). Class names and
 templates are ours (`templates.py`); only the tasks whose originals take names from the data (SUN397,
-Cars, CIFAR100, Food101, OxfordIIITPet) take them from the dataset's own `ClassLabel` names. For the
+Cars, CIFAR100, Food101, OxfordIIITPet) take them from the dataset's own `ClassLabel` names, spelled
+as the dataset spells them (underscores kept; runs/heads.py says which names build a head). For the
 others the dataset's `ClassLabel` names are checked against ours (`check_label_order`): a dataset may
 word its classes differently (our names are the originals' prompt wording, e.g. GTSRB's "stop" sign
 descriptions, EuroSAT's "annual crop land"), but a dataset whose class i carries our name of class
@@ -107,6 +108,7 @@ FIXED_CLASSNAMES: dict[str, list[str]] = dict(
 IMAGE_COLUMNS = ("image", "img", "jpg", "img_bytes")  # img_bytes: Jeneral/fer-2013, tall_masks' FER2013
 LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")
 VALIDATION_SPLITS = ("validation", "valid", "val")
+GRAYSCALE_TASKS = ("FER2013",)
 
 _SHARD = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)-\d{5}-of-\d{5}")
 
@@ -312,7 +314,9 @@ class ParquetImageDataset(Dataset):
                                      f"{cell.get('path') if isinstance(cell, dict) else None!r}); "
                                      f"the hub's parquet files embed the images: {self.fix}")
         try:
-            img = Image.open(io.BytesIO(data)).convert("RGB")
+            img = Image.open(io.BytesIO(data))
+            # FER2013 as tall_masks reads it: grayscale first, then the RGB every encoder takes
+            img = (img.convert("L") if self.task in GRAYSCALE_TASKS else img).convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DatasetLayoutError(f"{self.task}: cannot decode the image in row {i} of {path} "
                                      f"({type(e).__name__}: {e}); {self.fix}") from e
@@ -353,7 +357,7 @@ def _classnames(task: str, split: ParquetImageDataset, root: str) -> list[str]:
         raise DatasetLayoutError(f"{task}: {split.files[0]} carries no ClassLabel names in its schema "
                                  f"metadata, and {task}'s class names come from the data; "
                                  f"{download_hint(task, root)}")
-    return [c.replace("_", " ") for c in split.classlabel_names]
+    return list(split.classlabel_names)  # as the dataset spells them (runs/heads.py: what heads use)
 
 
 def get_parquet_task(name: str, root: str, transform=None) -> TaskData:

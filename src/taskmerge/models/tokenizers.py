@@ -2,6 +2,8 @@
 and CLIP's BPE cut down to the embedded benchmark's captions for its tiny CLIP."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 
@@ -73,3 +75,24 @@ def get_tokenizer(model_name: str):
                              f"{text_cfg['vocab_size']}: regenerate one from the other")
         return tokenizer
     return open_clip.get_tokenizer(open_clip_name(model_name))
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_identity(model_name: str) -> str:
+    """What a zero-shot head's cache key names as its tokenizer: the kind and a digest of its
+    vocabulary file. The fusionbench family uses open_clip's BPE as well: its ids equal those of
+    transformers' CLIPTokenizer of the openai folders (same vocabulary and merges) for every
+    FusionBench class name and template, KMNIST's hiragana included (tests/test_fusionbench_heads.py)."""
+    if model_name == TINY_MODEL:
+        return f"taskmerge pruned BPE, {os.path.basename(tiny_vocabulary_path(model_name))} " \
+               f"sha256:{_file_sha256(tiny_vocabulary_path(model_name))}"
+    from open_clip.tokenizer import default_bpe
+    tokenizer = get_tokenizer(model_name)
+    return (f"open_clip SimpleTokenizer, {os.path.basename(default_bpe())} sha256:"
+            f"{_file_sha256(default_bpe())}, context {tokenizer.context_length}")

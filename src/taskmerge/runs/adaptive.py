@@ -225,7 +225,9 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
             bases[t], cache, lambda t=t: build_image_encoder(setup.arch, ckpt.finetuned(t)), images[t],
             model_name=setup.model_name, checkpoint_digest=file_digest(ckpt.finetuned_path(t)),
             dataset_id=f"{t}/test@{os.path.abspath(setup.data_location)}"
-                       + ("@parquet" if setup.data_format == "parquet" and not setup.embedded else ""),
+                       + ("@parquet" if setup.data_format == "parquet" and not setup.embedded else "")
+                       # the images as preprocessed (the fusionbench family's differ from open_clip's)
+                       + (f"@{setup.preprocessing}" if setup.family == "fusionbench" else ""),
             batch_size=run.batch_size, device=setup.device)
     rank = surgery_rank(config.rank, version, setup.arch)
     scfg = SurgeryConfig(rank=rank, iterations=config.iterations, lr=config.lr,

@@ -28,9 +28,10 @@ from taskmerge.runs.script_configs import (VAL_GRIDS, CARTMerge, DareSettings, E
                                            MergeRunConfig, PCBMerge, RunConfig, SingleTaskEvalConfig,
                                            TallMasksMerge, TaskArithmeticMerge, TiesMerge, TSVMerge,
                                            WeightAveragingMerge, WUDIMerge)
+from taskmerge.runs.heads import load_heads
 from taskmerge.runs.selection import select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
-                                  individual_accuracies, load_heads, released_masks_path, resolve_setup,
+                                  individual_accuracies, released_masks_path, resolve_setup,
                                   start_run, validate_checkpoints)
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
@@ -58,7 +59,7 @@ class Run:
                           f"{distributed.backend()}; evaluation and features are sharded over them, "
                           f"only rank 0 writes files")
         self.batch_size = config.batch_size
-        self.heads = load_heads(self.setup)
+        self.heads = load_heads(self.setup, log=self.log.info)
         validate_checkpoints(self.setup)  # before the first evaluation reads any of them
         self.individual = individual_accuracies(self.setup, self.heads, self.batch_size, log=self.log.info)
         self._individual_val = None
@@ -403,7 +404,8 @@ def run_single_task_eval(config: SingleTaskEvalConfig, script: str) -> dict:
     run.log.eval_step("finetuned", individual)
     run.log.info(results_table({"Zero-shot": zeroshot, "Individual": individual}, run.setup.tasks))
     return run.log.write_report(method="single_task", model=run.setup.model_name,
-                                checkpoint_family=run.setup.family, tasks=run.setup.tasks,
+                                checkpoint_family=run.setup.family,
+                                preprocessing=run.setup.preprocessing, tasks=run.setup.tasks,
                                 split=split, zeroshot_accuracy=zeroshot,
                                 individual_accuracy=individual,
                                 average_zeroshot=sum(zeroshot.values()) / len(zeroshot),

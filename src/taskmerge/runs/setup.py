@@ -1,5 +1,6 @@
 """What every entry script needs before and after its method: which model, checkpoints and data to
-use, the heads, the evaluation of a state dict on every task, and the run's log and report.
+use (and how its images are preprocessed), the evaluation of a state dict on every task, and the
+run's log and report. The heads are runs/heads.py's.
 
 `model_name = "auto"` picks ViT-B-32 when its checkpoints are under `checkpoint_dir`, and otherwise
 the embedded offline benchmark (building it on first use), so every script runs on a laptop CPU
@@ -19,9 +20,9 @@ from torch.utils.data import TensorDataset
 from taskmerge.datasets.parquet import HF_SOURCES, get_parquet_task
 from taskmerge.datasets.registry import BENCHMARKS, PAPER_8, REAL_TASKS, get_task
 from taskmerge.merging.tall_masks import released_mask_names
-from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
-from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
-from taskmerge.models.tokenizers import get_tokenizer
+from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, eval_transform
+from taskmerge.models.heads import ClassificationHead
+from taskmerge.models.preprocessing import PREPROCESSING, clip_image_processor
 from taskmerge.runs import validation
 from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.compute import distributed
@@ -30,10 +31,9 @@ from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import as_json, data_identity, differing_fields, head_digest, short_hash
 from taskmerge.runs.reporting import RunLogger, log_path, method_label, results_table
 from taskmerge.storage import atomic
-from taskmerge.storage.checkpoints import (CheckpointError, CheckpointSet, file_digest, load_head,
-                                           load_state_dict)
+from taskmerge.storage.checkpoints import CheckpointSet, file_digest
 from taskmerge.storage.errors import ConfigError
-from taskmerge.storage.hf_checkpoints import FUSIONBENCH_MODELS, load_hf_clip
+from taskmerge.storage.hf_checkpoints import FUSIONBENCH_MODELS
 
 EMBEDDED_MODELS = (TINY_MODEL, TINY_MODEL + "-micro")
 DATA_FORMATS = ("folders", "parquet")
@@ -63,11 +63,17 @@ class Setup:
     def family(self) -> str:
         return "embedded" if self.embedded else self.checkpoints.family
 
+    @property
+    def preprocessing(self) -> str:
+        """open_clip's eval transform, or on the fusionbench family transformers' CLIPImageProcessor
+        as FusionBench applies it (models/preprocessing.py)."""
+        return PREPROCESSING[1] if self.family == "fusionbench" else PREPROCESSING[0]
+
     def describe(self) -> dict:
         return {"model": self.model_name, "arch": self.arch, "checkpoint_family": self.family,
                 "model_dir": self.model_dir, "tasks": self.tasks, "data_location": self.data_location,
                 "data_format": "embedded" if self.embedded else self.data_format,
-                "compute": self.compute()}
+                "preprocessing": self.preprocessing, "compute": self.compute()}
 
     def compute(self) -> dict:
         """Where the run computes: device, GPU, torch / CUDA versions, TF32, ranks, loader workers."""
@@ -197,9 +203,18 @@ def evaluation_split(setup: Setup, task: str, split: str = "test"):
     return TensorDataset(images.images, images.labels), LoaderSettings(pin_memory=setup.loader.pin_memory)
 
 
+def image_transform(setup: Setup):
+    """The run's image preprocessing (`Setup.preprocessing`): on the fusionbench family the one
+    `CLIPProcessor.from_pretrained(<pretrained folder>)` gives (the folder's processor settings, else
+    CLIPImageProcessor's defaults at the encoder's size), else open_clip's eval transform."""
+    if setup.preprocessing == PREPROCESSING[1]:
+        return clip_image_processor(setup.checkpoints.zeroshot_path, _image_size(setup))
+    return eval_transform(_image_size(setup))
+
+
 def _read_task_data(setup: Setup, task: str, split: str):
     name = task + "Val" if split == "val" else task
-    transform = eval_transform(_image_size(setup))
+    transform = image_transform(setup)
     if setup.embedded:
         from taskmerge.embedded.tasks import get_embedded_task
         return get_embedded_task(name, setup.data_location, transform, micro=setup.micro)
@@ -220,54 +235,9 @@ def _encoder(setup: Setup):
     return enc
 
 
-def load_heads(setup: Setup) -> dict[str, ClassificationHead]:
-    """Each task's zero-shot head, from `head_<Task>.pt` or built (and cached) from the text tower,
-    checked against its task's classes and the encoder's feature width before it is used."""
-    heads = {}
-    width = _encoder(setup).feature_dim
-    for task in setup.tasks:
-        path = setup.checkpoints.head_path(task)
-        if os.path.exists(path):
-            heads[task] = ClassificationHead.from_state_dict(load_head(path)).to(setup.device)
-        else:
-            heads[task] = _build_and_cache_head(setup, task)
-        check_head(heads[task], path, task_data(setup, task).classnames, width)
-    return heads
-
-
 def validate_checkpoints(setup: Setup) -> None:
     """Every checkpoint against the architecture's encoder, before the first evaluation."""
     validation.validate_checkpoints(setup.checkpoints, _encoder(setup))
-
-
-def _pretrained_clip(setup: Setup, task: str):
-    """The pre-trained open_clip CLIP (both towers) whose text tower builds the zero-shot heads."""
-    clip = create_clip(setup.arch)
-    if setup.checkpoints.family == "fusionbench":  # the CLIPModel folder, as FusionBench builds them
-        state, _ = load_hf_clip(setup.checkpoints.zeroshot_path)
-        clip.load_state_dict({k: state[k] for k in state})
-        return clip
-    clip_path = next((os.path.join(setup.model_dir, n) for n in
-                      ("clip_pretrained.safetensors", "clip_pretrained.pt", "open_clip_pytorch_model.bin")
-                      if os.path.exists(os.path.join(setup.model_dir, n))), None)
-    if clip_path is None:
-        raise CheckpointError(
-            f"{os.path.join(setup.model_dir, 'head_' + task + '.pt')} is missing, and building it needs "
-            f"the pre-trained CLIP text tower: put the open_clip OpenAI weights of {setup.arch} at "
-            f"{os.path.join(setup.model_dir, 'open_clip_pytorch_model.bin')} (or copy the heads from "
-            f"the task_vectors checkpoint folder)")
-    clip.load_state_dict(load_state_dict(clip_path))
-    return clip
-
-
-def _build_and_cache_head(setup: Setup, task: str) -> ClassificationHead:
-    clip = _pretrained_clip(setup, task).to(setup.device)
-    data = task_data(setup, task)
-    head = build_zeroshot_head(clip, get_tokenizer(setup.arch), data.classnames, data.templates,
-                               device=setup.device)
-    atomic.torch_save({"weight": head.weight.detach().cpu().clone(), "bias": head.bias.detach().cpu().clone()},
-                      os.path.join(setup.model_dir, f"head_{task}.pt"))
-    return head
 
 
 def encoder_for(setup: Setup, state_dict: Mapping[str, torch.Tensor]):
@@ -340,7 +310,7 @@ def finish_run(logger: RunLogger, setup: Setup, method: str, accs: dict[str, flo
     """Write the JSON report (per-task, average, normalized) and print the results table."""
     avg = sum(accs.values()) / len(accs)
     report = {"method": method, "model": setup.model_name, "checkpoint_family": setup.family,
-              "tasks": setup.tasks, "accuracy": accs, "average_accuracy": avg, "compute": setup.compute()}
+              "preprocessing": setup.preprocessing, "tasks": setup.tasks, "accuracy": accs, "average_accuracy": avg, "compute": setup.compute()}
     if individual:
         norm = {t: accs[t] / individual[t] for t in accs if individual.get(t)}
         report["individual_accuracy"] = individual
