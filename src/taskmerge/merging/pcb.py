@@ -1,8 +1,9 @@
 """PCB-Merging, Parameter Competition Balancing (METHODS_RECORDS.md §6; duguodong7/pcb-merging).
 
 The repository has three code paths that disagree; this is `vision_source_code/pcb_ES.py`, the one
-that matches the paper. Over each task's flattened task vector τ_t (d entries, every key, the zero
-text leftovers included, so they count in the quantiles), with q(x, i) = the i-th smallest of x:
+that matches the paper. Over each task's flattened task vector τ_t (d entries: by default every key,
+the zero text leftovers included, so they count in the quantiles, as the original flattens task_vectors'
+whole checkpoint; `keys` restricts it), with q(x, i) = the i-th smallest of x:
   a_t = clamp(|τ_t|, q(|τ_t|, ⌊0.01·d⌋), q(|τ_t|, ⌊0.99·d⌋ − 1)),  τ̂_t = sign(τ_t)·a_t
   n_t = minmax(a_t) ∈ [0, 1],  ŝ_t = sign(τ_t)·n_t
   β_t = exp(T·n_t²) ⊙ Σ_s tanh(ŝ_t ⊙ ŝ_s)                   (intra- times inter-balancing, s = t included)
@@ -10,8 +11,8 @@ text leftovers included, so they count in the quantiles), with q(x, i) = the i-t
   θ   = θ0 + Σ_t λ_t τ̂_t ⊙ w_t / max(Σ_t w_t, 1e-12)
 λ_t = 1.2 for every task (`pcb.py`); pcb_ES searches λ_t ∈ [0.8, 1.3] on the …Val splits (NGOpt,
 budget 100), which belongs with the search (runs/selection.py): `pcb_scores` once, then `pcb_combine`
-per λ. `keys` restricts the flattened vector (FusionBench's family: its CLIPVisionModel's keys). A constant row (max = min, e.g. a zero τ_t)
-would divide by zero in minmax; here it normalises to 0.
+per λ. A constant row (max = min, e.g. a zero τ_t) would divide by zero in minmax; here it
+normalises to 0.
 
 After clamping, a_t's minimum and maximum are the two clamp bounds, so minmax needs no extra pass.
 The quantiles are selections (numpy's introselect) instead of sorts, at the originals' exact indices:
