@@ -251,8 +251,9 @@ def merge_emr(run: Run, s: EMRMerge) -> Merge:
     emr = merging.emr_merging(pretrained, experts, rescaler=rescaler, validate_inputs=False, qkv=qkv)
     run.log.info(f"Rescalers ({rescaler}): "
                  + ", ".join(f"{t}: {float(r):.4f}" for t, r in zip(emr.tasks, emr.rescalers)))
-    return Merge(f"emr_{rescaler}", emr, per_task=True,
-                 extra={"rescaler": rescaler, **qkv_field(qkv), "rescalers": dict(zip(emr.tasks, emr.rescalers.tolist())),
+    return Merge(f"emr_{rescaler}{_qkv_suffix(qkv)}", emr, per_task=True,
+                 extra={"rescaler": rescaler, **qkv_field(qkv),
+                        "rescalers": dict(zip(emr.tasks, emr.rescalers.tolist())),
                         "storage": emr.storage_report()})
 
 
