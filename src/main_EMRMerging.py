@@ -19,6 +19,8 @@ tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the original
 num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 # method
 rescaler = "code"             # "code": per-tensor-mean ratio (the ViT code); "paper": whole-vector sums
+qkv = "auto"                  # "code" means over the fused in_proj ("fused", the original) or q, k, v apart
+                              # ("separate", FusionBench's tensors); "auto": separate on the fusionbench family
 
 if __name__ == "__main__":
     main(run_data_free, EMRMergingConfig, globals())

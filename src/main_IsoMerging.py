@@ -23,6 +23,8 @@ common_space_fraction = 0.8   # iso_cts: the common subspace's share of each key
 alpha = 1.0                   # α when not chosen on val (FusionBench: 1.0 in its yaml, 1.5 in its docs)
 merge_device = "cpu"          # where the SVDs run: "cpu" (streaming) | "auto" | "cuda[:i]"
 select_on_val = True          # the original: α from {0.1, …, 3.0} on <Task>Val, stopping after 3 without gain
+qkv = "auto"                  # attention "fused" (one in_proj SVD, the original) | "separate" (q, k, v, as
+                              # FusionBench); "auto": separate on the fusionbench family, else fused
 
 if __name__ == "__main__":
     main(run_data_free, IsoMergingConfig, globals())

@@ -19,7 +19,16 @@ tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the original
 num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 # method
 pcb_ratio = 0.05              # r: the top fraction of each task's balancing scores that keeps a weight
-pcb_lambda = 1.2              # λ_t of every task (pcb.py's fixed value; pcb_ES's NGOpt search is not here)
+pcb_lambda = 1.2              # λ_t of every task unless searched (pcb.py's fixed value; with pcb_ES's
+                              # balancing this pair is neither original's run)
+# pcb_ES.py's own λ search: one λ_t per task on <Task>Val, mean absolute ACC. The original runs
+# nevergrad's NGOpt (unseeded); here a seeded (1+1)-ES with the one-fifth rule (runs/selection.py)
+pcb_search = False            # True: search λ_t instead of pcb_lambda
+pcb_search_lower = 0.8        # the search box, as pcb_ES.py
+pcb_search_upper = 1.3
+pcb_search_init = 1.0         # every λ_t starts here, as pcb_ES.py
+pcb_search_budget = 100       # merges evaluated on <Task>Val, the start included (pcb_ES.py: 100)
+pcb_search_seed = 0
 
 if __name__ == "__main__":
     main(run_data_free, PCBMergingConfig, globals())

@@ -23,6 +23,8 @@ alpha = 1.0                   # α when not chosen on val (TSV-C always uses 1.0
 select_on_val = True          # the original picks α from {0.1, …, 3.0} on the <Task>Val splits
 merge_device = "cpu"          # where the SVDs run: "cpu" (streaming, peak < 2 GiB) | "auto" | "cuda[:i]"
 val_grid = "tsv_alpha"        # the α grid when chosen on val ("tsv_alpha" | "tall_masks" | "tsv")
+qkv = "auto"                  # TSVM/TSVM_2 attention "fused" (one in_proj, the original) | "separate" (q, k, v,
+                              # as FusionBench's TSVM); "auto": separate on the fusionbench family; TSVC: fused
 
 if __name__ == "__main__":
     main(run_data_free, TSVMergingConfig, globals())

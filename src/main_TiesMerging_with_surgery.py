@@ -50,7 +50,15 @@ cart_preset = None            # cart_merging: the repo's config for 8 | 14 | 20 
 cart_lambda = None            # cart_merging: λ; None: the preset's
 cart_rank_ratio = None        # cart_merging: ρ; None: the preset's
 pcb_ratio = 0.05              # pcb_merging: the top fraction r of balancing scores kept
-pcb_lambda = 1.2              # pcb_merging: λ_t of every task
+pcb_lambda = 1.2              # pcb_merging: λ_t of every task unless searched
+pcb_search = False            # pcb_merging: pcb_ES.py's λ_t search on <Task>Val instead (seeded (1+1)-ES)
+pcb_search_lower = 0.8        # pcb_merging: the search box and start, as pcb_ES.py
+pcb_search_upper = 1.3
+pcb_search_init = 1.0
+pcb_search_budget = 100       # pcb_merging: merges evaluated on <Task>Val (pcb_ES.py: 100)
+pcb_search_seed = 0
+qkv = "auto"                  # emr / tsv / iso / wudi: attention "fused" | "separate" q/k/v; "auto":
+                              # separate on the fusionbench family (and WUDI's fusionbench preset)
 # AdaMerging coefficients (for tw_/lw_adamerging(pp) bases)
 coefficients = "auto"         # "published" | "learn" | a saved .json | "auto": published, saved, learn
 prior = 0.3                   # initial λ, in [0, 1]

@@ -24,6 +24,8 @@ wudi_solver = "adam"          # "adam" (the original) | "closed_form" (ours: the
 wudi_steps = None             # Adam steps; None: the preset's
 wudi_lr = 1e-5                # Adam's learning rate (the original's)
 wudi_ridge = 0.0              # closed_form: solve with A + ε·I, ε = ridge·tr(A)/in (0: the pseudo-inverse)
+qkv = "auto"                  # attention "fused" (one in_proj objective, the original) | "separate" (q, k, v,
+                              # as FusionBench); "auto": separate on the fusionbench family or preset
 
 if __name__ == "__main__":
     main(run_data_free, WUDIMergingConfig, globals())

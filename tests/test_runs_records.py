@@ -61,14 +61,19 @@ def _assert_same_model(saved, expected):
      "iso_cts (f 0.8, α 1.5)", lambda p, e: merging.iso_merging(p, e, 1.5, "iso_cts", 0.8)),
     ("main_WUDIMerging.py", {"wudi_steps": 20},
      "wudi_merging (original, Adam 20 steps)", lambda p, e: merging.wudi_merging(p, e, "adam", 20)),
+    # FusionBench's preset is FusionBench's merge: q, k, v apart, on every family (qkv="auto")
     ("main_WUDIMerging.py", {"wudi_solver": "closed_form", "wudi_preset": "fusionbench"},
+     "wudi_merging (fusionbench, closed form, separate q/k/v)",
+     lambda p, e: merging.wudi_merging(p, e, "closed_form", keys="all_2d", others="mean", qkv="separate")),
+    ("main_WUDIMerging.py", {"wudi_solver": "closed_form", "wudi_preset": "fusionbench", "qkv": "fused"},
      "wudi_merging (fusionbench, closed form)",
      lambda p, e: merging.wudi_merging(p, e, "closed_form", keys="all_2d", others="mean")),
     ("main_CARTMerging.py", {}, "cart_merging (λ 2.0, ρ 0.12)",
      lambda p, e: merging.cart_merging(p, e, 2.0, 0.12)),
     ("main_CARTMerging.py", {"cart_preset": 20, "cart_lambda": 0.5}, "cart_merging (λ 0.5, ρ 0.32)",
      lambda p, e: merging.cart_merging(p, e, 0.5, 0.32)),
-    ("main_PCBMerging.py", {}, "pcb_merging (r 0.05, λ 1.2)", lambda p, e: merging.pcb_merging(p, e)),
+    ("main_PCBMerging.py", {}, "pcb_merging (pcb_ES balancing, fixed λ 1.2, r 0.05)",
+     lambda p, e: merging.pcb_merging(p, e)),
     ("main_TaskArithmetic.py", {"dare_p": 0.5}, "task_arithmetic (DARE p 0.5, λ 0.3)",
      lambda p, e: merging.dare_task_arithmetic(p, e, 0.5, 0.3, seed=0)),
     ("main_TiesMerging.py", {"dare_p": 0.3, "dare_seed": 4, "scaling_coef": 0.5},
@@ -97,6 +102,21 @@ def test_dare_at_p_zero_is_the_plain_method_name_and_settings_included(config):
     plain = _run(config, "main_TaskArithmetic.py")
     assert "dare" not in plain and plain["merge"] == "task_arithmetic_0.3"
     assert method_label(plain) == "task_arithmetic (λ 0.3)"
+
+
+def test_pcb_searches_one_lambda_per_task_on_val_as_pcb_es_and_saves_that_merge(config, experts):
+    settings = {"pcb_search": True, "pcb_search_budget": 4, "pcb_search_seed": 1}
+    report = _run(config, "main_PCBMerging.py", **settings)
+    pcb, tasks = report["pcb"], report["tasks"]
+    assert list(pcb["lams"]) == tasks and all(0.8 <= v <= 1.3 for v in pcb["lams"].values())
+    curve = report["val_curve"]
+    assert len(curve) == 4 and curve[0]["lams"] == [1.0] * len(tasks)
+    best = max(c["avg_val_accuracy"] for c in curve)
+    assert next(c for c in curve if c["avg_val_accuracy"] == best)["lams"] == list(pcb["lams"].values())
+    assert method_label(report) == "pcb_merging (pcb_ES balancing, λ_t searched on val (4 merges), r 0.05)"
+    _assert_same_model(_saved(report), merging.pcb_merging(*experts, lams=list(pcb["lams"].values())))
+    again = _run(config, "main_PCBMerging.py", **settings)
+    assert again["pcb"]["lams"] == pcb["lams"]  # seeded: the same search
 
 
 # --- each new base once through Surgery: step 0 is the base's own accuracy
@@ -203,28 +223,30 @@ def test_iso_search_chooses_by_normalized_while_it_stops_by_absolute():
     assert evaluated == [0.1, 0.2, 0.3, 0.4] and best == 0.2
 
 
-# --- HF checkpoints: q/k/v reach the matrix methods as the fused in_proj (concatenate → merge → split)
-def test_iso_on_hf_checkpoints_merges_q_k_v_as_one_fused_matrix(download_root):  # noqa: F811
+# --- HF checkpoints: q/k/v reach the matrix methods as the fused in_proj (concatenate → merge → split),
+# or, with qkv="separate" (the default on this family), as FusionBench's three matrices
+@pytest.mark.parametrize("qkv", ["fused", "separate"])
+def test_iso_on_hf_checkpoints_merges_q_k_v_fused_or_as_fusionbench_does(download_root, qkv):  # noqa: F811
     root, clip, hf_experts = download_root
     ckpt = CheckpointSet.discover(root, "ViT-B-32", HF_TASKS, family="fusionbench")
     theta0 = ckpt.pretrained()
-    delta = merging.iso_delta(theta0, {t: ckpt.finetuned(t) for t in HF_TASKS}, "iso_c")
+    delta = merging.iso_delta(theta0, {t: ckpt.finetuned(t) for t in HF_TASKS}, "iso_c", qkv=qkv)
     assert not any("q_proj" in k or "k_proj" in k or "v_proj" in k for k in delta)
     tower = lambda m: getattr(m, "vision_model", m)  # noqa: E731
     base = tower(clip).state_dict()
     for layer in range(clip.config.vision_config.num_hidden_layers):
         names = [f"encoder.layers.{layer}.self_attn.{p}_proj.weight" for p in "qkv"]
         blocks = [sum(tower(e).state_dict()[n] - base[n] for e in hf_experts.values()) for n in names]
-        fused = delta[f"model.visual.transformer.resblocks.{layer}.attn.in_proj_weight"]
-        # concatenate q, k, v in that order, merge, split: the original's fused merge
-        expected = iso_c_key(torch.cat(blocks))
-        assert torch.allclose(fused, expected, atol=1e-6)
+        merged = delta[f"model.visual.transformer.resblocks.{layer}.attn.in_proj_weight"]
+        fused = iso_c_key(torch.cat(blocks))  # concatenate q, k, v in that order, merge, split
         split = torch.cat([iso_c_key(b) for b in blocks])  # FusionBench's three separate merges
         assert not torch.allclose(fused, split, atol=1e-4)
+        assert torch.allclose(merged, fused if qkv == "fused" else split, atol=1e-6)
 
 
 def test_the_log_says_how_in_proj_was_merged():
     run = types.SimpleNamespace(setup=types.SimpleNamespace(family="fusionbench"))
-    assert "q/k/v concatenated from the HF checkpoint" in attention_layout(run)
+    assert "q/k/v concatenated from the HF checkpoint" in attention_layout(run, "fused")
+    assert "FusionBench merges its CLIPVisionModel's q_proj" in attention_layout(run, "separate")
     run.setup.family = "embedded"
-    assert "open_clip's in_proj_weight" in attention_layout(run)
+    assert "open_clip's in_proj_weight" in attention_layout(run, "fused")

@@ -54,6 +54,14 @@ REFUSED = [
     ("main_TSVMerging.py", {"method": "TSV"}, "method='TSV'", "'TSVC'"),
     ("main_TallMasks.py", {"method": "tall_masks"}, "method='tall_masks'", "'consensus'"),
     ("main_EMRMerging.py", {"rescaler": "mean"}, "rescaler='mean'", "'paper'"),
+    ("main_IsoMerging.py", {"qkv": "split"}, "qkv='split'", "'auto', 'fused', 'separate'"),
+    ("main_TSVMerging.py", {"method": "TSVC", "qkv": "separate"}, "qkv='separate'", "no TSV-C"),
+    ("main_PCBMerging.py", {"pcb_search_lower": 1.3, "pcb_search_upper": 0.8}, "pcb_search_lower=1.3",
+     "lower must be below upper"),
+    ("main_PCBMerging.py", {"pcb_search_init": 1.5}, "pcb_search_init=1.5", "outside [0.8, 1.3]"),
+    ("main_PCBMerging.py", {"pcb_search_budget": 0}, "pcb_search_budget=0", ">= 1"),
+    ("main_TiesMerging_with_surgery.py", {"method_name": "pcb_merging", "pcb_search_init": 2.0},
+     "pcb_search_init=2.0", "outside"),
     ("main_WeightAveraging_with_surgery.py", {"zero_grad_mode": "None"}, "zero_grad_mode='None'", "'none'"),
     ("eval_single_task.py", {"split": "bogus"}, "split='bogus'", "'test', 'val'"),
     ("convert_checkpoints.py", {"family": "safetensors"}, "family='safetensors'", "'tall_masks'"),
@@ -152,26 +160,29 @@ def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(s
     """The values the bases' `config.get(key, default)` fallbacks gave: nothing a run computes moved."""
     config = script_config(script)
     no_dare = {"dare_p": 0.0, "dare_rescale": True, "dare_seed": 0}
+    auto = {"qkv": "auto"}  # fused (as before) on every family but fusionbench (issue #18 §3)
+    no_search = {"pcb_search": False, "pcb_search_lower": 0.8, "pcb_search_upper": 1.3, "pcb_search_init": 1.0,
+                 "pcb_search_budget": 100, "pcb_search_seed": 0}
     expected = {
         "weight_averaging": {"drop_last": False},
         "task_arithmetic": {**no_dare, "scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks"},
         "ties_merging": {**no_dare, "preset": "ennengyang", "k": None, "merge": None, "val_grid": "tall_masks",
                          "scaling_coef": 0.3 if "TaskArithmetic" in script else None},
-        "emr_merging": {"rescaler": "code"},
+        "emr_merging": {"rescaler": "code", **auto},
         "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha",
-                        "merge_device": "cpu"},
+                        "merge_device": "cpu", **auto},
         "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
                       "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks",
                       "load_mask": False},
         # the bases added with the 2025 records (METHODS_RECORDS.md): the originals' defaults
         "iso_c": {"method": "iso_c", "common_space_fraction": 0.8, "alpha": 1.0, "select_on_val": False,
-                  "merge_device": "cpu"},
+                  "merge_device": "cpu", **auto},
         "iso_cts": {"method": "iso_cts", "common_space_fraction": 0.8, "alpha": 1.0, "select_on_val": False,
-                  "merge_device": "cpu"},
+                  "merge_device": "cpu", **auto},
         "wudi_merging": {"wudi_preset": "original", "wudi_solver": "adam", "wudi_steps": None,
-                         "wudi_lr": 1e-5, "wudi_ridge": 0.0},
+                         "wudi_lr": 1e-5, "wudi_ridge": 0.0, **auto},
         "cart_merging": {"cart_preset": None, "cart_lambda": None, "cart_rank_ratio": None},
-        "pcb_merging": {"pcb_ratio": 0.05, "pcb_lambda": 1.2},
+        "pcb_merging": {"pcb_ratio": 0.05, "pcb_lambda": 1.2, **no_search},
     }
     assert set(expected) == set(BASES)
     for base, settings in expected.items():

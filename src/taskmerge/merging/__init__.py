@@ -15,7 +15,7 @@ from taskmerge.merging.dare import dare_task_arithmetic, dare_ties, drop_and_res
 from taskmerge.merging.emr import EMRMerged, emr_merging
 from taskmerge.merging.iso import ALPHA_GRID as ISO_ALPHA_GRID
 from taskmerge.merging.iso import iso_delta, iso_merging
-from taskmerge.merging.pcb import pcb_delta, pcb_merging
+from taskmerge.merging.pcb import PCBScores, pcb_combine, pcb_delta, pcb_merging, pcb_scores
 from taskmerge.merging.tall_masks import LAMS as TALL_LAMS
 from taskmerge.merging.tall_masks import (TallMasks, consensus_mask, consensus_merging, multitask_vector,
                                           tall_mask, tall_masks)
@@ -36,4 +36,5 @@ __all__ = ["weight_averaging", "task_arithmetic", "DEFAULT_LAM", "LAM_GRID_TALL"
            "TallMasks", "TALL_LAMS", "consensus_mask", "consensus_merging",
            "iso_merging", "iso_delta", "ISO_ALPHA_GRID", "wudi_merging", "wudi_delta", "WUDI_PRESETS",
            "cart_merging", "cart_delta", "CART_PRESETS", "drop_and_rescale", "dare_task_arithmetic",
-           "dare_ties", "DARE_PRESETS", "pcb_merging", "pcb_delta"]
+           "dare_ties", "DARE_PRESETS", "pcb_merging", "pcb_delta", "pcb_scores", "pcb_combine",
+           "PCBScores"]

@@ -108,7 +108,9 @@ def dare_task_arithmetic(pretrained: StateDict, finetuned: Experts, p: float = 0
 
 
 def dare_ties(pretrained: StateDict, finetuned: Experts, p: float = 0.5, lam: float = 0.5, k: float = 0.2,
-              merge: str = "dis-sum", rescale: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    """θ0 + λ·TIES(τ̃_1..τ̃_T) (FusionBench's DARE+TIES defaults)."""
+              merge: str = "dis-sum", rescale: bool = True, seed: int = 0,
+              keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """θ0 + λ·TIES(τ̃_1..τ̃_T) (FusionBench's DARE+TIES defaults; `keys`: TIES's flattened keys,
+    FusionBench's `DareTiesMerging` flattens its CLIPVisionModel's state dict as TIES does)."""
     dropped = drop_and_rescale(pretrained, finetuned, p, rescale, seed)
-    return ties_merging(pretrained, dropped, k, merge, lam, validate_inputs=False)
+    return ties_merging(pretrained, dropped, k, merge, lam, validate_inputs=False, keys=keys)

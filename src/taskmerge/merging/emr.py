@@ -8,6 +8,10 @@ Per key n, elementwise over tasks:
           = Σ |τ_t| / Σ |M_t ⊙ τ_uni|                       (rescaler="paper": whole-vector sums)
 Task t's model is θ0 + λ_t·(M_t ⊙ τ_uni): one shared τ_uni, one bit-packed mask and one float per
 task, never T dense models. The rescaler sums are accumulated in float64 (the code used float32).
+The code's per-tensor means depend on what a tensor is: open_clip's fused `attn.in_proj_*` is one
+(the original); FusionBench's CLIPVisionModel has q_proj, k_proj and v_proj, three tensors whose
+means its `emr_merging/utils.py` `emr_merge` adds up (`qkv="separate"`: Σ of the three block means
+= the fused key's sum over numel/3). Masks and τ_uni are elementwise and do not change.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 
 from taskmerge.merging import bitpack
 from taskmerge.merging.task_vectors import (Experts, StateDict, apply, as_float, chunks, merged_keys,
-                                            numel_of, read_flat, shape_of, taus_at, validate)
+                                            numel_of, qkv_parts, read_flat, shape_of, taus_at, validate)
 
 RESCALERS = ("code", "paper")
 FORMAT = "taskmerge.emr/1"
@@ -64,8 +68,9 @@ class EMRMerged:
 
 
 def emr_merging(pretrained: StateDict, finetuned: Experts, rescaler: str = "code",
-                validate_inputs: bool = True) -> EMRMerged:
-    """τ_uni, the T bit-packed masks and the T rescalers, key by key (two reads of each expert)."""
+                validate_inputs: bool = True, qkv: str = "fused") -> EMRMerged:
+    """τ_uni, the T bit-packed masks and the T rescalers, key by key (two reads of each expert);
+    `qkv`: which tensors the "code" rescaler's per-tensor means are taken over."""
     if rescaler not in RESCALERS:
         raise ValueError(f"rescaler={rescaler!r}: expected one of {RESCALERS}")
     if validate_inputs:
@@ -99,8 +104,9 @@ def emr_merging(pretrained: StateDict, finetuned: Experts, rescaler: str = "code
                 mask = bitpack.unpack(packed[t, bytes_], (stop - start,))
                 key_after[t] += float(torch.where(mask, magnitude, 0.0).sum(dtype=torch.float64))
             uni[start:stop] = magnitude.mul_(sign)
-        if rescaler == "code":  # the code's per-tensor means
-            key_before, key_after = key_before / max(numel, 1), key_after / max(numel, 1)
+        if rescaler == "code":  # the code's per-tensor means (q, k, v: three equal-sized tensors)
+            size = max(numel // qkv_parts(key, qkv), 1)
+            key_before, key_after = key_before / size, key_after / size
         before += key_before
         after += key_after
         tau_uni[key] = uni.view(shape_of(pretrained, key))

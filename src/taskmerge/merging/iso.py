@@ -8,7 +8,9 @@ For a 2-D key (m × n, r = min(m, n)) other than `text_projection`, with M = Σ_
            Δ = mean(s_cat) · polar(U_cat) · polar(V_cat)
 Other keys (not 2-D, and `text_projection`) take the plain mean of the task vectors. θ = θ0 + α·Δ, α
 chosen on the …Val splits from `ALPHA_GRID` (the same grid as TSV-M; the early stopping and selection
-rules live with the search). The fused `attn.in_proj_weight` is one matrix, as in the original.
+rules live with the search). The fused `attn.in_proj_weight` is one matrix, as in the original;
+`qkv="separate"` merges its q, k and v blocks as three matrices, as FusionBench does on its
+CLIPVisionModel's q_proj, k_proj, v_proj (`method/isotropic_merging/iso_utils.py`: every 2-D key).
 
 The SVDs are TSV-M's helpers (tsv.py): `leading_triplets` (the wide-matrix transpose, the float64
 Gram for few triplets) and its polar factor. A key whose task vectors are all exactly zero (the text
@@ -18,9 +20,12 @@ Iso-C for that key, as U_c is already orthonormal; it is computed as Iso-C.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import torch
 
-from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
+from taskmerge.merging.task_vectors import (Experts, StateDict, apply, as_float, merged_keys, row_blocks,
+                                            taus_at, validate)
 from taskmerge.merging.tsv import polar_factor, leading_triplets
 from taskmerge.storage.errors import ConfigError
 
@@ -45,16 +50,16 @@ def iso_c_key(tau_sum: torch.Tensor) -> torch.Tensor:
     return sigma.mean() * (u @ vh)
 
 
-def iso_cts_key(pretrained: StateDict, finetuned: Experts, key: str, tau_sum: torch.Tensor,
+def iso_cts_key(task_taus: Callable[[], Iterator[torch.Tensor]], num_tasks: int, tau_sum: torch.Tensor,
                 fraction: float = COMMON_SPACE_FRACTION) -> torch.Tensor:
-    """Iso-CTS's Δ of one 2-D key; reads each task's τ again for its residual (on tau_sum's device)."""
-    num_tasks = len(finetuned)
+    """Iso-CTS's Δ of one matrix; `task_taus()` reads each task's τ again for its residual (moved to
+    tau_sum's device)."""
     c, k = subspace_sizes(min(tau_sum.shape), num_tasks, fraction)
     if k == 0:
         return iso_c_key(tau_sum)
     u, sigma, vh = leading_triplets(tau_sum, c)
     blocks_u, blocks_s, blocks_v = [], [], []
-    for tau in taus_at(as_float(pretrained[key]), finetuned, key):
+    for tau in task_taus():
         tau = tau.to(tau_sum.device)
         residual = tau - u @ (u.mT @ tau)  # only the common column space is projected out
         p, rho, qh = leading_triplets(residual, k)
@@ -69,9 +74,10 @@ def iso_cts_key(pretrained: StateDict, finetuned: Experts, key: str, tau_sum: to
 
 def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
               fraction: float = COMMON_SPACE_FRACTION, validate_inputs: bool = True,
-              device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+              device: str | torch.device | None = None, qkv: str = "fused") -> dict[str, torch.Tensor]:
     """The unscaled Iso-C / Iso-CTS task vector, key by key (θ = θ0 + α·Δ with `apply`). With
-    `device` (e.g. "cuda") each 2-D key's decompositions run there, one key at a time; Δ is on the CPU."""
+    `device` (e.g. "cuda") each 2-D key's decompositions run there, one key at a time; Δ is on the CPU.
+    `qkv`: "fused" (the original) or "separate" (FusionBench's three q/k/v matrices)."""
     on_device = device is not None
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: expected one of {METHODS}")
@@ -93,8 +99,15 @@ def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
                 delta[key] = tau_sum
             else:
                 src = tau_sum.to(device) if on_device else tau_sum
-                out = iso_c_key(src) if method == "iso_c" else iso_cts_key(pretrained, finetuned, key, src,
-                                                                          fraction)
+                blocks = []
+                for rows in row_blocks(key, src.shape[0], qkv):
+                    if method == "iso_c":
+                        blocks.append(iso_c_key(src[rows]))
+                        continue
+                    task_taus = (lambda rows=rows: (tau[rows] for tau in
+                                                    taus_at(as_float(pretrained[key]), finetuned, key)))
+                    blocks.append(iso_cts_key(task_taus, len(finetuned), src[rows], fraction))
+                out = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
                 delta[key] = out.cpu() if on_device else out
             continue
         for i, tau in enumerate(taus, start=2):  # the original's running mean
@@ -105,9 +118,9 @@ def iso_delta(pretrained: StateDict, finetuned: Experts, method: str = "iso_c",
 
 def iso_merging(pretrained: StateDict, finetuned: Experts, alpha: float = 1.0, method: str = "iso_c",
                 fraction: float = COMMON_SPACE_FRACTION, validate_inputs: bool = True,
-                device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+                device: str | torch.device | None = None, qkv: str = "fused") -> dict[str, torch.Tensor]:
     """θ0 + α·Iso(τ_1..τ_T). The original picks α from `ALPHA_GRID` on the …Val splits;
     FusionBench fixes α (1.0 in its yaml, 1.5 in its docs and published row). `device`: where the
     SVDs run."""
-    return apply(pretrained, iso_delta(pretrained, finetuned, method, fraction, validate_inputs, device),
-                 alpha, consume=True)
+    return apply(pretrained, iso_delta(pretrained, finetuned, method, fraction, validate_inputs, device,
+                                       qkv), alpha, consume=True)

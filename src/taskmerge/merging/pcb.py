@@ -1,16 +1,18 @@
 """PCB-Merging, Parameter Competition Balancing (METHODS_RECORDS.md §6; duguodong7/pcb-merging).
 
 The repository has three code paths that disagree; this is `vision_source_code/pcb_ES.py`, the one
-that matches the paper. Over each task's flattened task vector τ_t (d entries, every key, the zero
-text leftovers included, so they count in the quantiles), with q(x, i) = the i-th smallest of x:
+that matches the paper. Over each task's flattened task vector τ_t (d entries: by default every key,
+the zero text leftovers included, so they count in the quantiles, as the original flattens task_vectors'
+whole checkpoint; `keys` restricts it), with q(x, i) = the i-th smallest of x:
   a_t = clamp(|τ_t|, q(|τ_t|, ⌊0.01·d⌋), q(|τ_t|, ⌊0.99·d⌋ − 1)),  τ̂_t = sign(τ_t)·a_t
   n_t = minmax(a_t) ∈ [0, 1],  ŝ_t = sign(τ_t)·n_t
   β_t = exp(T·n_t²) ⊙ Σ_s tanh(ŝ_t ⊙ ŝ_s)                   (intra- times inter-balancing, s = t included)
   w_t = minmax(clamp(β_t, q(β_t, ⌊(1 − r)·d⌋), max β_t))      (0 below the top fraction r = 0.05)
   θ   = θ0 + Σ_t λ_t τ̂_t ⊙ w_t / max(Σ_t w_t, 1e-12)
 λ_t = 1.2 for every task (`pcb.py`); pcb_ES searches λ_t ∈ [0.8, 1.3] on the …Val splits (NGOpt,
-budget 100), which belongs with the search, not here. A constant row (max = min, e.g. a zero τ_t)
-would divide by zero in minmax; here it normalises to 0.
+budget 100), which belongs with the search (runs/selection.py): `pcb_scores` once, then `pcb_combine`
+per λ. A constant row (max = min, e.g. a zero τ_t) would divide by zero in minmax; here it
+normalises to 0.
 
 After clamping, a_t's minimum and maximum are the two clamp bounds, so minmax needs no extra pass.
 The quantiles are selections (numpy's introselect) instead of sorts, at the originals' exact indices:
@@ -20,12 +22,13 @@ far below the original's T × d arrays, and β is computed three times instead o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from taskmerge.merging.task_vectors import (CHUNK, Experts, StateDict, apply, as_float, chunks, float_dtype,
-                                            merged_keys, numel_of, read_flat, shape_of, task_magnitudes,
+                                            flattened_keys, numel_of, read_flat, shape_of, task_magnitudes,
                                             taus_at, validate)
 from taskmerge.storage.errors import ConfigError
 
@@ -137,37 +140,50 @@ def stacked_chunks(pretrained: StateDict, finetuned: Experts, keys: list[str]):
             yield key, span, torch.stack(list(taus_at(theta0, finetuned, key, span)))
 
 
-def pcb_delta(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
-              lams: float | Sequence[float] = LAM, validate_inputs: bool = True
-              ) -> dict[str, torch.Tensor]:
-    """Σ_t λ_t τ̂_t ⊙ w_t / max(Σ_t w_t, 1e-12) per key."""
-    num_tasks = len(finetuned)
-    lams = [float(lams)] * num_tasks if isinstance(lams, (int, float)) else [float(x) for x in lams]
-    if len(lams) != num_tasks:
-        raise ConfigError(f"lams has {len(lams)} values for {num_tasks} tasks: give one λ_t per task, "
-                          f"or one λ")
+@dataclass
+class PCBScores:
+    """What PCB's weights need besides the experts, computed once: the flattened keys, each task's
+    |τ_t| clamp bounds and its β_t bounds. A λ search (pcb_ES.py) reuses them for every λ."""
+    keys: list[str]
+    bounds: torch.Tensor        # (T, 2)
+    beta_bounds: torch.Tensor   # (T, 2)
+
+
+def pcb_scores(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
+               validate_inputs: bool = True, keys: list[str] | None = None) -> PCBScores:
+    """The clamp and β bounds over the flattened `keys` (None: every floating-point key)."""
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"ratio={ratio}: the kept fraction r is in (0, 1] "
                           f"(the original's pcb_ratio: 0.05)")
     if validate_inputs:
         validate(pretrained, finetuned)
-    keys = merged_keys(pretrained)
+    keys = flattened_keys(pretrained, keys)
     bounds = magnitude_bounds(pretrained, finetuned, keys)
     dim = sum(numel_of(pretrained, key) for key in keys)
     count = dim - int(dim * (1 - ratio))  # q(β_t, ⌊(1 − r)·d⌋) is β_t's count-th largest
     if count < 1:
         raise ConfigError(f"ratio={ratio}: keeps no entry of the {dim} task-vector entries; "
                           f"use a larger r")
-    largest = KthLargest(num_tasks, count)
+    largest = KthLargest(len(finetuned), count)
     for _, _, taus in stacked_chunks(pretrained, finetuned, keys):
         largest.count_pass(balancing_score(taus, bounds))
     for _, _, taus in stacked_chunks(pretrained, finetuned, keys):
         largest.keep_pass(balancing_score(taus, bounds))
-    beta_bounds = torch.tensor(largest.bounds(), dtype=bounds.dtype)
-    del largest
+    return PCBScores(keys, bounds, torch.tensor(largest.bounds(), dtype=bounds.dtype))
+
+
+def pcb_combine(pretrained: StateDict, finetuned: Experts, scores: PCBScores,
+                lams: float | Sequence[float] = LAM) -> dict[str, torch.Tensor]:
+    """Σ_t λ_t τ̂_t ⊙ w_t / max(Σ_t w_t, 1e-12) per key of `scores.keys` (one more pass)."""
+    num_tasks = len(finetuned)
+    lams = [float(lams)] * num_tasks if isinstance(lams, (int, float)) else [float(x) for x in lams]
+    if len(lams) != num_tasks:
+        raise ConfigError(f"lams has {len(lams)} values for {num_tasks} tasks: give one λ_t per task, "
+                          f"or one λ")
+    bounds, beta_bounds = scores.bounds, scores.beta_bounds
     lam = torch.tensor(lams, dtype=bounds.dtype)[:, None]
     delta = {}
-    for key, (start, stop), taus in stacked_chunks(pretrained, finetuned, keys):
+    for key, (start, stop), taus in stacked_chunks(pretrained, finetuned, scores.keys):
         weights = minmax(balancing_score(taus, bounds), beta_bounds[:, :1], beta_bounds[:, 1:])
         if key not in delta:
             delta[key] = torch.empty(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
@@ -176,8 +192,21 @@ def pcb_delta(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
     return delta
 
 
+def pcb_delta(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
+              lams: float | Sequence[float] = LAM, validate_inputs: bool = True,
+              keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Σ_t λ_t τ̂_t ⊙ w_t / max(Σ_t w_t, 1e-12) per key of `keys` (the others keep θ0)."""
+    num_tasks = len(finetuned)
+    if not isinstance(lams, (int, float)) and len(lams) != num_tasks:
+        raise ConfigError(f"lams has {len(lams)} values for {num_tasks} tasks: give one λ_t per task, "
+                          f"or one λ")
+    scores = pcb_scores(pretrained, finetuned, ratio, validate_inputs, keys)
+    return pcb_combine(pretrained, finetuned, scores, lams)
+
+
 def pcb_merging(pretrained: StateDict, finetuned: Experts, ratio: float = RATIO,
-                lams: float | Sequence[float] = LAM, validate_inputs: bool = True
-                ) -> dict[str, torch.Tensor]:
+                lams: float | Sequence[float] = LAM, validate_inputs: bool = True,
+                keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     """θ0 + PCB(τ_1..τ_T), λ_t = 1.2 by default (the original's fixed-λ script)."""
-    return apply(pretrained, pcb_delta(pretrained, finetuned, ratio, lams, validate_inputs), consume=True)
+    return apply(pretrained, pcb_delta(pretrained, finetuned, ratio, lams, validate_inputs, keys),
+                 consume=True)

@@ -25,7 +25,8 @@ import torch
 
 from taskmerge.merging import bitpack
 from taskmerge.merging.task_vectors import (Experts, StateDict, TaskVector, apply, as_float, chunks,
-                                            read_flat, shape_of, sum_of_task_vectors, validate)
+                                            float_dtype, merged_keys, read_flat, shape_of,
+                                            sum_of_task_vectors, validate)
 from taskmerge.merging.ties import ties_delta
 from taskmerge.storage.checkpoints import SafetensorsReader
 from taskmerge.storage.safe_pickle import CheckpointError, load_npy
@@ -35,11 +36,16 @@ FORMAT = "taskmerge.tall/1"
 
 
 def multitask_vector(pretrained: StateDict, finetuned: Experts, use_ties: bool = False,
-                     validate_inputs: bool = True) -> dict[str, torch.Tensor]:
-    """τ_MTL: Σ_t τ_t, or with `use_ties` the TIES (K = 20 %, dis-sum) vector; never scaled."""
+                     validate_inputs: bool = True, keys: list[str] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """τ_MTL: Σ_t τ_t, or with `use_ties` the TIES (K = 20 %, dis-sum) vector over TIES's flattened
+    `keys` (zero on the other keys, which then keep θ0); never scaled."""
     if use_ties:
-        return ties_delta(pretrained, finetuned, k=0.2, merge="dis-sum",
-                          validate_inputs=validate_inputs)
+        tau = ties_delta(pretrained, finetuned, k=0.2, merge="dis-sum",
+                         validate_inputs=validate_inputs, keys=keys)
+        return {key: tau.pop(key) if key in tau else
+                torch.zeros(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
+                for key in merged_keys(pretrained)}
     if validate_inputs:
         validate(pretrained, finetuned)
     return sum_of_task_vectors(pretrained, finetuned).materialize()

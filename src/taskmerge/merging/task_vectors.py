@@ -46,6 +46,43 @@ def merged_keys(pretrained: StateDict) -> list[str]:
     return [k for k in pretrained.keys() if _dtype(pretrained, k).is_floating_point]
 
 
+def flattened_keys(pretrained: StateDict, keys: Iterable[str] | None) -> list[str]:
+    """The keys a global (cross-key) statistic ranges over: `keys` in θ0's order, or every merged key
+    when None. A key outside them is not merged at all (it keeps θ0 under `apply`), as FusionBench
+    never sees the keys its CLIPVisionModel lacks."""
+    every = merged_keys(pretrained)
+    if keys is None:
+        return every
+    wanted = set(keys)
+    unknown = sorted(wanted.difference(every))
+    if unknown:
+        raise ValueError(f"keys {unknown[:3]} are not floating-point keys of the pre-trained model")
+    return [k for k in every if k in wanted]
+
+
+# open_clip fuses an attention block's q, k and v projections into one `in_proj` (q rows first, then
+# k, then v: hf_checkpoints.py builds it by that concatenation); FusionBench's CLIPVisionModel keeps
+# q_proj, k_proj and v_proj as three tensors, and every per-tensor statistic sees them apart.
+QKV_MODES = ("fused", "separate")
+FUSED_QKV = ("attn.in_proj_weight", "attn.in_proj_bias")
+
+
+def qkv_parts(key: str, qkv: str) -> int:
+    """How many tensors `key` is to a per-tensor method: 3 for the fused q/k/v in separate mode."""
+    if qkv not in QKV_MODES:
+        raise ValueError(f"qkv={qkv!r}: expected one of {QKV_MODES}")
+    return 3 if qkv == "separate" and key.endswith(FUSED_QKV) else 1
+
+
+def row_blocks(key: str, rows: int, qkv: str) -> list[slice]:
+    """The row ranges merged as separate matrices: all rows, or q, k, v's thirds of in_proj."""
+    parts = qkv_parts(key, qkv)
+    if rows % parts:
+        raise ValueError(f"{key}: {rows} rows do not split into {parts} equal q/k/v blocks")
+    size = rows // parts
+    return [slice(i * size, (i + 1) * size) for i in range(parts)]
+
+
 def source_name(state_dict: StateDict, fallback: str) -> str:
     return str(getattr(state_dict, "path", None) or fallback)
 

@@ -9,6 +9,11 @@ The originals work on the T × D matrix of flattened task vectors; each step her
 - Disjoint merge: per task keep the trimmed entries whose sign equals the elected one (zeros drop
   out), then dis-sum, dis-mean (sum / max(1, count of kept)) or dis-max (elected sign × max |kept|).
 θ = θ0 + λ·merged. Because keys never mix, sorted-key flattening order does not matter.
+
+`keys` names the keys flattened into the trim's quantile and the majority sign (None: every
+floating-point key, as the originals flatten task_vectors' whole checkpoint, text leftovers included);
+FusionBench flattens its CLIPVisionModel's state dict only (`ties_merging.py`: `state_dict_to_vector`
+of `model.state_dict()`, `remove_keys: []`), and keys outside `keys` keep θ0.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Iterable, Iterator
 import torch
 
 from taskmerge.merging.task_vectors import (Experts, Span, StateDict, apply, as_float, chunks, float_dtype,
-                                            merged_keys, numel_of, read_flat, shape_of, task_magnitudes,
+                                            flattened_keys, numel_of, read_flat, shape_of, task_magnitudes,
                                             taus_at, validate)
 
 MERGES = ("dis-sum", "dis-mean", "dis-max")
@@ -30,13 +35,14 @@ PRESETS = {
 }
 
 
-def trim_thresholds(pretrained: StateDict, finetuned: Experts, k: float) -> list[float]:
-    """Per task, the smallest |τ_t| the global top-k trim keeps (0.0 when k = 1: no trimming)."""
+def trim_thresholds(pretrained: StateDict, finetuned: Experts, k: float,
+                    keys: list[str] | None = None) -> list[float]:
+    """Per task, the smallest |τ_t| the global top-k trim keeps over `keys` (0.0 when k = 1)."""
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k={k}: k is the kept fraction in (0, 1], e.g. 0.2 for the top 20 %")
     if k == 1.0:  # tall_masks' method.k=100 skips the trim entirely
         return [0.0] * len(finetuned)
-    keys = merged_keys(pretrained)
+    keys = flattened_keys(pretrained, keys)
     dim = sum(numel_of(pretrained, key) for key in keys)
     kth = dim - int(dim * k)
     thresholds = []
@@ -55,11 +61,11 @@ def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.nn.functional.hardshrink(tau, float(below))
 
 
-def elected_signs(pretrained: StateDict, finetuned: Experts,
-                  thresholds: list[float]) -> dict[str, torch.Tensor]:
-    """sign(Σ_t trimmed_t) per key as int8, zeros replaced by the model-wide majority sign."""
+def elected_signs(pretrained: StateDict, finetuned: Experts, thresholds: list[float],
+                  keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """sign(Σ_t trimmed_t) per key as int8, zeros replaced by the majority sign over `keys`."""
     signs, votes = {}, 0
-    for key in merged_keys(pretrained):
+    for key in flattened_keys(pretrained, keys):
         sign = torch.empty(shape_of(pretrained, key), dtype=torch.int8)
         flat = sign.view(-1)
         for start, stop in chunks(flat.numel()):
@@ -78,13 +84,14 @@ def elected_signs(pretrained: StateDict, finetuned: Experts,
     return signs
 
 
-def selected_chunks(pretrained: StateDict, finetuned: Experts, k: float
+def selected_chunks(pretrained: StateDict, finetuned: Experts, k: float, keys: list[str] | None = None
                     ) -> Iterator[tuple[str, Span, torch.Tensor, Iterator[torch.Tensor]]]:
     """(key, span, elected sign of that chunk, the T selected chunks one at a time), over every
-    flat chunk of every key in order."""
-    thresholds = trim_thresholds(pretrained, finetuned, k)
-    signs = elected_signs(pretrained, finetuned, thresholds)
-    for key in merged_keys(pretrained):
+    flat chunk of every key of `keys` in order."""
+    keys = flattened_keys(pretrained, keys)
+    thresholds = trim_thresholds(pretrained, finetuned, k, keys)
+    signs = elected_signs(pretrained, finetuned, thresholds, keys)
+    for key in keys:
         sign = signs.pop(key).view(-1)
         for span in chunks(sign.numel()):
             theta0 = as_float(read_flat(pretrained, key, span))
@@ -117,14 +124,14 @@ def disjoint_merge(selected: Iterable[torch.Tensor], sign: torch.Tensor, merge: 
 
 
 def ties_delta(pretrained: StateDict, finetuned: Experts, k: float = 0.2, merge: str = "dis-sum",
-               validate_inputs: bool = True) -> dict[str, torch.Tensor]:
-    """The unscaled TIES task vector (TALL masks and Consensus use it with dis-sum)."""
+               validate_inputs: bool = True, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The unscaled TIES task vector over `keys` (TALL masks and Consensus use it with dis-sum)."""
     if merge not in MERGES:
         raise ValueError(f"merge={merge!r}: expected one of {MERGES}")
     if validate_inputs:
         validate(pretrained, finetuned)
     out = {}
-    for key, (start, stop), sign, selected in selected_chunks(pretrained, finetuned, k):
+    for key, (start, stop), sign, selected in selected_chunks(pretrained, finetuned, k, keys):
         if key not in out:
             out[key] = torch.empty(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
         out[key].view(-1)[start:stop] = disjoint_merge(selected, sign, merge)
@@ -133,12 +140,12 @@ def ties_delta(pretrained: StateDict, finetuned: Experts, k: float = 0.2, merge:
 
 def ties_merging(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
                  merge: str = "dis-sum", lam: float | None = 0.3,
-                 validate_inputs: bool = True) -> dict[str, torch.Tensor]:
+                 validate_inputs: bool = True, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     """θ0 + lam·TIES(τ_1..τ_T). Presets: `ties_merging(θ0, experts, **PRESETS["ennengyang"])`."""
     if lam is None:
         raise ValueError("lam=None: the tall_masks preset chooses λ on the …Val splits "
                          "(selection.py); pass lam explicitly to merge with a fixed λ")
-    return apply(pretrained, ties_delta(pretrained, finetuned, k, merge, validate_inputs), lam,
+    return apply(pretrained, ties_delta(pretrained, finetuned, k, merge, validate_inputs, keys), lam,
                  consume=True)
 
 

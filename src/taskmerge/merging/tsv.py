@@ -9,7 +9,10 @@ zero tail when T·k < r), S_cat (r) and V_cat (r × n) and removes the interfere
           Δ = U_cat (U_catᵀU_cat)^-1/2 diag(S_cat) (V_cat V_catᵀ)^-1/2 V_cat,
           inverse square roots by eigh with eigenvalues λ → 1/(√|λ| + 1e-12)
 Keys that are not 2-D, and TSV-M's `text_projection`, take the plain mean of the task vectors.
-θ = θ0 + α·Δ. TSV-C, which keeps each task's own factors instead, is in tsv_compress.py.
+θ = θ0 + α·Δ. TSV-C, which keeps each task's own factors instead, is in tsv_compress.py. The fused
+`attn.in_proj_weight` is one matrix (the original, on open_clip); `qkv="separate"` merges its q, k
+and v blocks apart, as FusionBench's TSVM (`task_singular_vector/utils/TSVM_utils.py`
+`compute_and_sum_svd_mem_reduction`, every 2-D key of its CLIPVisionModel) does.
 
 Singular triplets are computed one task at a time, from each τ_t's float64 Gram (exact to float64
 rounding, more accurate than the originals' float32 SVD): CPU LAPACK loops over a batch anyway (a
@@ -24,7 +27,8 @@ from typing import Iterable
 
 import torch
 
-from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
+from taskmerge.merging.task_vectors import (Experts, StateDict, apply, as_float, merged_keys, row_blocks,
+                                            taus_at, validate)
 
 METHODS = ("TSVM", "TSVM_2")
 
@@ -132,9 +136,10 @@ def _tsv_merge_key(taus: Iterable[torch.Tensor], num_tasks: int, method: str) ->
 
 
 def tsv_delta(pretrained: StateDict, finetuned: Experts, method: str = "TSVM",
-              validate_inputs: bool = True, device: str | torch.device | None = None
-              ) -> dict[str, torch.Tensor]:
-    """The unscaled TSV-M task vector, key by key (the 2-D keys' decompositions on `device`)."""
+              validate_inputs: bool = True, device: str | torch.device | None = None,
+              qkv: str = "fused") -> dict[str, torch.Tensor]:
+    """The unscaled TSV-M task vector, key by key (the 2-D keys' decompositions on `device`;
+    `qkv`: in_proj as one matrix or as q, k, v)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     if validate_inputs:
@@ -142,10 +147,13 @@ def tsv_delta(pretrained: StateDict, finetuned: Experts, method: str = "TSVM",
     merged = {}
     for key in merged_keys(pretrained):
         theta0 = as_float(pretrained[key])
-        taus = taus_at(theta0, finetuned, key)
         if theta0.ndim == 2 and "text_projection" not in key:
-            merged[key] = tsv_merge_key(taus, len(finetuned), method, device)
+            blocks = [tsv_merge_key((tau[rows] for tau in taus_at(theta0, finetuned, key)),
+                                    len(finetuned), method, device)
+                      for rows in row_blocks(key, theta0.shape[0], qkv)]
+            merged[key] = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
             continue
+        taus = taus_at(theta0, finetuned, key)
         mean = next(taus)
         for i, tau in enumerate(taus, start=2):  # the originals' running mean
             mean += (tau - mean) / i
@@ -155,10 +163,10 @@ def tsv_delta(pretrained: StateDict, finetuned: Experts, method: str = "TSVM",
 
 def tsv_merging(pretrained: StateDict, finetuned: Experts, alpha: float = 1.0,
                 method: str = "TSVM", validate_inputs: bool = True,
-                device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+                device: str | torch.device | None = None, qkv: str = "fused") -> dict[str, torch.Tensor]:
     """θ0 + α·TSV-M. α = 1 is FusionBench's default; the originals pick α from `ALPHA_GRID`
     = {0.1, …, 3.0} on the …Val splits (selection.py). `device`: where the SVDs run."""
-    return apply(pretrained, tsv_delta(pretrained, finetuned, method, validate_inputs, device), alpha,
+    return apply(pretrained, tsv_delta(pretrained, finetuned, method, validate_inputs, device, qkv), alpha,
                  consume=True)
 
 

@@ -15,6 +15,9 @@ whose tasks are all zero merges to 0.
 The original optimises only the block matrices (`in_proj`, `out_proj`, `c_fc`, `c_proj`) and leaves
 every other key at θ0 (`others="pretrained"`); FusionBench optimises every 2-D key for 400 steps and
 gives the other keys the mean of the task vectors (`PRESETS["fusionbench"]`). θ = θ0 + X, no scale.
+The fused `attn.in_proj_weight` is one matrix in the original (open_clip); `qkv="separate"` solves
+its q, k and v blocks as three objectives, as FusionBench's `method/wudi/wudi.py` does on its
+CLIPVisionModel's q_proj, k_proj, v_proj (each with its own n_t).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from typing import Iterable
 
 import torch
 
-from taskmerge.merging.task_vectors import Experts, StateDict, apply, as_float, merged_keys, taus_at, validate
+from taskmerge.merging.task_vectors import (Experts, StateDict, apply, as_float, merged_keys, row_blocks,
+                                            taus_at, validate)
 from taskmerge.storage.errors import ConfigError
 
 BLOCK_MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -92,11 +96,21 @@ def adam(x0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, steps: int = 300, l
     return x.detach()
 
 
+def solve(terms, solver: str, steps: int, lr: float, ridge: float) -> torch.Tensor:
+    """X of one matrix from its (A, B, X₀)."""
+    a, b, tau_sum = terms
+    if a is None:  # every τ_t is zero: no objective, X stays X₀ = 0
+        return tau_sum
+    if solver == "closed_form":
+        return closed_form(a, b, ridge).to(tau_sum.dtype)
+    return adam(tau_sum, a, b, steps, lr)
+
+
 def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", steps: int = 300,
                lr: float = 1e-5, keys: str = "blocks", others: str = "pretrained", ridge: float = 0.0,
-               validate_inputs: bool = True) -> dict[str, torch.Tensor]:
+               validate_inputs: bool = True, qkv: str = "fused") -> dict[str, torch.Tensor]:
     """The merged task vector X per optimised key (and the mean τ per other key if others="mean");
-    keys left out stay at θ0 under `apply`."""
+    keys left out stay at θ0 under `apply`. `qkv`: in_proj as one matrix or as q, k, v."""
     if solver not in SOLVERS:
         raise ConfigError(f"solver={solver!r}: expected one of {SOLVERS}")
     if keys not in ("blocks", "all_2d") or others not in ("pretrained", "mean"):
@@ -113,13 +127,10 @@ def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", 
     for key in merged_keys(pretrained):
         theta0 = as_float(pretrained[key])
         if is_optimised(key, theta0.ndim, keys):
-            a, b, tau_sum = gram_terms(taus_at(theta0, finetuned, key))
-            if a is None:  # every τ_t is zero: no objective, X stays X₀ = 0
-                delta[key] = tau_sum
-            elif solver == "closed_form":
-                delta[key] = closed_form(a, b, ridge).to(tau_sum.dtype)
-            else:
-                delta[key] = adam(tau_sum, a, b, steps, lr)
+            blocks = [solve(gram_terms(tau[rows] for tau in taus_at(theta0, finetuned, key)),
+                            solver, steps, lr, ridge)
+                      for rows in row_blocks(key, theta0.shape[0], qkv)]
+            delta[key] = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
         elif others == "mean":
             taus = taus_at(theta0, finetuned, key)
             mean = next(taus)
@@ -131,8 +142,8 @@ def wudi_delta(pretrained: StateDict, finetuned: Experts, solver: str = "adam", 
 
 def wudi_merging(pretrained: StateDict, finetuned: Experts, solver: str = "adam", steps: int = 300,
                  lr: float = 1e-5, keys: str = "blocks", others: str = "pretrained", ridge: float = 0.0,
-                 validate_inputs: bool = True) -> dict[str, torch.Tensor]:
+                 validate_inputs: bool = True, qkv: str = "fused") -> dict[str, torch.Tensor]:
     """θ0 + X. The original by default; `wudi_merging(θ0, experts, **PRESETS["fusionbench"])` for
     FusionBench's variant, `solver="closed_form"` for the exact minimiser of the same objective."""
     return apply(pretrained, wudi_delta(pretrained, finetuned, solver, steps, lr, keys, others, ridge,
-                                        validate_inputs), consume=True)
+                                        validate_inputs, qkv), consume=True)

@@ -17,7 +17,7 @@ import torch
 
 from taskmerge import merging
 from taskmerge.merging.tall_masks import load_released_masks
-from taskmerge.merging.task_vectors import apply
+from taskmerge.merging.task_vectors import apply, merged_keys, numel_of
 from taskmerge.compute import distributed
 from taskmerge.compute.devices import default_num_workers, resolve_device, use_tf32
 from taskmerge.runs.evaluation import LoaderSettings, evaluate
@@ -29,13 +29,14 @@ from taskmerge.runs.script_configs import (VAL_GRIDS, CARTMerge, DareSettings, E
                                            TallMasksMerge, TaskArithmeticMerge, TiesMerge, TSVMerge,
                                            WeightAveragingMerge, WUDIMerge)
 from taskmerge.runs.heads import load_heads
-from taskmerge.runs.selection import select_coefficient, select_per_task
+from taskmerge.runs.selection import search_coefficients, select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
                                   individual_accuracies, released_masks_path, resolve_setup,
                                   start_run, validate_checkpoints)
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
 from taskmerge.storage.errors import ConfigError
+from taskmerge.storage.hf_checkpoints import vision_model_keys
 
 
 class Run:
@@ -175,6 +176,43 @@ def dare_experts(run: Run, s: DareSettings):
     return pretrained, dropped, f"dare_p{s.dare_p}_", {"dare": dare}
 
 
+def flattened_keys(run: Run) -> tuple[list[str] | None, dict]:
+    """(the keys a global quantile ranges over, the report's field): on the fusionbench family the
+    keys FusionBench flattens, its CLIPVisionModel's state dict (`ties_merging.py` and
+    `dare/ties_merging.py`: `state_dict_to_vector(model.state_dict(), remove_keys=[])`) — not the
+    projection and text leftovers our conversion adds, whose zero task vectors would otherwise
+    shift every quantile (K 20 % keeps 25.9 % of a B/32 vision tower); they keep θ0, as FusionBench
+    keeps the pre-trained ones. Elsewhere every floating-point key, as the originals flatten the
+    whole task_vectors checkpoint. The report names the key set only where it is the vision tower."""
+    pretrained, _ = run.experts()
+    every = merged_keys(pretrained)
+    total = sum(numel_of(pretrained, k) for k in every)
+    keys = vision_model_keys(pretrained) if run.setup.family == "fusionbench" else None
+    if keys is None:
+        run.log.info(f"Global quantiles over every floating-point key: {len(every)} keys, {total} "
+                     f"entries (the original's flattened checkpoint)")
+        return None, {}
+    entries = sum(numel_of(pretrained, k) for k in keys)
+    run.log.info(f"Global quantiles over the vision tower only, as FusionBench flattens its "
+                 f"CLIPVisionModel: {len(keys)} of {len(every)} keys, {entries} of {total} entries; "
+                 f"the other keys keep θ0")
+    return keys, {"key_set": "vision_model"}
+
+
+def qkv_mode(run: Run, qkv: str, fusionbench_preset: bool = False) -> str:
+    """The q/k/v mode a setting means on this run: "auto" is FusionBench's separate q/k/v on its
+    family (and in a preset that is FusionBench's merge), the originals' fused in_proj elsewhere."""
+    if qkv != "auto":
+        return qkv
+    return "separate" if run.setup.family == "fusionbench" or fusionbench_preset else "fused"
+
+
+def qkv_field(qkv: str) -> dict:
+    """The report's field: named only for separate q/k/v, so that a fused run keeps the report,
+    label and cache keys it had before the mode existed."""
+    return {"qkv": qkv} if qkv == "separate" else {}
+
+
 def merge_task_arithmetic(run: Run, s: TaskArithmeticMerge) -> Merge:
     pretrained, experts, prefix, dare = dare_experts(run, s)
     tau_sum = merging.multitask_vector(pretrained, experts, validate_inputs=False)
@@ -197,20 +235,26 @@ def merge_ties(run: Run, settings: TiesMerge) -> Merge:
     s = ties_settings(settings)
     run.log.info(f"TIES settings: {s}")
     pretrained, experts, prefix, dare = dare_experts(run, settings)
-    delta = merging.ties_delta(pretrained, experts, k=s["k"], merge=s["merge"], validate_inputs=False)
+    keys, key_set = flattened_keys(run)
+    delta = merging.ties_delta(pretrained, experts, k=s["k"], merge=s["merge"], validate_inputs=False,
+                               keys=keys)
     lam, curve = _coef(run, s["lam"], s["lam"] is None, settings.val_grid, delta)
-    return Merge(f"{prefix}ties_{s['merge']}_k{s['k']}_{lam}", apply(pretrained, delta, lam),
-                 extra={**dare, "ties": s, "scaling_coef": lam, "val_curve": curve})
+    suffix = "_vision" if keys is not None else ""
+    return Merge(f"{prefix}ties_{s['merge']}_k{s['k']}_{lam}{suffix}", apply(pretrained, delta, lam),
+                 extra={**dare, "ties": s, **key_set, "scaling_coef": lam, "val_curve": curve})
 
 
 def merge_emr(run: Run, s: EMRMerge) -> Merge:
     pretrained, experts = run.experts()
-    rescaler = s.rescaler
-    emr = merging.emr_merging(pretrained, experts, rescaler=rescaler, validate_inputs=False)
+    rescaler, qkv = s.rescaler, qkv_mode(run, s.qkv)
+    if rescaler == "code":
+        run.log.info(f"EMR rescaler: per-tensor means over {_tensors(qkv)}")
+    emr = merging.emr_merging(pretrained, experts, rescaler=rescaler, validate_inputs=False, qkv=qkv)
     run.log.info(f"Rescalers ({rescaler}): "
                  + ", ".join(f"{t}: {float(r):.4f}" for t, r in zip(emr.tasks, emr.rescalers)))
-    return Merge(f"emr_{rescaler}", emr, per_task=True,
-                 extra={"rescaler": rescaler, "rescalers": dict(zip(emr.tasks, emr.rescalers.tolist())),
+    return Merge(f"emr_{rescaler}{_qkv_suffix(qkv)}", emr, per_task=True,
+                 extra={"rescaler": rescaler, **qkv_field(qkv),
+                        "rescalers": dict(zip(emr.tasks, emr.rescalers.tolist())),
                         "storage": emr.storage_report()})
 
 
@@ -219,13 +263,16 @@ def merge_tsv(run: Run, s: TSVMerge) -> Merge:
     pretrained, experts = run.experts()
     device = resolve_device(s.merge_device)
     run.log.info(f"TSV decompositions on {device}")
-    if method == "TSVC":
+    if method == "TSVC":  # FusionBench has no TSV-C: the original's fused in_proj on every family
+        run.log.info(attention_layout(run, "fused"))
         tsvc = merging.tsv_compress(pretrained, experts, validate_inputs=False, device=device)
         return Merge("TSVC", tsvc, per_task=True, extra={"alpha": 1.0, "storage": tsvc.storage_report()})
-    delta = merging.tsv_delta(pretrained, experts, method, validate_inputs=False, device=device)
+    qkv = qkv_mode(run, s.qkv)
+    run.log.info(attention_layout(run, qkv))
+    delta = merging.tsv_delta(pretrained, experts, method, validate_inputs=False, device=device, qkv=qkv)
     alpha, curve = _coef(run, s.alpha, s.select_on_val, s.val_grid, delta)
-    return Merge(f"{method}_{alpha}", apply(pretrained, delta, alpha),
-                 extra={"tsv_method": method, "alpha": alpha, "val_curve": curve})
+    return Merge(f"{method}_{alpha}{_qkv_suffix(qkv)}", apply(pretrained, delta, alpha),
+                 extra={"tsv_method": method, **qkv_field(qkv), "alpha": alpha, "val_curve": curve})
 
 
 def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
@@ -235,7 +282,8 @@ def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
         raise ConfigError(f"setting prun_thre_k={k} is not allowed with {len(tasks)} tasks: consensus "
                           f"keeps the weights that at least k tasks select (1 <= k <= {len(tasks)})")
     pretrained, experts = run.experts()
-    tau_mtl = merging.multitask_vector(pretrained, experts, use_ties, validate_inputs=False)
+    keys, key_set = flattened_keys(run) if use_ties else (None, {})
+    tau_mtl = merging.multitask_vector(pretrained, experts, use_ties, validate_inputs=False, keys=keys)
     suffix = "_use_ties" if use_ties else ""
     if s.load_mask:  # the released masks instead of choosing λ per task (tall_masks' load_mask=True)
         path = released_masks_path(run.setup, use_ties)
@@ -244,6 +292,7 @@ def merge_tall_masks(run: Run, s: TallMasksMerge) -> Merge:
         extra = {"masks_loaded_from": path, "use_ties": use_ties, "storage": tall.storage_report()}
     else:
         tall, extra = _choose_tall_masks(run, lams, pretrained, experts, tau_mtl, use_ties)
+    extra.update(key_set)
     if method == "tall_mask":
         return Merge(f"TALL_mask_{len(tasks)}task{suffix}", tall, per_task=True, extra=extra)
     mask = merging.consensus_mask(tall, k)
@@ -277,23 +326,37 @@ def _choose_tall_masks(run: Run, lams: list[float], pretrained, experts, tau_mtl
                   "storage": tall.storage_report()}
 
 
-def attention_layout(run: Run) -> str:
-    """How the attention input projection reaches a matrix method (Iso, WUDI, CART: one SVD / one
-    objective of the fused 3d × d matrix in the originals; separate q/k/v would be another merge)."""
+def _tensors(qkv: str) -> str:
+    return ("q, k and v as three tensors (FusionBench's CLIPVisionModel)" if qkv == "separate"
+            else "the fused in_proj as one tensor (open_clip's, the original's)")
+
+
+def _qkv_suffix(qkv: str) -> str:
+    return "_qkv_separate" if qkv == "separate" else ""
+
+
+def attention_layout(run: Run, qkv: str = "fused") -> str:
+    """How the attention input projection reaches a matrix method (Iso, WUDI, TSV-M, CART): one SVD
+    / one objective of the fused 3d × d matrix in the originals (open_clip), three of the q, k, v
+    blocks in FusionBench (its CLIPVisionModel's q_proj, k_proj, v_proj)."""
+    if qkv == "separate":
+        return ("attention q, k and v merged as three separate matrices (the q/k/v blocks of in_proj), "
+                "as FusionBench merges its CLIPVisionModel's q_proj, k_proj, v_proj (qkv='separate')")
     if run.setup.family == "fusionbench":
         return ("attention in_proj merged as one fused matrix (q/k/v concatenated from the HF "
-                "checkpoint at load time), as the original")
+                "checkpoint at load time), as the open_clip originals; FusionBench merges q, k, v "
+                "separately (qkv='separate')")
     return "attention in_proj merged as one fused matrix (open_clip's in_proj_weight), as the original"
 
 
 def merge_iso(run: Run, s: IsoMerge) -> Merge:
-    method = s.method
+    method, qkv = s.method, qkv_mode(run, s.qkv)
     pretrained, experts = run.experts()
-    run.log.info(attention_layout(run))
+    run.log.info(attention_layout(run, qkv))
     device = resolve_device(s.merge_device)
     run.log.info(f"Iso decompositions on {device}")
     delta = merging.iso_delta(pretrained, experts, method, s.common_space_fraction, validate_inputs=False,
-                              device=device)
+                              device=device, qkv=qkv)
     if s.select_on_val:
         alpha, curve = run.select(merging.ISO_ALPHA_GRID, lambda a: apply(pretrained, delta, a),
                                   EARLY_STOPPING_PATIENCE)
@@ -301,8 +364,9 @@ def merge_iso(run: Run, s: IsoMerge) -> Merge:
         alpha, curve = s.alpha, None
     run.log.info(f"alpha:{alpha}")
     fraction = {"common_space_fraction": s.common_space_fraction} if method == "iso_cts" else {}
-    return Merge(f"{method}_{alpha}", apply(pretrained, delta, alpha),
-                 extra={"iso_method": method, **fraction, "alpha": alpha, "val_curve": curve})
+    return Merge(f"{method}_{alpha}{_qkv_suffix(qkv)}", apply(pretrained, delta, alpha),
+                 extra={"iso_method": method, **fraction, **qkv_field(qkv), "alpha": alpha,
+                        "val_curve": curve})
 
 
 def wudi_settings(s: WUDIMerge) -> dict:
@@ -318,14 +382,16 @@ def wudi_settings(s: WUDIMerge) -> dict:
 
 def merge_wudi(run: Run, s: WUDIMerge) -> Merge:
     w = wudi_settings(s)
+    qkv = qkv_mode(run, s.qkv, fusionbench_preset=s.wudi_preset == "fusionbench")
     run.log.info(f"WUDI settings: {w}")
-    run.log.info(attention_layout(run))
+    run.log.info(attention_layout(run, qkv))
     pretrained, experts = run.experts()
     merged = merging.wudi_merging(pretrained, experts, solver=w["solver"], steps=w.get("steps", 0),
                                   lr=w.get("lr", 1.0), keys=w["keys"], others=w["others"],
-                                  ridge=w.get("ridge", 0.0), validate_inputs=False)
+                                  ridge=w.get("ridge", 0.0), validate_inputs=False, qkv=qkv)
     steps = f"_{w['steps']}" if "steps" in w else ""
-    return Merge(f"wudi_{w['preset']}_{w['solver']}{steps}", merged, extra={"wudi": w})
+    return Merge(f"wudi_{w['preset']}_{w['solver']}{steps}{_qkv_suffix(qkv)}", merged,
+                 extra={"wudi": w, **qkv_field(qkv)})
 
 
 def cart_settings(s: CARTMerge, num_tasks: int) -> tuple[str, dict]:
@@ -356,11 +422,38 @@ def merge_cart(run: Run, s: CARTMerge) -> Merge:
 
 
 def merge_pcb(run: Run, s: PCBMerge) -> Merge:
-    p = {"ratio": s.pcb_ratio, "lam": s.pcb_lambda}
-    run.log.info(f"PCB settings: {p} (pcb_ES.py's balancing, λ_t = {s.pcb_lambda} for every task)")
+    """pcb_ES.py's balancing with pcb.py's fixed λ (neither original runs this pair), or with
+    pcb_ES.py's own search of one λ_t per task on <Task>Val (`pcb_search`)."""
     pretrained, experts = run.experts()
-    merged = merging.pcb_merging(pretrained, experts, s.pcb_ratio, s.pcb_lambda, validate_inputs=False)
-    return Merge(f"pcb_r{s.pcb_ratio}_{s.pcb_lambda}", merged, extra={"pcb": p})
+    keys, key_set = flattened_keys(run)
+    suffix = "_vision" if keys is not None else ""
+    if not s.pcb_search:
+        p = {"ratio": s.pcb_ratio, "lam": s.pcb_lambda}
+        run.log.info(f"PCB settings: {p} (pcb_ES.py's balancing, pcb.py's fixed λ_t = {s.pcb_lambda} "
+                     f"for every task)")
+        merged = merging.pcb_merging(pretrained, experts, s.pcb_ratio, s.pcb_lambda, validate_inputs=False,
+                                     keys=keys)
+        return Merge(f"pcb_r{s.pcb_ratio}_{s.pcb_lambda}{suffix}", merged, extra={"pcb": p, **key_set})
+    search = {"lower": s.pcb_search_lower, "upper": s.pcb_search_upper, "init": s.pcb_search_init,
+              "budget": s.pcb_search_budget, "seed": s.pcb_search_seed,
+              "optimiser": "(1+1)-ES, one-fifth rule"}
+    run.log.info(f"PCB settings: ratio {s.pcb_ratio}; pcb_ES.py's balancing and its λ_t search on the "
+                 f"<Task>Val splits (mean absolute ACC), {search}")
+    scores = merging.pcb_scores(pretrained, experts, s.pcb_ratio, validate_inputs=False, keys=keys)
+    tasks = run.setup.tasks
+
+    def merged_at(lams):
+        return apply(pretrained, merging.pcb_combine(pretrained, experts, scores, lams), consume=True)
+
+    lams, curve = search_coefficients(lambda lams: run.evaluate(merged_at(lams), "val"),
+                                      [s.pcb_search_init] * len(tasks), s.pcb_search_lower,
+                                      s.pcb_search_upper, s.pcb_search_budget, s.pcb_search_seed,
+                                      run.log.info)
+    chosen = dict(zip(tasks, lams))
+    run.log.info(f"Chosen λ_t: {chosen}")
+    p = {"ratio": s.pcb_ratio, "search": search, "lams": chosen}
+    return Merge(f"pcb_r{s.pcb_ratio}_search{s.pcb_search_budget}_seed{s.pcb_search_seed}{suffix}",
+                 merged_at(lams), extra={"pcb": p, **key_set, "val_curve": curve})
 
 
 MERGERS: dict[str, Callable[[Run, object], Merge]] = {

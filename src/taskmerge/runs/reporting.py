@@ -113,6 +113,29 @@ def _dare(report: dict) -> str:
     return f"DARE p {_num(dare.get('p'))}{'' if dare.get('rescale', True) else ' no rescale'}, "
 
 
+def _qkv(report: dict) -> str:
+    """How attention's q/k/v met a per-tensor method, where it is not the originals' fused in_proj
+    on their own checkpoints: separate (FusionBench's), or fused on FusionBench's family."""
+    if report.get("qkv") == "separate":
+        return ", separate q/k/v"
+    return ", fused q/k/v" if report.get("checkpoint_family") == "fusionbench" else ""
+
+
+def _key_set(report: dict) -> str:
+    # the global quantiles' keys where they are not the whole model (the fusionbench family)
+    return ", vision-tower quantiles" if report.get("key_set") == "vision_model" else ""
+
+
+def _pcb_label(report: dict) -> str:
+    pcb = report["pcb"]
+    if isinstance(pcb.get("search"), dict):
+        lams = "λ_t searched on val" + (f" ({pcb['search'].get('budget')} merges)"
+                                         if pcb["search"].get("budget") is not None else "")
+    else:
+        lams = f"fixed λ {_num(pcb.get('lam'))}"
+    return f"pcb_merging (pcb_ES balancing, {lams}, r {_num(pcb.get('ratio'))}{_key_set(report)})"
+
+
 def _merge_name(report: dict) -> str:
     # data-free reports name their merge `merge`; Surgery reports name their base's merge `base`
     return str(report.get("merge") or report.get("base") or "")
@@ -142,36 +165,38 @@ def _base_label(method: str, report: dict) -> str:
     if method == "ties_merging" and isinstance(report.get("ties"), dict):
         ties = report["ties"]
         return (f"ties_merging ({_dare(report)}{ties.get('merge')}, K {_num(ties.get('k'))}, "
-                f"λ {_num(report.get('scaling_coef'))}{_on_val(report)})")
+                f"λ {_num(report.get('scaling_coef'))}{_on_val(report)}{_key_set(report)})")
     if method in ("iso_merging", "iso_c", "iso_cts") and report.get("iso_method"):
         fraction = (f"f {_num(report['common_space_fraction'])}, "
                     if "common_space_fraction" in report else "")
-        return f"{report['iso_method']} ({fraction}α {_num(report.get('alpha'))}{_on_val(report)})"
+        return (f"{report['iso_method']} ({fraction}α {_num(report.get('alpha'))}{_on_val(report)}"
+                f"{_qkv(report)})")
     if method == "wudi_merging" and isinstance(report.get("wudi"), dict):
         wudi = report["wudi"]
         solver = (f"Adam {wudi.get('steps')} steps" if wudi.get("solver") == "adam"
                   else "closed form" + (f", ridge {_num(wudi['ridge'])}" if wudi.get("ridge") else ""))
-        return f"wudi_merging ({wudi.get('preset')}, {solver})"
+        return f"wudi_merging ({wudi.get('preset')}, {solver}{_qkv(report)})"
     if method == "cart_merging" and isinstance(report.get("cart"), dict):
         cart = report["cart"]
         return f"cart_merging (λ {_num(cart.get('lam'))}, ρ {_num(cart.get('rank_ratio'))})"
     if method == "pcb_merging" and isinstance(report.get("pcb"), dict):
-        pcb = report["pcb"]
-        return f"pcb_merging (r {_num(pcb.get('ratio'))}, λ {_num(pcb.get('lam'))})"
+        return _pcb_label(report)
     if method == "emr_merging":
-        return f"emr_merging ({report['rescaler']} rescaler)" if report.get("rescaler") else method
+        qkv = _qkv(report) if report.get("rescaler") == "code" else ""
+        return f"emr_merging ({report['rescaler']} rescaler{qkv})" if report.get("rescaler") else method
     if method == "tsv_merging":
         if merge == "TSVC":
             return "tsv_merging (TSVC)"
         alpha = _num(report.get("alpha"))
-        return f"tsv_merging ({report.get('tsv_method')}, α {alpha}{_on_val(report)})"
+        return f"tsv_merging ({report.get('tsv_method')}, α {alpha}{_on_val(report)}{_qkv(report)})"
     if method in ("tall_masks", "consensus"):
         ties = "TIES τ_MTL, " if report.get("use_ties") else ""
         if merge.startswith("TALL_mask"):
-            return f"tall_mask ({ties}λ per task on val)"
+            return f"tall_mask ({ties}λ per task on val{_key_set(report)})"
         if "prun_thre_k" in report:
             alpha = _num(report.get("alpha"))
-            return f"consensus ({ties}k {report['prun_thre_k']}, α {alpha}{_on_val(report)})"
+            return (f"consensus ({ties}k {report['prun_thre_k']}, α {alpha}{_on_val(report)}"
+                    f"{_key_set(report)})")
     return method
 
 

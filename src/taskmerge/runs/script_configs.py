@@ -20,6 +20,7 @@ from taskmerge.merging.emr import RESCALERS
 from taskmerge.merging.iso import METHODS as ISO_METHODS
 from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
 from taskmerge.merging.ties import MERGES
+from taskmerge.merging.task_vectors import QKV_MODES
 from taskmerge.merging.tsv import METHODS as TSV_METHODS
 from taskmerge.merging.wudi import SOLVERS as WUDI_SOLVERS
 from taskmerge.runs.settings import setting, subset
@@ -47,6 +48,10 @@ BASES = {"weight_averaging": ("weight_averaging", {}),
          "cart_merging": ("cart_merging", {}),
          "pcb_merging": ("pcb_merging", {})}
 COEFFICIENT_SOURCES = ("learn", "published", "auto")   # or a saved .json
+# How a per-tensor method sees attention's q/k/v: "auto" is "separate" on the fusionbench family
+# (FusionBench's CLIPVisionModel has q_proj, k_proj, v_proj) and "fused" (open_clip's in_proj, the
+# originals') elsewhere, except WUDI's fusionbench preset, which is FusionBench's merge everywhere.
+QKV_SETTINGS = ("auto",) + QKV_MODES
 
 
 @dataclass
@@ -113,6 +118,7 @@ class TiesMerge(DareSettings):
 @dataclass
 class EMRMerge:
     rescaler: str = setting(choices=RESCALERS)
+    qkv: str = setting(choices=QKV_SETTINGS)   # the "code" rescaler's per-tensor means
 
 
 @dataclass
@@ -122,6 +128,13 @@ class TSVMerge:
     select_on_val: bool = setting()
     val_grid: str = setting(choices=VAL_GRIDS)
     merge_device: str = setting(nonempty=True)   # where the SVDs run: "cpu" | "auto" | "cuda[:i]"
+    qkv: str = setting(choices=QKV_SETTINGS)
+
+    def check_together(self):
+        if self.method == "TSVC" and self.qkv == "separate":
+            raise ConfigError("setting qkv='separate' is not allowed with method='TSVC': FusionBench has "
+                              "no TSV-C (its TaskSingularVectorCompression raises NotImplementedError), "
+                              "so TSV-C keeps the original's fused in_proj (set qkv='auto' or 'fused')")
 
 
 @dataclass
@@ -143,6 +156,7 @@ class IsoMerge:
     alpha: float = setting(finite=True)
     select_on_val: bool = setting()
     merge_device: str = setting(nonempty=True)   # where the SVDs run: "cpu" | "auto" | "cuda[:i]"
+    qkv: str = setting(choices=QKV_SETTINGS)
 
 
 @dataclass
@@ -152,6 +166,7 @@ class WUDIMerge:
     wudi_steps: int | None = setting(ge=0)
     wudi_lr: float = setting(gt=0.0, finite=True)
     wudi_ridge: float = setting(ge=0.0, finite=True)
+    qkv: str = setting(choices=QKV_SETTINGS)
 
     def check_together(self):
         if self.wudi_ridge > 0 and self.wudi_solver != "closed_form":
@@ -170,7 +185,24 @@ class CARTMerge:
 @dataclass
 class PCBMerge:
     pcb_ratio: float = setting(gt=0.0, le=1.0)
-    pcb_lambda: float = setting(finite=True)
+    pcb_lambda: float = setting(finite=True)     # λ_t of every task when not searched (pcb.py)
+    # pcb_ES.py's search of one λ_t per task on <Task>Val (runs/selection.py search_coefficients)
+    pcb_search: bool = setting()
+    pcb_search_lower: float = setting(finite=True)
+    pcb_search_upper: float = setting(finite=True)
+    pcb_search_init: float = setting(finite=True)
+    pcb_search_budget: int = setting(ge=1)
+    pcb_search_seed: int = setting(ge=0)
+
+    def check_together(self):
+        if not self.pcb_search_lower < self.pcb_search_upper:
+            raise ConfigError(f"settings pcb_search_lower={self.pcb_search_lower} and pcb_search_upper="
+                              f"{self.pcb_search_upper} are not a range: lower must be below upper "
+                              f"(pcb_ES.py: 0.8 and 1.3)")
+        if not self.pcb_search_lower <= self.pcb_search_init <= self.pcb_search_upper:
+            raise ConfigError(f"setting pcb_search_init={self.pcb_search_init} is outside "
+                              f"[{self.pcb_search_lower}, {self.pcb_search_upper}]: the search starts "
+                              f"inside its bounds (pcb_ES.py: 1.0 in [0.8, 1.3])")
 
 
 # --- the data-free scripts: where they run, plus their method's settings ---
@@ -282,6 +314,13 @@ class SurgeryRunConfig(AdaMergingRunConfig):
     cart_rank_ratio: float | None = setting(ge=0.0, le=1.0)
     pcb_ratio: float = setting(gt=0.0, le=1.0)
     pcb_lambda: float = setting(finite=True)
+    pcb_search: bool = setting()
+    pcb_search_lower: float = setting(finite=True)
+    pcb_search_upper: float = setting(finite=True)
+    pcb_search_init: float = setting(finite=True)
+    pcb_search_budget: int = setting(ge=1)
+    pcb_search_seed: int = setting(ge=0)
+    qkv: str = setting(choices=QKV_SETTINGS)       # emr / tsv / iso / wudi bases
     # the surgery itself
     surgery: str = setting(choices=("v1", "v2"))
     rank: int = setting(ge=1, words=("auto",))   # "auto": the SurgeryV2 original's per model

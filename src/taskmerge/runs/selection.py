@@ -60,3 +60,48 @@ def select_per_task(grid: Sequence[float], tasks: Sequence[str],
         curve[task] = scores
         log(f"Val: {task} lambda: {chosen[task]} ACC: {scores[chosen[task]]}")
     return chosen, curve
+
+
+def search_coefficients(evaluate_val: Callable[[list[float]], dict[str, float]], init: Sequence[float],
+                        lower: float, upper: float, budget: int, seed: int,
+                        log: Callable[[str], None] = print) -> tuple[list[float], list[dict]]:
+    """pcb_ES.py's λ search: maximise the mean *absolute* val accuracy (its `compute_acc`) over one
+    λ_t per task in [lower, upper], starting at `init`, with `budget` evaluations (init included).
+
+    The original asks nevergrad's NGOpt, unseeded. Here: a seeded (1+1) evolution strategy with
+    the one-fifth success rule (Kern et al. 2004's constants), numpy only. Why this one: validation
+    accuracy is a step function of λ (flat between the λ where one image flips), so gradients and
+    finite differences (L-BFGS-B) see zero, and Powell's / Nelder-Mead's line and simplex steps
+    stall on the plateaus and overrun an exact evaluation budget; a (1+1)-ES moves across plateaus
+    (ties are accepted), spends exactly one evaluation per step, stays in the box by clipping, and is
+    one of the optimisers NGOpt itself selects for small continuous budgets. Returns the best λ
+    (the first evaluated among equals) and every evaluation in order."""
+    rng = np.random.default_rng(seed)
+    x = np.clip(np.asarray(init, dtype=np.float64), lower, upper)
+    sigma = 0.2 * (upper - lower)  # a fifth of the box: the first steps reach its edges
+    seen: dict[tuple, dict[str, float]] = {}
+    history: list[dict] = []
+
+    def score(point: np.ndarray) -> float:
+        key = tuple(float(v) for v in point)
+        if key not in seen:  # the merge is deterministic: a revisited point costs no evaluation
+            seen[key] = evaluate_val(list(key))
+        accs = seen[key]
+        mean = float(np.mean(list(accs.values())))
+        history.append({"lams": list(key), "val_accuracy": accs, "avg_val_accuracy": mean})
+        log(f"lams: {[round(v, 3) for v in key]} acc: {round(100 * mean, 2)} "
+            f"acc_lst: {[round(100 * a, 2) for a in accs.values()]}")
+        return mean
+
+    best = score(x)
+    for _ in range(budget - 1):
+        candidate = np.clip(x + sigma * rng.standard_normal(x.shape), lower, upper)
+        value = score(candidate)
+        if value > best:
+            sigma *= np.exp(1 / 3)
+        else:
+            sigma *= np.exp(-1 / 12)  # stationary at a 1/5 success rate
+        if value >= best:  # ties move along a plateau
+            x, best = candidate, value
+    first_best = next(h for h in history if h["avg_val_accuracy"] == best)
+    return first_best["lams"], history

@@ -484,8 +484,19 @@ def load_hf_clip(path: str) -> tuple[ConvertedStateDict, dict]:
     return state, open_clip_config(checkpoint.config)
 
 
+def vision_model_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str] | None:
+    """The converted keys built from `vision_model.*` tensors only, in order: exactly the entries of
+    a CLIPVisionModel's state dict, which is what FusionBench flattens and merges (its
+    `position_ids` is a non-persistent buffer, not in the state dict; the projection and the text
+    tower are not there at all). None for a state dict that is not a converted HF checkpoint."""
+    if not isinstance(state_dict, ConvertedStateDict):
+        return None
+    return [key for key, (_, sources) in state_dict.recipe.items()
+            if all(source.startswith("vision_model.") for source in sources)]
+
+
 __all__ = ["FUSIONBENCH_MODELS", "FUSIONBENCH_TASK_NAMES", "fusionbench_repos",
            "find_fusionbench_folders", "weight_files", "HFCheckpoint", "TensorSource", "ConvertedStateDict",
            "resolve_model_folder", "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
            "convert_image_encoder", "clip_recipe", "convert_clip", "with_pretrained_parts",
-           "load_hf_image_encoder", "load_hf_clip"]
+           "load_hf_image_encoder", "load_hf_clip", "vision_model_keys"]
