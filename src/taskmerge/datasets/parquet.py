@@ -45,7 +45,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from taskmerge.datasets import registry
-from taskmerge.datasets.base import TaskData
+from taskmerge.datasets.base import TaskData, file_content_record
 from taskmerge.datasets.real import DatasetLayoutError
 from taskmerge.datasets.templates import (CLASSNAMES, DATA_NAMED_COUNTS, DTD_FOLDERS, EUROSAT_FOLDERS,
                                           base_task, dtd_classname, eurosat_classname, get_templates)
@@ -289,6 +289,11 @@ class ParquetImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def update_content_hash(self, h) -> None:
+        for path in self.files:
+            h.update(f"{file_content_record(path)}\n".encode())
+        h.update(self.labels.tobytes())
 
     def __getstate__(self):  # DataLoader workers re-read their own row groups
         return dict(self.__dict__, _cached=None)
