@@ -250,3 +250,31 @@ def test_data_identity_sees_a_parquet_shard_rewritten(tmp_path):
     write([0, 1, 1])
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert _identity(ParquetImageDataset("T", [path], 2, None)) != first
+
+
+def _saved(config):
+    folder = os.path.join(config["save_dir"], MODEL)
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_a_surgery_base_with_nan_values_is_refused_before_anything_is_saved(bench):
+    from taskmerge.storage.errors import InputError
+    config, _ = bench
+    settings = {**config, "method_name": "task_arithmetic", "scaling_coef": 1e300, "surgery": "v1",
+                "online": False, "iterations": 1, "eval_iterations": 1, "rank": 4}
+    with pytest.raises(InputError, match="nothing was saved"):
+        run_surgery(_config("main_TaskArithmetic_with_surgery.py", settings), script="surgery.py")
+    assert _saved(config) == []
+
+
+def test_merges_with_other_settings_are_saved_to_other_files(bench):
+    config, _ = bench
+    surgery = {**config, "method_name": "task_arithmetic", "surgery": "v1", "online": False,
+               "iterations": 1, "eval_iterations": 1, "rank": 4, "dare_p": 0.5}
+    for seed in (0, 1):
+        run_surgery(_config("main_TaskArithmetic_with_surgery.py", {**surgery, "dare_seed": seed}),
+                    script="surgery.py")
+    assert len(_saved(config)) == 2
+    for prior in (0.3, 0.6):
+        _adamerging(config, coefficients="learn", prior=prior)
+    assert len(_saved(config)) == 4
