@@ -218,7 +218,8 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
     setup, tasks = run.setup, run.setup.tasks
     images = task_images(run)
     bases, base_info = base_encoders(run, method, config, images)
-    cache = FeatureCache(config.feature_cache or os.path.join(setup.model_dir, "feature_cache"))
+    cache = FeatureCache(config.feature_cache or os.path.join(setup.model_dir, "feature_cache"),
+                         log=run.log.info)
     ckpt = setup.checkpoints
     base_feats, expert_feats = {}, {}
     for t in tasks:
