@@ -19,7 +19,7 @@ from taskmerge import merging
 from taskmerge.merging.tall_masks import load_released_masks
 from taskmerge.merging.task_vectors import apply
 from taskmerge.compute import distributed
-from taskmerge.compute.devices import default_num_workers, resolve_device, use_tf32
+from taskmerge.compute.devices import default_num_workers, default_threads, resolve_device, use_tf32
 from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
 from taskmerge.runs.reporting import RunLogger, results_table
@@ -50,6 +50,8 @@ class Run:
                                           config.data_location, config.tasks or None,
                                           config.data_format)
         workers = default_num_workers(device) if config.num_workers == "auto" else config.num_workers
+        torch.set_num_threads(default_threads(device, self.setup.embedded) if config.threads == "auto"
+                              else config.threads)
         self.setup.device, self.setup.loader = device, LoaderSettings.for_device(device, workers)
         self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
                                         config.log_dir)
