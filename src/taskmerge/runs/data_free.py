@@ -32,6 +32,7 @@ from taskmerge.runs.selection import select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
                                   individual_accuracies, load_heads, released_masks_path, resolve_setup,
                                   start_run, validate_checkpoints)
+from taskmerge.runs import validation
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
 from taskmerge.storage.errors import ConfigError
@@ -44,7 +45,7 @@ class Run:
         self.config = config
         self.method = method
         device = resolve_device(config.device)
-        distributed.init(device)
+        distributed.init(device, rendezvous_timeout_s=config.rendezvous_timeout)
         use_tf32(config.tf32)
         self.setup: Setup = resolve_setup(config.model_name, config.checkpoint_dir,
                                           config.data_location, config.tasks or None,
@@ -53,6 +54,7 @@ class Run:
         torch.set_num_threads(default_threads(device, self.setup.embedded) if config.threads == "auto"
                               else config.threads)
         self.setup.device, self.setup.loader = device, LoaderSettings.for_device(device, workers)
+        validation.check_output_folders(config)  # before any work, and before the log is opened
         self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
                                         config.log_dir)
         if distributed.active():
