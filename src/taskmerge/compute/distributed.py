@@ -65,10 +65,18 @@ def raise_together(error: InputError | None) -> None:
             raise error
         return
     flag = all_reduce_sum(torch.tensor([0 if error is None else 1], dtype=torch.int64))
+    if error is None and int(flag.item()):
+        error = PeerRefused("another rank refused the run; its message says why")
     if error is not None:
+        error.all_ranks = True  # every rank stops with it: `stop_together` lets the refusing one speak
         raise error
-    if int(flag.item()):
-        raise PeerRefused("another rank refused the run; its message says why")
+
+
+def stop_together(error: BaseException) -> None:
+    """After an error that every rank raised (`raise_together`) has been printed: wait for the other
+    ranks, so none exits (and has torchrun kill the rest) before the refusing rank has said why."""
+    if active() and getattr(error, "all_ranks", False):
+        barrier()
 
 
 def init(device: torch.device, timeout_s: float = 3600.0, rendezvous_timeout_s: float = 300.0) -> str | None:

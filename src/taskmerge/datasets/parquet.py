@@ -130,7 +130,23 @@ def download_hint(task: str, root: str) -> str:
                 f"(data/<split>-00000-of-00001.parquet, columns image and label) under "
                 f"{os.path.join(root, src.fusionbench)}")
     return (f"download it once with: hf download {src.repo} --repo-type dataset "
-            f"--local-dir {os.path.join(root, src.repo.split('/')[1])}")
+            f"--local-dir {_dataset_folder(task, root)}")
+
+
+def _dataset_folder(task: str, path: str) -> str:
+    """The dataset's own folder for `--local-dir`: `path` itself or the ancestor named after the
+    dataset when `path` lies inside it (a shard's `…/eurosat/data`), else `<path>/<name>`."""
+    src = HF_SOURCES[task]
+    name, cache = src.repo.split("/")[1], "datasets--" + src.repo.replace("/", "--")
+    folder = os.path.abspath(path)
+    while os.path.dirname(folder) != folder:
+        if os.path.basename(folder) in (name, src.fusionbench):
+            return folder
+        if os.path.basename(folder) == cache:  # inside the hub cache: beside `hub/`, where we look too
+            base = os.path.dirname(folder)
+            return os.path.join(os.path.dirname(base) if os.path.basename(base) == "hub" else base, name)
+        folder = os.path.dirname(folder)
+    return os.path.join(path, name)
 
 
 # ---------------------------------------------------------------- finding the snapshot and its shards
