@@ -18,6 +18,8 @@ batch_size = 128              # evaluation batch
 device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
 tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
 num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
+threads = "auto"              # torch CPU threads: "auto" = 1 for the embedded model, else the cores (README)
+rendezvous_timeout = 300      # torchrun: seconds each rank waits for the others to start
 seed = 0
 # base merging method: weight_averaging | task_arithmetic | ties_merging | tw_adamerging |
 # lw_adamerging | tw_adamergingpp | lw_adamergingpp | emr_merging | tsv_merging | consensus |

@@ -11,6 +11,11 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
+# File digests are remembered in a cache folder (storage/digests.py): the tests' own, never the user's.
+if "TASKMERGE_CACHE_DIR" not in os.environ:
+    import tempfile  # noqa: E402
+    os.environ["TASKMERGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="taskmerge-test-cache-")
+
 
 @pytest.fixture(scope="session")
 def micro_benchmark(tmp_path_factory):

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from test_safe_pickle import TaskVectorsCode, save
 
 from taskmerge.models import encoders as models
-from taskmerge.storage import checkpoints
+from taskmerge.storage import checkpoints, digests
 from taskmerge.storage.checkpoints import CheckpointError, CheckpointSet
 
 MODEL = models.TINY_MODEL
@@ -202,6 +202,58 @@ def test_file_digest_tracks_rewrites(tmp_path):
     assert checkpoints.file_digest(str(path)) != first
 
 
+def test_file_digest_sees_a_middle_edit_with_its_times_restored(tmp_path):
+    # cp -p / rsync -a / touch -r keep the mtime: the old fingerprint (size, mtime, first and last
+    # MiB) called this file unchanged and caches computed on the old expert were reused.
+    path = tmp_path / "expert.bin"
+    path.write_bytes(os.urandom(5 << 20))
+    before = os.stat(path)
+    first = checkpoints.file_digest(str(path))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == before.st_mtime_ns
+    assert checkpoints.file_digest(str(path)) != first
+    assert checkpoints.file_digest(str(path)) == digests.sha256_file(str(path))[:32]
+
+
+def test_file_digest_is_remembered_across_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TASKMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "expert.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    reads = []
+    real_sha = digests.sha256_file
+    monkeypatch.setattr(digests, "sha256_file", lambda p: reads.append(p) or real_sha(p))
+    first = checkpoints.file_digest(str(path))
+    monkeypatch.setattr(digests, "_memo", None)  # as a new process: only the memo file is left
+    assert checkpoints.file_digest(str(path)) == first
+    assert len(reads) == 1
+    assert os.path.exists(tmp_path / "cache" / digests.MEMO_NAME)
+
+
+def test_a_corrupt_or_unwritable_digest_memo_only_costs_time(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / digests.MEMO_NAME).write_text("{ not json")
+    monkeypatch.setenv("TASKMERGE_CACHE_DIR", str(cache))
+    monkeypatch.setattr(digests, "_memo", None)
+    path = tmp_path / "expert.bin"
+    path.write_bytes(b"abc" * 1000)
+    assert checkpoints.file_digest(str(path)) == digests.sha256_file(str(path))[:32]
+    monkeypatch.setenv("TASKMERGE_CACHE_DIR", "/proc/taskmerge-cannot-write-here")
+    monkeypatch.setattr(digests, "_memo", None)
+    assert checkpoints.file_digest(str(path)) == digests.sha256_file(str(path))[:32]
+
+
+def test_a_file_converted_by_an_older_taskmerge_is_still_up_to_date(tmp_path):
+    path = tmp_path / "zeroshot.pt"
+    path.write_bytes(os.urandom(3 << 20))
+    assert checkpoints._same_source(str(path), digests.legacy_fingerprint(str(path)))
+    assert checkpoints._same_source(str(path), checkpoints.file_digest(str(path)))
+    assert not checkpoints._same_source(str(path), "0" * 32)
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -327,10 +379,15 @@ def test_conversion_is_faithful_preferred_and_idempotent(code, tmp_path):
     assert again["written"] == [] and sorted(again["skipped"]) == sorted(done["written"])
     assert {p: os.stat(p).st_mtime_ns for p in done["written"]} == mtimes
 
-    # A newer original makes the converted copy stale: discovery falls back, conversion redoes it.
+    # Touching an original changes nothing (its digest is of its bytes) ...
     dtd = tmp_path / MODEL / "DTD" / "finetuned.pt"
     later = os.stat(out / "DTD.safetensors").st_mtime_ns + 10**9
     os.utime(dtd, ns=(later, later))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CheckpointSet.discover(tmp_path, MODEL, TASKS).family == "safetensors"
+    # ... a changed original makes the converted copy stale: discovery falls back, conversion redoes it.
+    dtd.write_bytes((tmp_path / MODEL / TASKS[0] / "finetuned.pt").read_bytes())
     with pytest.warns(UserWarning, match="re-run src/convert_checkpoints.py"):
         assert CheckpointSet.discover(tmp_path, MODEL, TASKS).family == "task_vectors"
     redone = checkpoints.convert_to_safetensors(tmp_path, MODEL, TASKS)

@@ -413,3 +413,13 @@ def test_fer2013_as_tall_masks_reads_it(tmp_path):
     assert data.classnames == templates.CLASSNAMES["FER2013"] and data.info["repo"] == "Jeneral/fer-2013"
     assert data.test.labels.tolist() == written["test"]
     check_pairs(data.test)
+
+
+def test_the_download_hint_names_the_dataset_folder_once(tmp_path):
+    from taskmerge.datasets.parquet import download_hint
+    root = str(tmp_path / "data")
+    want = f"--local-dir {os.path.join(root, 'eurosat')}"
+    for where in (root, os.path.join(root, "eurosat"), os.path.join(root, "eurosat", "data")):
+        assert download_hint("EuroSAT", where).endswith(want), where
+    cache = os.path.join(root, "hub", "datasets--tanganke--eurosat", "snapshots", "abc", "data")
+    assert download_hint("EuroSAT", cache).endswith(want)

@@ -12,7 +12,8 @@ import taskmerge.runs.adaptive as runs_adaptive
 import taskmerge.runs.data_free as runs_data_free
 import taskmerge.runs.setup as runs_setup
 from taskmerge import merging
-from taskmerge.compute.devices import default_num_workers, device_description, resolve_device, use_tf32
+from taskmerge.compute.devices import (default_num_workers, default_threads, device_description,
+                                       resolve_device, use_tf32)
 from taskmerge.runs.adaptive import run_adamerging, run_surgery
 from taskmerge.runs.data_free import run_data_free
 from taskmerge.storage.errors import ConfigError
@@ -170,3 +171,32 @@ def test_the_report_records_where_it_computed(config):
     report = run_data_free(script_config("main_WeightAveraging.py", **config), script="wa.py")
     assert report["compute"]["device"] == "cpu" and report["compute"]["world_size"] == 1
     assert report["compute"]["tf32"] is False and report["compute"]["torch"] == torch.__version__
+
+
+def test_auto_threads_are_one_for_the_embedded_model_and_the_cores_for_a_real_one(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert default_threads(cpu, small_model=True, cpu_count=16) == 1
+    assert default_threads(gpu, small_model=True, cpu_count=16) == 1
+    assert default_threads(cpu, small_model=False, cpu_count=16) == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_threads(cpu, small_model=False, cpu_count=16) == 4
+    assert default_threads(cpu, small_model=False, cpu_count=2) == 1
+
+
+def test_a_run_sets_its_threads_and_records_them(micro_benchmark, tmp_path):
+    from script_variables import script_config
+
+    from taskmerge.runs.data_free import run_data_free
+    ckpt, data = micro_benchmark
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in (("auto", 1), (2, 2)):
+            report = run_data_free(script_config(
+                "main_WeightAveraging.py", model_name="taskmerge-tiny-micro", checkpoint_dir=ckpt,
+                data_location=data, log_dir=str(tmp_path / "logs"), save_dir="", threads=threads),
+                script="main_WeightAveraging.py")
+            assert torch.get_num_threads() == expected
+            assert report["compute"]["threads"] == expected
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from script_variables import SRC, script_config
 
 from taskmerge.runs.adaptive import run_adamerging, run_surgery
@@ -144,3 +145,51 @@ def test_a_two_rank_run_killed_mid_training_resumes_to_the_same_coefficients(mic
     assert f"at step {KILL_AT_STEP}" in log
     assert _close(resumed["coefficients"], reference["coefficients"])
     assert resumed["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_come_stops_in_bounded_time_saying_so(monkeypatch, rank):
+    import time
+
+    from taskmerge.compute import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(distributed.RendezvousError) as e:
+        distributed.init(torch.device("cpu"), rendezvous_timeout_s=2)
+    assert time.monotonic() - start < 30
+    message = str(e.value)
+    assert f"rank {rank} of 2" in message and "rendezvous_timeout" in message
+    assert ("only 1 of 2 ranks" if rank == 0 else "could not reach") in message
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_world_size_without_a_launcher_is_one_clear_error(monkeypatch):
+    from taskmerge.compute import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(distributed.RendezvousError, match="torchrun --nproc_per_node"):
+        distributed.init(torch.device("cpu"))
+
+
+def test_an_unwritable_log_dir_under_two_ranks_is_one_line_from_rank_0(micro_copy, tmp_path):
+    settings = {**_common(micro_copy, tmp_path), "log_dir": "/proc/taskmerge-logs"}
+    done = _torchrun([os.path.join(SRC, "main_WeightAveraging.py"), *_args(settings)], cwd=str(tmp_path),
+                     check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0
+    assert len(errors) == 1 and "log_dir='/proc/taskmerge-logs'" in errors[0], done.stderr[-3000:]
+    # torchrun's own launcher reports a failed child with its traceback; the ranks print none.
+    assert "gloo" not in done.stderr.lower() and "taskmerge" not in done.stderr.replace(errors[0], "")
+    assert "/src/main_WeightAveraging.py FAILED" in done.stderr

@@ -179,3 +179,103 @@ def test_data_identity_and_head_digest_follow_the_values():
     weight = torch.randn(3, 8)
     assert head_digest(ClassificationHead(weight.clone())) == head_digest(ClassificationHead(weight.clone()))
     assert head_digest(ClassificationHead(weight)) != head_digest(ClassificationHead(-weight))
+
+
+def _identity(dataset):
+    from taskmerge.datasets.base import dataset_content_digest
+    return dataset_content_digest(dataset)
+
+
+def test_data_identity_sees_every_label_not_a_sample_of_them():
+    # 9 of 12 MNIST test labels changed while items 0, 6 and 11 kept theirs: the three-item sample
+    # could not see it and a cached individual accuracy of the old labels was reused.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 4, 4, 3), dtype=np.uint8)
+    labels = list(rng.integers(0, 3, 12))
+    changed = [(y + 1) % 3 if i not in (0, 6, 11) else y for i, y in enumerate(labels)]
+
+    def dataset(y, x=images):
+        return ArrayDataset(x, y, transform=lambda im: torch.from_numpy(np.array(im)))
+
+    before, after = data_identity("T", "test", "data", dataset(labels)), data_identity("T", "test", "data", dataset(changed))
+    assert before["items"] == after["items"]  # the sample alone is blind to it
+    assert before["content"] != after["content"]
+    pixel = images.copy()
+    pixel[3, 1, 1, 0] ^= 1
+    assert _identity(dataset(labels, pixel)) != _identity(dataset(labels))
+
+
+def test_data_identity_sees_every_image_file(tmp_path):
+    from PIL import Image
+
+    from taskmerge.datasets.real import ImageFileDataset
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((4, 4, 3), i * 10, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    samples = [(p, i % 2) for i, p in enumerate(paths)]
+    first = _identity(ImageFileDataset("T", samples, None))
+    assert _identity(ImageFileDataset("T", samples, None)) == first
+    assert _identity(ImageFileDataset("T", [(p, 1 - y) if i == 2 else (p, y) for i, (p, y) in enumerate(samples)], None)) != first
+    # An image rewritten in place with its mtime put back (cp -p, rsync -a) is a new file.
+    st = os.stat(paths[3])
+    Image.fromarray(np.full((4, 4, 3), 99, dtype=np.uint8)).save(paths[3])
+    os.utime(paths[3], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _identity(ImageFileDataset("T", samples, None)) != first
+
+
+def test_data_identity_of_a_validation_carve_names_its_indices():
+    from torch.utils.data import Subset
+    images = np.zeros((6, 4, 4, 3), dtype=np.uint8)
+    full = ArrayDataset(images, [0, 1, 2, 0, 1, 2])
+    assert _identity(Subset(full, [0, 1, 2])) != _identity(Subset(full, [3, 4, 5]))
+    assert _identity(Subset(full, [0, 1, 2])) == _identity(Subset(ArrayDataset(images, [0, 1, 2, 0, 1, 2]), [0, 1, 2]))
+
+
+def test_data_identity_sees_a_parquet_shard_rewritten(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from taskmerge.datasets.parquet import ParquetImageDataset
+
+    def write(labels):
+        table = pa.table({"image": [{"bytes": b"x" * 10, "path": None}] * 3, "label": labels})
+        path = tmp_path / "test-00000-of-00001.parquet"
+        pq.write_table(table, path)
+        return str(path)
+
+    path = write([0, 1, 0])
+    first = _identity(ParquetImageDataset("T", [path], 2, None))
+    st = os.stat(path)
+    write([0, 1, 1])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _identity(ParquetImageDataset("T", [path], 2, None)) != first
+
+
+def _saved(config):
+    folder = os.path.join(config["save_dir"], MODEL)
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_a_surgery_base_with_nan_values_is_refused_before_anything_is_saved(bench):
+    from taskmerge.storage.errors import InputError
+    config, _ = bench
+    settings = {**config, "method_name": "task_arithmetic", "scaling_coef": 1e300, "surgery": "v1",
+                "online": False, "iterations": 1, "eval_iterations": 1, "rank": 4}
+    with pytest.raises(InputError, match="nothing was saved"):
+        run_surgery(_config("main_TaskArithmetic_with_surgery.py", settings), script="surgery.py")
+    assert _saved(config) == []
+
+
+def test_merges_with_other_settings_are_saved_to_other_files(bench):
+    config, _ = bench
+    surgery = {**config, "method_name": "task_arithmetic", "surgery": "v1", "online": False,
+               "iterations": 1, "eval_iterations": 1, "rank": 4, "dare_p": 0.5}
+    for seed in (0, 1):
+        run_surgery(_config("main_TaskArithmetic_with_surgery.py", {**surgery, "dare_seed": seed}),
+                    script="surgery.py")
+    assert len(_saved(config)) == 2
+    for prior in (0.3, 0.6):
+        _adamerging(config, coefficients="learn", prior=prior)
+    assert len(_saved(config)) == 4

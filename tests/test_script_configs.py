@@ -138,6 +138,7 @@ def test_values_inside_their_range_pass(script, replaced):
 def test_every_evaluating_script_defaults_to_the_auto_device_with_tf32_off(script):
     variables = script_variables(script)
     assert (variables["device"], variables["tf32"], variables["num_workers"]) == ("auto", False, "auto")
+    assert variables["threads"] == "auto"
 
 
 def test_auto_is_the_only_word_a_numeric_setting_takes():

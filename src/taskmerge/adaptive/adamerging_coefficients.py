@@ -112,8 +112,15 @@ def save_coefficients(path: str, rows: torch.Tensor, *, method: str, model_name:
 def load_coefficients(path: str) -> CoefficientTable:
     if not os.path.exists(path):
         raise InputError(f"{path}: no coefficient file; run AdaMerging first or give the right path")
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot be read as a coefficient file ({type(e).__name__}: {e}); "
+                         f"learn the coefficients again or give another file") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a coefficient file (a JSON {type(data).__name__}); expected a "
+                         f"file written by save_coefficients")
     for k in ("method", "model", "task_order", "coefficients"):
         if k not in data:
             raise InputError(f"{path}: missing key {k!r}; expected a file written by save_coefficients")
@@ -132,14 +139,20 @@ def find_saved(folder: str, method: str, key: dict) -> tuple[str | None, str]:
     path = saved_path(folder, method, key)
     wanted = json.loads(json.dumps(key, sort_keys=True, default=str))
     if os.path.exists(path):
-        stored = load_coefficients(path).key
+        try:
+            stored = load_coefficients(path).key
+        except InputError as e:  # a saved file that cannot be read is a miss: learn again
+            return None, f"{path} cannot be read ({str(e).split(': ', 1)[-1].split(';')[0]})"
         if stored == wanted:
             return path, ""
         return None, f"{path} was saved for other inputs"
     others = sorted(glob.glob(os.path.join(glob.escape(folder), f"{method}*.json")), key=os.path.getmtime)
     if not others:
         return None, f"none saved in {folder}"
-    stored = load_coefficients(others[-1]).key
+    try:
+        stored = load_coefficients(others[-1]).key
+    except InputError:
+        return None, f"none readable for these inputs in {folder}"
     if not isinstance(stored, dict):
         return None, f"{others[-1]} records no inputs (saved by an older version)"
     return None, f"{others[-1]} was learned with other {', '.join(differing_fields(stored, wanted))}"

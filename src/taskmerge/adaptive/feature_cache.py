@@ -61,8 +61,8 @@ def encoder_features(encoder: ImageEncoder, images: TaskImages, **kwargs) -> dic
 class FeatureCache:
     """A folder of `features_<hash>.safetensors`; `folder=None` computes without caching."""
 
-    def __init__(self, folder: str | None):
-        self.folder = folder
+    def __init__(self, folder: str | None, log: Callable[[str], None] = print):
+        self.folder, self.log = folder, log
 
     def path_for(self, key: dict) -> str | None:
         return None if self.folder is None else os.path.join(
@@ -73,11 +73,17 @@ class FeatureCache:
         if path is None or not os.path.exists(path):
             return None
         text = json.dumps(key, sort_keys=True, default=str)
-        with safe_open(path, framework="pt") as f:
-            stored = (f.metadata() or {}).get("key")
-        if stored != text:
+        try:
+            with safe_open(path, framework="pt") as f:
+                stored = (f.metadata() or {}).get("key")
+            tensors = load_file(path) if stored == text else None
+        except Exception as e:  # truncated or corrupt: safetensors' own errors vary by cause
+            self.log(f"Feature cache {path} cannot be read ({type(e).__name__}); computing the "
+                     f"features again")
+            return None
+        if tensors is None:
             raise InputError(f"{path}: cached for {stored}, not {text}; delete the file")
-        return load_file(path)
+        return tensors
 
     def store(self, key: dict, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path_for(key)

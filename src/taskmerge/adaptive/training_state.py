@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -34,6 +35,23 @@ def differing_fields(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     return out
 
 
+def read_resume_state(path: str) -> dict:
+    """A resume file's state dict, or one InputError naming the file. torch's own messages are not
+    passed on: for a file that holds code they advise `weights_only=False`, which would run it."""
+    try:
+        with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle with code, a disk error
+        raise InputError(f"{path}: cannot be read as a resume state ({type(e).__name__}; truncated, "
+                         f"corrupt, or not written by taskmerge); it was not loaded: delete it to start "
+                         f"over, or set resume_dir to another folder") from None
+    if not isinstance(state, dict) or not isinstance(state.get("key"), dict):
+        raise InputError(f"{path}: not a resume state written by taskmerge (no run key); delete it to "
+                         f"start over, or set resume_dir to another folder")
+    return state
+
+
 class TrainingCheckpoint:
     """`<folder>/<kind>_<hash>.pt`, saved every `every` steps and at the end; no-op if folder is None."""
 
@@ -52,7 +70,7 @@ class TrainingCheckpoint:
             if log is not None and self.path is not None:
                 log(self.fresh_start_reason())
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = read_resume_state(self.path)
         if state.get("key_hash") != self.key_hash:
             raise InputError(f"{self.path}: written by a different run configuration "
                              f"({state.get('key_hash')} != {self.key_hash}); delete it to start over")

@@ -58,7 +58,8 @@ def use_tf32(enabled: bool) -> None:
 def device_description(device: torch.device) -> dict:
     """What the config line and the report record about where a run computed."""
     info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": None, "tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+            "gpu": None, "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -74,3 +75,15 @@ def default_num_workers(device: torch.device, cpu_count: int | None = None) -> i
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_rank = cpu_count // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     return max(0, min(8, per_rank - 1))
+
+
+def default_threads(device: torch.device, small_model: bool, cpu_count: int | None = None) -> int:
+    """torch's intra-op threads for "auto". A small model's matrices (the embedded benchmark's width
+    is 128) are too small to split: a second thread only spins waiting for its share, and on a busy
+    2-core machine that turned minutes into hours; its numbers were also made with one thread. A real
+    model uses the cores this process may use, shared among torchrun's local ranks."""
+    if small_model:
+        return 1
+    if cpu_count is None:
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpu_count // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1))

@@ -17,12 +17,15 @@ to decide without.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from taskmerge.storage.errors import InputError
 
 
 def launched() -> bool:
@@ -46,18 +49,85 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: torch.device, timeout_s: float = 3600.0) -> str | None:
+class RendezvousError(InputError):
+    """The ranks of a torchrun launch did not all arrive in time."""
+
+
+class PeerRefused(InputError):
+    """Another rank refused the run (its own message says why); this rank stops quietly."""
+
+
+def raise_together(error: InputError | None) -> None:
+    """Every rank stops if any rank found `error` (checked on one rank, e.g. rank 0's output
+    folders): one collective, so no rank runs on into a collective its peer never reaches."""
+    if not active():
+        if error is not None:
+            raise error
+        return
+    flag = all_reduce_sum(torch.tensor([0 if error is None else 1], dtype=torch.int64))
+    if error is None and int(flag.item()):
+        error = PeerRefused("another rank refused the run; its message says why")
+    if error is not None:
+        error.all_ranks = True  # every rank stops with it: `stop_together` lets the refusing one speak
+        raise error
+
+
+def stop_together(error: BaseException) -> None:
+    """After an error that every rank raised (`raise_together`) has been printed: wait for the other
+    ranks, so none exits (and has torchrun kill the rest) before the refusing rank has said why."""
+    if active() and getattr(error, "all_ranks", False):
+        barrier()
+
+
+def init(device: torch.device, timeout_s: float = 3600.0, rendezvous_timeout_s: float = 300.0) -> str | None:
     """Join torchrun's process group once (NCCL for CUDA devices, gloo otherwise); None when the
-    script was not launched with several processes. Other ranks stop drawing progress bars."""
+    script was not launched with several processes. Other ranks stop drawing progress bars.
+
+    The ranks first meet on the launcher's store, each waiting at most `rendezvous_timeout_s` for the
+    others: torch's own rendezvous waits the collective timeout (an hour) in silence when a peer never
+    starts. `timeout_s` then bounds each collective (rank 0 may build the benchmark while the others
+    wait)."""
     if not launched():
         return None
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        store, r, w = _rendezvous(rendezvous_timeout_s)
+        dist.init_process_group(backend, store=store, rank=r, world_size=w,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
     if not is_main():
         os.environ["TQDM_DISABLE"] = "1"
     return dist.get_backend()
+
+
+def _rendezvous(timeout_s: float):
+    """(store, rank, world size) once every rank has reached the store, else a RendezvousError."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
+    if missing:
+        raise RendezvousError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: "
+                              f"launch with torchrun --nproc_per_node=N src/main_X.py, or unset WORLD_SIZE")
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = f"{host}:{port}"
+    hint = (f"start all {w} ranks (torchrun --nproc_per_node={w}, or --nnodes with every node launched), "
+            f"or raise rendezvous_timeout (now {timeout_s:g} s)")
+    # Under torchrun the agent already serves the store on MASTER_PORT; every rank is its client.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    try:
+        store = dist.TCPStore(host, port, w, is_master=(r == 0 and not agent),
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except (RuntimeError, OSError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+        raise RendezvousError(f"rank {r} of {w}: could not reach the rendezvous store at {where} within "
+                              f"{timeout_s:g} s ({type(e).__name__}); {hint}") from None
+    key = f"taskmerge/arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while (arrived := store.add(key, 0)) < w:
+        if time.monotonic() > deadline:
+            raise RendezvousError(f"rank {r} of {w}: only {arrived} of {w} ranks reached the rendezvous "
+                                  f"at {where} within {timeout_s:g} s; {hint}")
+        time.sleep(0.05)
+    return store, r, w
 
 
 def backend() -> str | None:

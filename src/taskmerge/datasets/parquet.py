@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from taskmerge.datasets import registry
-from taskmerge.datasets.base import TaskData
+from taskmerge.datasets.base import TaskData, file_content_record
 from taskmerge.datasets.real import DatasetLayoutError
 from taskmerge.datasets.templates import (CLASSNAMES, DATA_NAMED_COUNTS, DTD_FOLDERS, EUROSAT_FOLDERS,
                                           base_task, dtd_classname, eurosat_classname, get_templates)
@@ -132,7 +132,23 @@ def download_hint(task: str, root: str) -> str:
                 f"(data/<split>-00000-of-00001.parquet, columns image and label) under "
                 f"{os.path.join(root, src.fusionbench)}")
     return (f"download it once with: hf download {src.repo} --repo-type dataset "
-            f"--local-dir {os.path.join(root, src.repo.split('/')[1])}")
+            f"--local-dir {_dataset_folder(task, root)}")
+
+
+def _dataset_folder(task: str, path: str) -> str:
+    """The dataset's own folder for `--local-dir`: `path` itself or the ancestor named after the
+    dataset when `path` lies inside it (a shard's `…/eurosat/data`), else `<path>/<name>`."""
+    src = HF_SOURCES[task]
+    name, cache = src.repo.split("/")[1], "datasets--" + src.repo.replace("/", "--")
+    folder = os.path.abspath(path)
+    while os.path.dirname(folder) != folder:
+        if os.path.basename(folder) in (name, src.fusionbench):
+            return folder
+        if os.path.basename(folder) == cache:  # inside the hub cache: beside `hub/`, where we look too
+            base = os.path.dirname(folder)
+            return os.path.join(os.path.dirname(base) if os.path.basename(base) == "hub" else base, name)
+        folder = os.path.dirname(folder)
+    return os.path.join(path, name)
 
 
 # ---------------------------------------------------------------- finding the snapshot and its shards
@@ -291,6 +307,11 @@ class ParquetImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def update_content_hash(self, h) -> None:
+        for path in self.files:
+            h.update(f"{file_content_record(path)}\n".encode())
+        h.update(self.labels.tobytes())
 
     def __getstate__(self):  # DataLoader workers re-read their own row groups
         return dict(self.__dict__, _cached=None)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from taskmerge.datasets.base import ArrayDataset, TaskData
+from taskmerge.datasets.base import ArrayDataset, TaskData, file_stat_record, hash_dataset_content
 from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS,
                                           GTSRB_FOLDERS, RESISC45_FOLDERS, SUN397_CLASS_COUNT,
                                           cars_classname, dtd_classname, eurosat_classname,
@@ -116,6 +116,15 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def update_content_hash(self, h) -> None:
+        for path, label in self.samples:
+            try:
+                record = file_stat_record(path)
+            except OSError as e:
+                raise DatasetLayoutError(f"{self.task}: cannot read image {path} ({e}); replace the "
+                                         f"file or remove it") from e
+            h.update(f"{record}:{label}\n".encode())
+
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
@@ -146,6 +155,9 @@ class LazyDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def update_content_hash(self, h) -> None:
+        hash_dataset_content(h, self.dataset)
 
     def __getitem__(self, i: int):
         return self.dataset[i]

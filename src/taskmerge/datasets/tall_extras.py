@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from taskmerge.datasets.base import ArrayDataset, TaskData
+from taskmerge.datasets.base import ArrayDataset, TaskData, file_content_record
 from taskmerge.datasets.real import (DatasetLayoutError, ImageFileDataset, LazyDataset, _load_mat,
                                      _read_text, list_images, read_idx)
 from taskmerge.datasets.templates import CLASSNAMES, DATA_NAMED_COUNTS, get_templates, oxford_pet_classname
@@ -370,6 +370,10 @@ class PCAMDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def update_content_hash(self, h) -> None:
+        h.update(f"{file_content_record(self.x_path)}\n".encode())
+        h.update(self.labels.tobytes())
 
     def __getstate__(self):  # DataLoader workers open their own handle
         return dict(self.__dict__, _file=None)

@@ -145,7 +145,7 @@ def run_adamerging(config: AdaMergingRunConfig, script: str) -> dict:
     run = Run(config, script, method, subfolder="adamerging")
     merged, info = adamerging_encoder(run, method, config)
     state_dict = merged.merged_state_dict()
-    run.save_merged(state_dict, method)
+    run.save_merged(state_dict, method, info)
     accs = run.evaluate(state_dict)
     run.log.eval_step("final", accs)
     return run.finish(accs, coefficients=merged.coefficient_rows().tolist(), **info)
@@ -157,14 +157,15 @@ def base_encoders(run: Run, method: str, config: SurgeryRunConfig, images) -> tu
     if method in ADAMERGING:
         merged, info = adamerging_encoder(run, method, config, images)
         if config.save_dir:
-            run.save_merged(merged.merged_state_dict(), method)
+            run.save_merged(merged.merged_state_dict(), method, info)
         base = merged.to_image_encoder()
         return {t: base for t in tasks}, info
     name, settings = base_merge_settings(config)
     merge = MERGERS[name](run, settings)
-    run.save_merged(merge.model, merge.name)
     pretrained, _ = run.experts()
+    # Checked before it is saved: a NaN model is refused with nothing written.
     check_merged(merge.name, merge.model, merge.per_task, merge.extra, pretrained, tasks)
+    run.save_merged(merge.model, merge.name, merge.extra)
     if merge.per_task:  # EMR / TSV-C / TALL: task t's modules sit on task t's own model
         return _TaskEncoders(run.setup.arch, merge.model, pretrained, tasks), {"base": merge.name, **merge.extra}
     base = build_image_encoder(run.setup.arch, merge.model)
@@ -217,7 +218,8 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
     setup, tasks = run.setup, run.setup.tasks
     images = task_images(run)
     bases, base_info = base_encoders(run, method, config, images)
-    cache = FeatureCache(config.feature_cache or os.path.join(setup.model_dir, "feature_cache"))
+    cache = FeatureCache(config.feature_cache or os.path.join(setup.model_dir, "feature_cache"),
+                         log=run.log.info)
     ckpt = setup.checkpoints
     base_feats, expert_feats = {}, {}
     for t in tasks:

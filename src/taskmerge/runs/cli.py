@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from taskmerge.compute.distributed import PeerRefused, stop_together
 from taskmerge.runs.config import configure
 from taskmerge.runs.settings import from_values
 from taskmerge.storage.errors import ConfigError, InputError
@@ -48,5 +49,7 @@ def main(run: Callable[..., Any], config_class: type, namespace: dict[str, Any],
     except InputError as error:
         if debug:
             raise
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        if not isinstance(error, PeerRefused):  # under torchrun the refusing rank says why, once
+            print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
+        stop_together(error)
         raise SystemExit(EXIT_INPUT_ERROR) from None

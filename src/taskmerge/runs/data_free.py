@@ -19,7 +19,7 @@ from taskmerge import merging
 from taskmerge.merging.tall_masks import load_released_masks
 from taskmerge.merging.task_vectors import apply, merged_keys, numel_of
 from taskmerge.compute import distributed
-from taskmerge.compute.devices import default_num_workers, resolve_device, use_tf32
+from taskmerge.compute.devices import default_num_workers, default_threads, resolve_device, use_tf32
 from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
 from taskmerge.runs.reporting import RunLogger, results_table
@@ -33,6 +33,7 @@ from taskmerge.runs.selection import search_coefficients, select_coefficient, se
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
                                   individual_accuracies, released_masks_path, resolve_setup,
                                   start_run, validate_checkpoints)
+from taskmerge.runs import validation
 from taskmerge.runs.validation import check_merged
 from taskmerge.storage.allocator import recycle_freed_memory
 from taskmerge.storage.errors import ConfigError
@@ -46,13 +47,16 @@ class Run:
         self.config = config
         self.method = method
         device = resolve_device(config.device)
-        distributed.init(device)
+        distributed.init(device, rendezvous_timeout_s=config.rendezvous_timeout)
         use_tf32(config.tf32)
         self.setup: Setup = resolve_setup(config.model_name, config.checkpoint_dir,
                                           config.data_location, config.tasks or None,
                                           config.data_format)
         workers = default_num_workers(device) if config.num_workers == "auto" else config.num_workers
+        torch.set_num_threads(default_threads(device, self.setup.embedded) if config.threads == "auto"
+                              else config.threads)
         self.setup.device, self.setup.loader = device, LoaderSettings.for_device(device, workers)
+        validation.check_output_folders(config)  # before any work, and before the log is opened
         self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
                                         config.log_dir)
         if distributed.active():

@@ -1,9 +1,9 @@
 """What a cache entry, a resume state or a saved artefact depends on, as JSON-able digests.
 
 A cached or resumed value is reused only when every input that changes it matches, so each key
-names them all: the checkpoints (`file_digest`: size, mtime and the first/last MiB), the heads (a
-digest of their values: a rebuilt head with the same values keeps its caches), the data (task,
-split, folder, size and a digest of a few items) and the settings that produced the value.
+names them all: the checkpoints (`file_digest`: the sha256 of their bytes), the heads (a digest of
+their values: a rebuilt head with the same values keeps its caches), the data (task, split, folder,
+size, every label and file, and three transformed items) and the settings that produced the value.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from taskmerge.adaptive.training_state import differing_fields  # noqa: F401 (re-exported)
+from taskmerge.datasets.base import dataset_content_digest
 from taskmerge.storage.checkpoints import file_digest
 
 # Merge results derived from the experts and the data (curves, storage sizes, histories): they change
@@ -61,8 +62,10 @@ def dataset_digest(dataset: Dataset) -> str:
 
 
 def data_identity(task: str, split: str, data_location: str, dataset: Dataset) -> dict:
+    """`content` covers every label and every file the split reads (datasets.base); `items` is three
+    transformed images, so a change of preprocessing changes the identity too."""
     return {"task": task, "split": split, "location": os.path.abspath(data_location),
-            "n": len(dataset), "items": dataset_digest(dataset)}
+            "n": len(dataset), "items": dataset_digest(dataset), "content": dataset_content_digest(dataset)}
 
 
 def checkpoint_digests(checkpoints) -> dict[str, str]:

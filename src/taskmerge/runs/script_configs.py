@@ -67,6 +67,8 @@ class RunConfig:
     device: str = setting(nonempty=True)       # "auto" | "cpu" | "cuda" | "cuda:<i>" (checked when resolved)
     tf32: bool = setting()                     # TF32 matmuls on CUDA (compute/devices.py)
     num_workers: int = setting(ge=0, words=("auto",))   # DataLoader workers; "auto": 0 on CPU
+    threads: int = setting(ge=1, words=("auto",))       # torch's CPU threads; "auto": compute/devices.py
+    rendezvous_timeout: float = setting(gt=0)           # torchrun: seconds a rank waits for the others
 
     def check_together(self):
         resolve_tasks(self.tasks)  # a name must be one of the benchmarks

@@ -262,16 +262,31 @@ def evaluate_tasks(setup: Setup, state_dicts: Mapping[str, Mapping[str, torch.Te
     return accs
 
 
+def _read_json_cache(path: str, log) -> dict:
+    """A JSON cache of `{hash: {"key": ..., ...}}` entries; one that cannot be read is a miss (said in
+    one line), and is replaced when the entries are computed again."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        log(f"Cache {path} cannot be read ({type(e).__name__}); computing its entries again")
+        return {}
+    if not isinstance(data, dict):
+        log(f"Cache {path} is not a cache of entries; computing its entries again")
+        return {}
+    # entries of the older, expert-only format are dropped
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("key"), dict)}
+
+
 def individual_accuracies(setup: Setup, heads: dict[str, ClassificationHead], batch_size: int = 128,
                           split: str = "test", log=print) -> dict[str, float]:
     """Each expert on its own task, cached in the model folder, since every report divides by it
     (normalized accuracy). An entry is reused only for the same expert file, head values and data
     (the batch size does not change it); `log` says which tasks are recomputed, and why."""
     cache_path = os.path.join(setup.model_dir, f"individual_accuracies_{split}.json")
-    cache = {}
-    if os.path.exists(cache_path):
-        with open(cache_path) as f:  # entries of the older, expert-only format are dropped
-            cache = {k: v for k, v in json.load(f).items() if isinstance(v, dict) and "key" in v}
+    cache = _read_json_cache(cache_path, log)
     out, changed = {}, False
     for task in setup.tasks:
         data = task_data(setup, task, split).test

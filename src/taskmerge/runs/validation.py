@@ -12,7 +12,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from taskmerge.compute import distributed
 from taskmerge.models.encoders import check_encoder_state
+from taskmerge.storage import atomic
 from taskmerge.storage.checkpoints import validate_experts
 from taskmerge.storage.errors import InputError
 
@@ -64,3 +66,21 @@ def check_finite_model(state_dict: Mapping[str, torch.Tensor], what: str, fix: s
     bad = first_non_finite(state_dict)
     if bad is not None:
         raise InputError(f"{what}: the merged model has {bad[1]} NaN/Inf values in {bad[0]!r}; {fix}")
+
+
+OUTPUT_SETTINGS = ("log_dir", "save_dir", "resume_dir", "feature_cache")
+
+
+def check_output_folders(config) -> None:
+    """Every folder the run will write into (those of `OUTPUT_SETTINGS` it sets) is writable, checked
+    on rank 0 before any work: a read-only or full disk is refused in one line naming the setting,
+    not met as an OSError after the whole merge. All ranks stop together."""
+    error = None
+    try:
+        for name in OUTPUT_SETTINGS:
+            folder = getattr(config, name, "")
+            if folder:
+                atomic.check_writable(folder, name)
+    except InputError as e:
+        error = e
+    distributed.raise_together(error)

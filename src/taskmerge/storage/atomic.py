@@ -16,6 +16,7 @@ private scratch path that is thrown away, so callers write the same way on every
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ import tempfile
 import time
 from typing import Iterator
 
+from taskmerge.storage.errors import InputError
 from taskmerge.storage.writer import is_writer
 
 STALE_AFTER_S = 24 * 3600
@@ -96,6 +98,50 @@ def sweep_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
+class OutputFolderError(InputError):
+    """A folder a run must write into refuses it: read-only, full, not a folder, not ours."""
+
+
+# Errors of the file system, not of the program: said in one line naming the folder.
+REFUSALS = {errno.ENOSPC: "no space left", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.ENOTDIR: "a path component is not a folder", errno.EDQUOT: "disk quota exceeded",
+            errno.EEXIST: "a file of that name is in the way", errno.EINVAL: "not a writable file system",
+            errno.ENOENT: "the folder cannot be created there", errno.EFBIG: "file too large"}
+
+
+@contextlib.contextmanager
+def _refusals(path: str, what: str = "write") -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in REFUSALS:
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        raise OutputFolderError(f"cannot {what} {path} ({REFUSALS[e.errno]}); free space in {folder} or "
+                                f"choose a writable folder for it (nothing older there was changed)") from None
+
+
+def check_writable(folder: str, setting: str) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written (a read-only or
+    full disk, a path under /proc or /dev/null): a probe file is written, synced and removed."""
+    if not is_writer():
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".taskmerge-probe-", dir=folder)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        reason = REFUSALS.get(e.errno, e.strerror or type(e).__name__)
+        raise OutputFolderError(f"setting {setting}={folder!r}: cannot write there ({reason}); choose a "
+                                f"writable folder with free space (--{setting}=...)") from None
+
+
 def _temporary_name(path: str) -> tuple[str, str]:
     folder = os.path.dirname(os.path.abspath(path))
     return folder, f".{os.path.basename(path)}.{_HOST}-{os.getpid()}."
@@ -117,15 +163,17 @@ def atomic_path(path: str) -> Iterator[str]:
             yield scratch
         return
     folder, prefix = _temporary_name(path)
-    os.makedirs(folder, exist_ok=True)
-    sweep_stale_temporaries(folder)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    os.close(fd)
-    # mkstemp creates 0600; give the final file the permissions a plain open() would have.
-    os.chmod(tmp, 0o666 & ~_umask())
+    with _refusals(path):
+        os.makedirs(folder, exist_ok=True)
+        sweep_stale_temporaries(folder)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+        os.close(fd)
+        # mkstemp creates 0600; give the final file the permissions a plain open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _refusals(path):
+            yield tmp
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -148,26 +196,28 @@ def atomic_folder(path: str) -> Iterator[str]:
             yield scratch
         return
     folder, prefix = _temporary_name(path)
-    os.makedirs(folder, exist_ok=True)
-    sweep_stale_temporaries(folder)
-    staging = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder)
+    with _refusals(path):
+        os.makedirs(folder, exist_ok=True)
+        sweep_stale_temporaries(folder)
+        staging = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700, unless copied from `path` below
-        if os.path.isdir(path):
-            shutil.copytree(path, staging, symlinks=True, dirs_exist_ok=True,
-                            copy_function=_link_or_copy,
-                            ignore=lambda _, names: [n for n in names if _OURS.fullmatch(n)])
-        yield staging
-        aside = None
-        if os.path.isdir(path):
-            aside = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder)
-            os.rename(path, aside)  # onto the empty folder just made, which it replaces
-        try:
-            os.rename(staging, path)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, path)
-            raise
+        with _refusals(path):
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700, unless copied from `path` below
+            if os.path.isdir(path):
+                shutil.copytree(path, staging, symlinks=True, dirs_exist_ok=True,
+                                copy_function=_link_or_copy,
+                                ignore=lambda _, names: [n for n in names if _OURS.fullmatch(n)])
+            yield staging
+            aside = None
+            if os.path.isdir(path):
+                aside = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder)
+                os.rename(path, aside)  # onto the empty folder just made, which it replaces
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                if aside is not None:
+                    os.rename(aside, path)
+                raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -36,7 +36,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from taskmerge.storage import atomic, safe_pickle, safetensors_header
+from taskmerge.storage import atomic, digests, safe_pickle, safetensors_header
 from taskmerge.storage.safe_pickle import CheckpointError
 
 FAMILIES = ("safetensors", "task_vectors", "tall_masks", "fusionbench")
@@ -243,11 +243,9 @@ def open_state_dict(path: str, encoder: bool = False) -> Mapping[str, torch.Tens
 
 
 def file_digest(path: str) -> str:
-    """A fast fingerprint for cache keys: sha256 of size, mtime_ns, the first and the last MiB.
-
-    Not a content hash of the whole file (a 1 GB checkpoint would take seconds); the mtime makes a
-    rewritten file count as new even if its head and tail are unchanged. A Hugging Face model
-    folder is fingerprinted by the files its weights are read from (config, weights or shards).
+    """A content digest for cache keys: sha256 of the file's bytes (`digests.content_digest`,
+    remembered by size, mtime, ctime and inode, so each file is read once). A Hugging Face model
+    folder is digested by the files its weights are read from (config, weights or shards).
     """
     if os.path.isdir(path):
         from taskmerge.storage.hf_checkpoints import weight_files  # it imports this module
@@ -255,15 +253,13 @@ def file_digest(path: str) -> str:
         for file in weight_files(path):
             h.update(f"{os.path.basename(file)}:{file_digest(file)}".encode())
         return h.hexdigest()[:32]
-    mib = 1 << 20
-    st = os.stat(path)
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(mib))
-        if st.st_size > mib:
-            f.seek(max(mib, st.st_size - mib))
-            h.update(f.read(mib))
-    return h.hexdigest()[:32]
+    return digests.content_digest(path)
+
+
+def _same_source(path: str, recorded) -> bool:
+    """Whether `recorded` (a converted file's `source_digest`) is `path`'s digest; files converted
+    by an older taskmerge recorded the size/mtime/head/tail fingerprint, accepted as it was."""
+    return recorded == file_digest(path) or recorded == digests.legacy_fingerprint(path)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -376,7 +372,7 @@ def _stale(converted: str, root: str) -> str | None:
                               f"original; the file is corrupt: delete it and re-run "
                               f"src/convert_checkpoints.py")
     original = os.path.join(root, metadata["source"])
-    if os.path.exists(original) and file_digest(original) != metadata.get("source_digest"):
+    if os.path.exists(original) and not _same_source(original, metadata.get("source_digest")):
         return original
     return None
 
@@ -540,7 +536,7 @@ def convert_to_safetensors(root: str, model_name: str, tasks, out: str | None = 
         if os.path.exists(dst):
             try:
                 with safe_open(dst, framework="pt") as f:
-                    if (f.metadata() or {}).get("source_digest") == digest:
+                    if _same_source(src, (f.metadata() or {}).get("source_digest")):
                         done["skipped"].append(dst)
                         continue
             except Exception:
