@@ -19,6 +19,7 @@ num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, co
 threads = "auto"              # torch CPU threads: "auto" = 1 for the embedded model, else the cores (README)
 rendezvous_timeout = 300      # torchrun: seconds each rank waits for the others to start
 log_dir = "src/logs"
+cache_dir = "auto"            # built heads, expert accuracies, features: "auto" = the model folder (a user cache if read-only)
 
 if __name__ == "__main__":
     main(run_single_task_eval, SingleTaskEvalConfig, globals())

@@ -11,6 +11,7 @@ data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF s
 tasks = []                    # empty: every task of the model's benchmark, in its order
 # output
 log_dir = "src/logs"
+cache_dir = "auto"            # built heads, expert accuracies, features: "auto" = the model folder (a user cache if read-only)
 save_dir = "checkpoints/merged"   # merged model as safetensors ("" to skip)
 batch_size = 128              # evaluation batch
 # machine (README "GPUs and torchrun")

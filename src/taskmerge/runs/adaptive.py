@@ -75,7 +75,7 @@ def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
     merged = MergedEncoder(build_image_encoder(setup.arch), theta0, vectors, mode=mode,
                            init=config.prior, clamp=config.clamp, device=setup.device)
     key = coefficients_key(run, method, merged, _adamerging_config(config, run.batch_size))
-    folder = os.path.join(setup.model_dir, "adamerging")
+    folder = os.path.join(setup.cache_dir, "adamerging")
     if source == "auto":
         saved, why = find_saved(folder, method, key)
         if _published_exists(method, setup):
@@ -218,7 +218,7 @@ def run_surgery(config: SurgeryRunConfig, script: str) -> dict:
     setup, tasks = run.setup, run.setup.tasks
     images = task_images(run)
     bases, base_info = base_encoders(run, method, config, images)
-    cache = FeatureCache(config.feature_cache or os.path.join(setup.model_dir, "feature_cache"),
+    cache = FeatureCache(config.feature_cache or os.path.join(setup.cache_dir, "feature_cache"),
                          log=run.log.info)
     ckpt = setup.checkpoints
     base_feats, expert_feats = {}, {}

@@ -31,7 +31,7 @@ from taskmerge.runs.script_configs import (VAL_GRIDS, CARTMerge, DareSettings, E
 from taskmerge.runs.heads import load_heads
 from taskmerge.runs.selection import search_coefficients, select_coefficient, select_per_task
 from taskmerge.runs.setup import (Setup, encoder_for, evaluate_tasks, evaluation_split, finish_run,
-                                  individual_accuracies, released_masks_path, resolve_setup,
+                                  individual_accuracies, released_masks_path, resolve_cache_dir, resolve_setup,
                                   start_run, validate_checkpoints)
 from taskmerge.runs import validation
 from taskmerge.runs.validation import check_merged
@@ -56,9 +56,14 @@ class Run:
         torch.set_num_threads(default_threads(device, self.setup.embedded) if config.threads == "auto"
                               else config.threads)
         self.setup.device, self.setup.loader = device, LoaderSettings.for_device(device, workers)
-        validation.check_output_folders(config)  # before any work, and before the log is opened
+        self.setup.cache_root, cache_why = resolve_cache_dir(config.cache_dir, self.setup)
+        # before any work, and before the log is opened
+        validation.check_output_folders(config, {"cache_dir": self.setup.cache_dir})
         self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
                                         config.log_dir)
+        if self.setup.cache_dir != self.setup.model_dir:
+            self.log.info(f"Caches (built heads, expert accuracies, coefficients, features) go to "
+                          f"{self.setup.cache_dir} ({cache_why})")
         if distributed.active():
             self.log.info(f"torch.distributed: {distributed.world_size()} ranks over "
                           f"{distributed.backend()}; evaluation and features are sharded over them, "

@@ -69,6 +69,15 @@ def text_tower_path(setup: Setup) -> str | None:
                  if os.path.exists(os.path.join(setup.model_dir, n))), None)
 
 
+def head_file(setup: Setup, task: str) -> str:
+    """Where `task`'s head is read: a head built into a cache folder apart from the model folder
+    (it was missing or stale there, and the model folder read-only), else the checkpoints' own."""
+    built = os.path.join(setup.cache_dir, f"head_{task}.pt")
+    if setup.cache_dir != setup.model_dir and os.path.exists(built):
+        return built
+    return setup.checkpoints.head_path(task)
+
+
 def head_key(setup: Setup, task: str, prompts: HeadPrompts, text_tower: str | None) -> dict:
     return as_json({"task": task, "classnames": prompts.classnames, "templates": prompts.templates,
                     "names_from": prompts.source,
@@ -99,7 +108,7 @@ def load_heads(setup: Setup, log=print) -> dict[str, ClassificationHead]:
     with distributed.main_first():
         text_tower = text_tower_path(setup)
         for task in setup.tasks:
-            path = setup.checkpoints.head_path(task)
+            path = head_file(setup, task)
             prompts = head_prompts(setup, task)
             heads[task] = _cached_or_built(setup, task, path, prompts, text_tower, log)
             check_head(heads[task], path, prompts.classnames, width)
@@ -148,7 +157,7 @@ def _build_and_cache_head(setup: Setup, task: str, prompts: HeadPrompts, key: di
     clip = _pretrained_clip(setup, task, text_tower).to(setup.device)
     head = build_zeroshot_head(clip, get_tokenizer(setup.arch), prompts.classnames, prompts.templates,
                                device=setup.device)
-    path = os.path.join(setup.model_dir, f"head_{task}.pt")  # where head_path finds a built head
+    path = os.path.join(setup.cache_dir, f"head_{task}.pt")  # where head_file finds a built head
     atomic.torch_save({"weight": head.weight.detach().cpu().clone(), "bias": head.bias.detach().cpu().clone()},
                       path)
     atomic.write_json(key_path(path), key)  # after the head: a key always describes the file beside it

@@ -63,6 +63,7 @@ class RunConfig:
     data_format: str = setting(choices=DATA_FORMATS)    # the real tasks' format; embedded ignores it
     tasks: list[str] | str = setting(unique=True)       # []: the model's benchmark; or "TALL14"/"TALL20"/…
     log_dir: str = setting(nonempty=True)
+    cache_dir: str = setting(nonempty=True)    # "auto": the model folder, or the user's cache if read-only
     batch_size: int = setting(ge=1)
     device: str = setting(nonempty=True)       # "auto" | "cpu" | "cuda" | "cuda:<i>" (checked when resolved)
     tf32: bool = setting()                     # TF32 matmuls on CUDA (compute/devices.py)
@@ -331,7 +332,7 @@ class SurgeryRunConfig(AdaMergingRunConfig):
     lr: float = setting(gt=0.0, finite=True)
     zero_grad_mode: str = setting(choices=ZERO_GRAD_MODES)
     online: bool = setting()
-    feature_cache: str = setting()             # "" : <model folder>/feature_cache
+    feature_cache: str = setting()             # "" : <cache folder>/feature_cache
 
     def check_together(self):
         super().check_together()

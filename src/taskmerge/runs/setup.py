@@ -31,6 +31,7 @@ from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import as_json, data_identity, differing_fields, head_digest, short_hash
 from taskmerge.runs.reporting import RunLogger, log_path, method_label, results_table
 from taskmerge.storage import atomic
+from taskmerge.storage.digests import cache_dir as user_cache_dir
 from taskmerge.storage.checkpoints import CheckpointSet, file_digest
 from taskmerge.storage.errors import ConfigError
 from taskmerge.storage.hf_checkpoints import FUSIONBENCH_MODELS
@@ -52,12 +53,18 @@ class Setup:
     data_format: str = "folders"   # the real tasks' format: folders | parquet (embedded: ignored)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     loader: LoaderSettings = field(default_factory=LoaderSettings)
+    cache_root: str = ""     # where caches are written (resolve_cache_dir); "" = the model folder
     _encoder_cache: dict = field(default_factory=dict, repr=False)
     _data_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def model_dir(self) -> str:
         return self.checkpoints.model_dir
+
+    @property
+    def cache_dir(self) -> str:
+        """Where built heads, expert accuracies, learned coefficients and features are cached."""
+        return self.cache_root or self.model_dir
 
     @property
     def family(self) -> str:
@@ -71,7 +78,8 @@ class Setup:
 
     def describe(self) -> dict:
         return {"model": self.model_name, "arch": self.arch, "checkpoint_family": self.family,
-                "model_dir": self.model_dir, "tasks": self.tasks, "data_location": self.data_location,
+                "model_dir": self.model_dir, "cache_dir": self.cache_dir, "tasks": self.tasks,
+                "data_location": self.data_location,
                 "data_format": "embedded" if self.embedded else self.data_format,
                 "preprocessing": self.preprocessing, "compute": self.compute()}
 
@@ -150,6 +158,21 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
     return Setup(model_name, model_name, checkpoints, tasks, data_location, False,
                  data_format=data_format)
+
+
+def resolve_cache_dir(setting: str, setup: Setup) -> tuple[str, str]:
+    """(folder, why) of the run's caches. "auto": the model folder while it is writable (as the
+    originals keep heads beside the checkpoints), else a folder of this model in the user's cache
+    (storage/digests.cache_dir: TASKMERGE_CACHE_DIR, XDG_CACHE_HOME or ~/.cache), so a read-only
+    shared model store can be used; a path: `<path>/<model name>`."""
+    if setting != "auto":
+        return os.path.join(setting, setup.model_name), "cache_dir setting"
+    reason = atomic.write_refusal(setup.model_dir)
+    if reason is None:
+        return setup.model_dir, "the model folder"
+    where = os.path.abspath(setup.model_dir)
+    folder = os.path.join(user_cache_dir(), "models", f"{setup.model_name}-{short_hash(where, 8)}")
+    return folder, f"the model folder {setup.model_dir} cannot be written: {reason}"
 
 
 def released_masks_path(setup: Setup, use_ties: bool) -> str:
@@ -285,7 +308,7 @@ def individual_accuracies(setup: Setup, heads: dict[str, ClassificationHead], ba
     """Each expert on its own task, cached in the model folder, since every report divides by it
     (normalized accuracy). An entry is reused only for the same expert file, head values and data
     (the batch size does not change it); `log` says which tasks are recomputed, and why."""
-    cache_path = os.path.join(setup.model_dir, f"individual_accuracies_{split}.json")
+    cache_path = os.path.join(setup.cache_dir, f"individual_accuracies_{split}.json")
     cache = _read_json_cache(cache_path, log)
     out, changed = {}, False
     for task in setup.tasks:

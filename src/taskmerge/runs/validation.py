@@ -71,14 +71,15 @@ def check_finite_model(state_dict: Mapping[str, torch.Tensor], what: str, fix: s
 OUTPUT_SETTINGS = ("log_dir", "save_dir", "resume_dir", "feature_cache")
 
 
-def check_output_folders(config) -> None:
-    """Every folder the run will write into (those of `OUTPUT_SETTINGS` it sets) is writable, checked
-    on rank 0 before any work: a read-only or full disk is refused in one line naming the setting,
-    not met as an OSError after the whole merge. All ranks stop together."""
+def check_output_folders(config, resolved: Mapping[str, str] | None = None) -> None:
+    """Every folder the run will write into (those of `OUTPUT_SETTINGS` it sets, and `resolved`
+    {setting: folder} ones such as the cache folder) is writable, checked on rank 0 before any work:
+    a read-only or full disk is refused in one line naming the setting, not met as an OSError after
+    the whole merge. All ranks stop together."""
     error = None
+    folders = [(name, getattr(config, name, "")) for name in OUTPUT_SETTINGS]
     try:
-        for name in OUTPUT_SETTINGS:
-            folder = getattr(config, name, "")
+        for name, folder in [*folders, *(resolved or {}).items()]:
             if folder:
                 atomic.check_writable(folder, name)
     except InputError as e:

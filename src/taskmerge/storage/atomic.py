@@ -122,11 +122,10 @@ def _refusals(path: str, what: str = "write") -> Iterator[None]:
                                 f"choose a writable folder for it (nothing older there was changed)") from None
 
 
-def check_writable(folder: str, setting: str) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written (a read-only or
-    full disk, a path under /proc or /dev/null): a probe file is written, synced and removed."""
-    if not is_writer():
-        return
+def write_refusal(folder: str) -> str | None:
+    """Why `folder` cannot be created or written (a read-only or full disk, a path under /proc or
+    /dev/null), or None: a probe file is written, synced and removed. Runs on every rank, so ranks
+    that choose a folder by it choose alike."""
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".taskmerge-probe-", dir=folder)
@@ -137,9 +136,19 @@ def check_writable(folder: str, setting: str) -> None:
             os.close(fd)
             os.remove(probe)
     except OSError as e:
-        reason = REFUSALS.get(e.errno, e.strerror or type(e).__name__)
+        return REFUSALS.get(e.errno, e.strerror or type(e).__name__)
+    return None
+
+
+def check_writable(folder: str, setting: str) -> None:
+    """Refuse, before any work, an output folder that cannot be written (`write_refusal`), naming
+    the setting. Only the writing rank checks: the others write nothing."""
+    if not is_writer():
+        return
+    reason = write_refusal(folder)
+    if reason is not None:
         raise OutputFolderError(f"setting {setting}={folder!r}: cannot write there ({reason}); choose a "
-                                f"writable folder with free space (--{setting}=...)") from None
+                                f"writable folder with free space (--{setting}=...)")
 
 
 def _temporary_name(path: str) -> tuple[str, str]:
