@@ -51,7 +51,7 @@ class Run:
         use_tf32(config.tf32)
         self.setup: Setup = resolve_setup(config.model_name, config.checkpoint_dir,
                                           config.data_location, config.tasks or None,
-                                          config.data_format)
+                                          config.data_format, config.trust_label_order)
         workers = default_num_workers(device) if config.num_workers == "auto" else config.num_workers
         torch.set_num_threads(default_threads(device, self.setup.embedded) if config.threads == "auto"
                               else config.threads)

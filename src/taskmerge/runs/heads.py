@@ -52,7 +52,8 @@ def head_prompts(setup: Setup, task: str) -> HeadPrompts:
     data = task_data(setup, task)
     if setup.family == "fusionbench":
         names, templates, source = fusionbench_prompts(task)
-        check_label_order(task, list(data.classnames), f"the {task} data under {setup.data_location}")
+        check_label_order(task, list(data.classnames), f"the {task} data under {setup.data_location}",
+                          setup.trust_label_order)
         return HeadPrompts(names, templates, f"FusionBench {source}")
     names, source = list(data.classnames), "the task data"
     if not setup.embedded and data.info.get("format") == "parquet" and task in DATA_NAMED_COUNTS:

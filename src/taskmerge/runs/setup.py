@@ -50,6 +50,7 @@ class Setup:
     embedded: bool
     micro: bool = False
     data_format: str = "folders"   # the real tasks' format: folders | parquet (embedded: ignored)
+    trust_label_order: bool = False  # class names that match none of ours: taken to be in our order
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     _encoder_cache: dict = field(default_factory=dict, repr=False)
@@ -106,12 +107,13 @@ def resolve_tasks(tasks: list[str] | str | None) -> list[str] | None:
 
 def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
                   data_location: str = "data", tasks: list[str] | str | None = None,
-                  data_format: str = "folders") -> Setup:
+                  data_format: str = "folders", trust_label_order: bool = False) -> Setup:
     """Find the model's checkpoints (building the embedded benchmark if that is what is asked).
     `tasks` is a list, a benchmark name (`resolve_tasks`) or None (the paper's 8, or the embedded
     benchmark's tasks). `data_format` is how the real tasks are stored under `data_location`:
     "folders" (the originals' layouts, datasets/real.py) or "parquet" (the Hugging Face
-    snapshots, datasets/parquet.py)."""
+    snapshots, datasets/parquet.py). `trust_label_order`: data whose class names match none of
+    ours (or FusionBench's) is used as if in our order, instead of being refused."""
     named = tasks if isinstance(tasks, str) else None
     tasks = resolve_tasks(tasks)
     if data_format not in DATA_FORMATS:
@@ -149,7 +151,7 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
                           f"paper's 8)")
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
     return Setup(model_name, model_name, checkpoints, tasks, data_location, False,
-                 data_format=data_format)
+                 data_format=data_format, trust_label_order=trust_label_order)
 
 
 def released_masks_path(setup: Setup, use_ties: bool) -> str:
@@ -219,7 +221,7 @@ def _read_task_data(setup: Setup, task: str, split: str):
         from taskmerge.embedded.tasks import get_embedded_task
         return get_embedded_task(name, setup.data_location, transform, micro=setup.micro)
     if setup.data_format == "parquet":
-        return get_parquet_task(name, setup.data_location, transform)
+        return get_parquet_task(name, setup.data_location, transform, setup.trust_label_order)
     return get_task(name, setup.data_location, transform)
 
 
