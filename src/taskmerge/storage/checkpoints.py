@@ -97,6 +97,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         return {k: _owned(reader[k]) for k in reader}
     obj = None
     if fmt == "torch-zip":
+        safe_pickle.check_zip_crc(path)  # torch.load does not check it
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
