@@ -64,8 +64,10 @@ class Run:
                           f"{distributed.backend()}; evaluation and features are sharded over them, "
                           f"only rank 0 writes files")
         self.batch_size = config.batch_size
+        # the checkpoints first: one of another model is named in one line, before the heads'
+        # text tower is loaded into the run's architecture
+        validate_checkpoints(self.setup)
         self.heads = load_heads(self.setup, log=self.log.info)
-        validate_checkpoints(self.setup)  # before the first evaluation reads any of them
         self.individual = individual_accuracies(self.setup, self.heads, self.batch_size, log=self.log.info)
         self._individual_val = None
         self._experts = None

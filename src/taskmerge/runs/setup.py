@@ -22,6 +22,7 @@ from taskmerge.datasets.registry import BENCHMARKS, PAPER_8, REAL_TASKS, get_tas
 from taskmerge.merging.tall_masks import released_mask_names
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, eval_transform
 from taskmerge.models.heads import ClassificationHead
+from taskmerge.models.hf_encoders import checkpoint_arch
 from taskmerge.models.preprocessing import PREPROCESSING, clip_image_processor
 from taskmerge.runs import validation
 from taskmerge.adaptive.adaptation_data import TaskImages
@@ -43,7 +44,8 @@ DATA_FORMATS = ("folders", "parquet")
 class Setup:
     """The resolved model, checkpoints, tasks and data of one run."""
     model_name: str          # the checkpoint folder name (e.g. ViT-B-32, taskmerge-tiny)
-    arch: str                # the open_clip architecture it is built with
+    arch: str                # the open_clip architecture it is built with (fusionbench: as its
+                             # config.json says, e.g. ViT-B-32+gelu; models/hf_encoders.py)
     checkpoints: CheckpointSet
     tasks: list[str]
     data_location: str
@@ -150,7 +152,11 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
                           f"with data_format={data_format!r}; choose from {readable} (or [] for the "
                           f"paper's 8)")
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
-    return Setup(model_name, model_name, checkpoints, tasks, data_location, False,
+    arch = model_name
+    if checkpoints.family == "fusionbench":  # the model its config.json describes (hf_encoders.py)
+        arch = checkpoint_arch(model_name, checkpoints.model_config(),
+                               os.path.join(checkpoints.zeroshot_path, "config.json"))
+    return Setup(model_name, arch, checkpoints, tasks, data_location, False,
                  data_format=data_format, trust_label_order=trust_label_order)
 
 

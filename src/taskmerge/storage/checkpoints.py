@@ -470,6 +470,14 @@ class CheckpointSet:
             return convert_image_encoder(expert.tensors, expert.config, expert.folder)
         return open_state_dict(self.finetuned_path(task), encoder=True)
 
+    def model_config(self) -> dict | None:
+        """fusionbench: the open_clip config of the pre-trained CLIPModel's config.json (what the
+        run must build, models/hf_encoders.py `checkpoint_arch`); None for the file layouts."""
+        if self.family != "fusionbench":
+            return None
+        from taskmerge.storage.hf_checkpoints import clip_model_config
+        return clip_model_config(self._hf_base())
+
     def _hf_base(self):
         if "checkpoint" not in self._hf_pretrained:
             from taskmerge.storage.hf_checkpoints import read_hf_checkpoint

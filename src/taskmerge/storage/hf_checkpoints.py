@@ -344,6 +344,23 @@ def open_clip_config(config: dict) -> dict:
     }
 
 
+def clip_model_config(checkpoint: HFCheckpoint) -> dict:
+    """The open_clip config of a pre-trained CLIPModel folder, refused where open_clip cannot build
+    its text tower as the config says (open_clip's CLIP has one activation for both towers)."""
+    text, vision = checkpoint.config["text_config"], checkpoint.config["vision_config"]
+    path = os.path.join(checkpoint.folder, "config.json")
+    if text is None:
+        raise CheckpointError(f"{checkpoint.folder}: a {checkpoint.architecture} has no text tower; "
+                              f"the pre-trained model must be a full CLIPModel")
+    differ = [f"{k}: text {text[k]!r}, vision {v!r}" for k, v in
+              (("hidden_act", vision["hidden_act"]), ("layer_norm_eps", 1e-5)) if text[k] != v]
+    if differ:
+        raise CheckpointError(f"{path}: the text tower's {'; '.join(differ)}; open_clip builds both "
+                              f"towers with one activation and layer_norm_eps 1e-5, so this model's "
+                              f"zero-shot heads cannot be built faithfully")
+    return open_clip_config(checkpoint.config)
+
+
 def _block_recipe(ours: str, hf: str) -> dict[str, tuple[str, list[str]]]:
     attn = f"{hf}.self_attn"
     return {
@@ -537,6 +554,6 @@ def vision_model_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str] | Non
 
 __all__ = ["FUSIONBENCH_MODELS", "FUSIONBENCH_TASK_NAMES", "fusionbench_repos",
            "find_fusionbench_folders", "weight_files", "HFCheckpoint", "TensorSource", "ConvertedStateDict",
-           "resolve_model_folder", "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
+           "resolve_model_folder", "find_model_folder", "read_hf_checkpoint", "open_clip_config", "clip_model_config", "image_encoder_recipe",
            "convert_image_encoder", "clip_recipe", "convert_clip", "with_pretrained_parts",
            "load_hf_image_encoder", "load_hf_clip", "vision_model_keys"]
