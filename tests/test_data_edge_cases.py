@@ -103,6 +103,14 @@ def test_hub_spellings_of_fixed_names_are_matched(tmp_path):
     assert get_parquet_task("KMNIST", str(tmp_path)).classnames == templates.CLASSNAMES["KMNIST"]
     write_task(str(tmp_path), "FER2013", names=templates.FER2013_NAMES)
     assert get_parquet_task("FER2013", str(tmp_path)).classnames == templates.CLASSNAMES["FER2013"]
+    # class ids as names (GTSRB's folders are its ids): a number is that class
+    ids = [str(i) for i in range(43)]
+    write_task(str(tmp_path), "GTSRB", names=ids)
+    assert get_parquet_task("GTSRB", str(tmp_path)).classnames == templates.CLASSNAMES["GTSRB"]
+    ids[3], ids[4] = ids[4], ids[3]
+    write_task(str(tmp_path / "swapped"), "GTSRB", names=ids)
+    with pytest.raises(DatasetLayoutError, match="its label 3 is '4', which is our class 4"):
+        get_parquet_task("GTSRB", str(tmp_path / "swapped"), trust_label_order=True)
 
 
 def test_fusionbench_order_check_refuses_unmatched_names_unless_trusted():

@@ -342,7 +342,8 @@ def class_order_problem(data_names: list[str], spellings: list[list[str]]) -> tu
     by `normalized_classname`; a spelling shared by two classes says nothing and is dropped. Returns
     (i, j): the data's label i carries class j's name (j != i), or (i, None): its name is none of the
     classes' (a label order that cannot be checked, not one in the right place). A name that is
-    another class's is reported before an unmatched one."""
+    another class's is reported before an unmatched one. A name that is a number ("7", "00007", as
+    a folder of class ids) is that class id."""
     owners: dict[str, set[int]] = {}
     for j, names in enumerate(spellings):
         for name in names:
@@ -350,7 +351,8 @@ def class_order_problem(data_names: list[str], spellings: list[list[str]]) -> tu
     index = {name: js.pop() for name, js in owners.items() if len(js) == 1}
     unmatched = None
     for i, name in enumerate(data_names):
-        j = index.get(normalized_classname(name))
+        key = normalized_classname(name)
+        j = int(key) if key.isdigit() and int(key) < len(spellings) else index.get(key)
         if j is None:
             own = {normalized_classname(n) for n in spellings[i]} if i < len(spellings) else set()
             if normalized_classname(name) not in own and unmatched is None:
