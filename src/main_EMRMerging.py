@@ -8,6 +8,7 @@ model_name = "auto"
 checkpoint_dir = "checkpoints"
 data_location = "data"
 data_format = "folders"       # "folders" (originals' layouts) | "parquet" (HF snapshots); embedded ignores it
+trust_label_order = False     # True: data whose class names match none of ours is taken to be in our order
 tasks = []                    # empty: every task of the model's benchmark, in its order
 # output
 log_dir = "src/logs"

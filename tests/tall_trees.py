@@ -15,6 +15,7 @@ from test_datasets_real import (make_cars, make_dtd, make_eurosat, make_gtsrb, m
 from PIL import Image
 
 from taskmerge.datasets import templates
+from taskmerge.datasets.fusionbench_classnames import CLASSNAMES as FUSIONBENCH_CLASSNAMES
 from taskmerge.datasets.parquet import HF_SOURCES
 
 N_TRAIN, N_TEST = 20, 4   # 20: a 10 % Val split of 2
@@ -222,7 +223,8 @@ def make_parquet(data: str, tasks, n: int = 6) -> None:
     for task in tasks:
         names = None
         if task in templates.DATA_NAMED_COUNTS:
-            names = [f"class_{i}" for i in range(templates.DATA_NAMED_COUNTS[task])]
+            # the hub's names are the class names FusionBench's lists spell (an order that checks)
+            names = [n.replace(" ", "_") for n in FUSIONBENCH_CLASSNAMES[task]]
         write_task(data, task, n=n, names=names)
 
 

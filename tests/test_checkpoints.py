@@ -581,3 +581,32 @@ def test_a_converted_file_without_its_source_record_is_a_checkpoint_error(tmp_pa
                                 metadata={"format": checkpoints._FORMAT_TAG})  # no "source"
     with pytest.raises(CheckpointError, match=r"zeroshot\.safetensors.*source"):
         CheckpointSet.discover(tmp_path, MODEL, ["Cars"])
+
+
+def _flip_a_byte_of_record(path, suffix="data/0"):
+    """Flip one byte inside a stored zip record (torch writes them uncompressed), as a bad copy would."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    data = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_torch_zip_with_a_flipped_byte_is_refused(tmp_path):
+    """torch.load does not check the zip's CRC-32 and would return a changed weight."""
+    from taskmerge.adaptive.training_state import read_resume_state
+    from taskmerge.storage.errors import InputError
+    path = str(tmp_path / "finetuned.pt")
+    torch.save({"model.visual.proj": torch.arange(64, dtype=torch.float32)}, path)
+    _flip_a_byte_of_record(path)
+    with pytest.raises(CheckpointError, match=r"finetuned\.pt: record 'finetuned/data/0' fails its CRC-32"):
+        checkpoints.load_state_dict(path)
+    resume = str(tmp_path / "adamerging_x.pt")
+    torch.save({"key": {"run": 1}, "step": torch.arange(64)}, resume)
+    _flip_a_byte_of_record(resume)
+    with pytest.raises(InputError, match=r"adamerging_x\.pt: cannot be read as a resume state"):
+        read_resume_state(resume)

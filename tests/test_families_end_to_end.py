@@ -152,8 +152,11 @@ def test_tall_masks_folder_of_20_tasks_runs_eval_tall_masks_and_adamerging(tall_
 
 
 def _tiny_text_tower(monkeypatch, oc_config):
-    """The tiny CLIP's text tower (100 ids) builds the heads, with a tokenizer that fits it."""
+    """The tiny CLIP's text tower (100 ids) builds the heads, with a tokenizer that fits it; the tiny
+    config stands in for ViT-B-32's when the download's config.json is compared with it."""
+    from test_fusionbench_family import stand_in_backbone
     from test_fusionbench_heads import TinyTokenizer
+    stand_in_backbone(monkeypatch, oc_config)
     monkeypatch.setattr(run_heads, "create_clip", lambda arch: create_clip_from_config(oc_config))
     monkeypatch.setattr(run_heads, "get_tokenizer", lambda arch: TinyTokenizer())
 

@@ -21,6 +21,16 @@ from taskmerge.storage.hf_checkpoints import FUSIONBENCH_TASK_NAMES, open_clip_c
 TASKS = ("Cars", "SUN397")
 
 
+def stand_in_backbone(monkeypatch, config: dict, name: str = "ViT-B-32") -> None:
+    """The real ViT-B-32 is too large for a test: `config` (a tiny CLIP's open_clip config, with
+    QuickGELU) is what `name` describes when a checkpoint's config.json is compared with it
+    (models/hf_encoders.py `checkpoint_arch`)."""
+    from taskmerge.models import hf_encoders
+    real = hf_encoders.model_config
+    monkeypatch.setattr(hf_encoders, "model_config",
+                        lambda model: {**config, "quick_gelu": True} if model == name else real(model))
+
+
 @pytest.fixture(scope="module")
 def download_root(tmp_path_factory):
     """`hf download --local-dir` trees: the pre-trained CLIPModel and two CLIPVisionModel experts."""

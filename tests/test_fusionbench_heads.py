@@ -11,6 +11,7 @@ import zlib
 import pytest
 import torch
 from tall_trees import make_folders, make_parquet
+from test_fusionbench_family import stand_in_backbone
 from test_hf_checkpoints import _randomise, tiny_config
 
 from taskmerge.datasets import templates
@@ -112,6 +113,7 @@ def tiny_towers(fb_root, monkeypatch):
             enc.load_state_dict({k: state_dict[k] for k in enc.state_dict()})
         return enc.eval()
     monkeypatch.setattr(run_setup, "build_image_encoder", encoder)
+    stand_in_backbone(monkeypatch, config)
     monkeypatch.setattr(run_heads, "create_clip", lambda arch: create_clip_from_config(config))
     monkeypatch.setattr(run_heads, "get_tokenizer", lambda arch: TinyTokenizer())
     built = []

@@ -225,6 +225,71 @@ def test_sharded_safetensors(clip_folder, images, tmp_path):
     assert (our_features(str(tmp_path), images) - expected).abs().max() <= TOL
 
 
+def _sharded_bin(folder, out):
+    """`folder`'s weights as transformers writes a large model without safetensors: two
+    pytorch_model-0000k-of-00002.bin shards and pytorch_model.bin.index.json."""
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    out.mkdir()
+    for name, part in shards.items():
+        torch.save({k: tensors[k] for k in part}, str(out / name))
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (out / "config.json").write_bytes(open(os.path.join(folder, "config.json"), "rb").read())
+    return str(out)
+
+
+def test_sharded_pytorch_bin_is_read_through_the_restricted_unpickler(clip_folder, images, tmp_path,
+                                                                     monkeypatch):
+    from taskmerge.storage import safe_pickle
+    from taskmerge.storage.checkpoints import file_digest
+    from taskmerge.storage.hf_checkpoints import weight_files
+    folder, clip = clip_folder
+    out = _sharded_bin(folder, tmp_path / "sharded")
+    read = []
+    real = safe_pickle.safe_load
+    monkeypatch.setattr(safe_pickle, "safe_load", lambda path: read.append(os.path.basename(path)) or real(path))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read a .bin shard"))
+    with torch.no_grad():
+        expected = clip.get_image_features(pixel_values=images).pooler_output
+    assert (our_features(out, images) - expected).abs().max() <= TOL
+    assert read == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    assert [os.path.basename(f) for f in weight_files(out)] == [
+        "config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin"]
+    before = file_digest(out)
+    shard = os.path.join(out, "pytorch_model-00002-of-00002.bin")
+    os.truncate(shard, os.path.getsize(shard) - 1)
+    assert file_digest(out) != before  # a shard is part of the folder's digest
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin"):
+        read_hf_checkpoint(out)
+
+
+def test_a_sharded_index_naming_other_files_is_refused(clip_folder, tmp_path):
+    folder, _ = clip_folder
+    out = _sharded_bin(folder, tmp_path / "sharded")
+    index = os.path.join(out, "pytorch_model.bin.index.json")
+    weight_map = json.load(open(index))["weight_map"]
+    json.dump({"weight_map": {**weight_map, "extra": "../elsewhere.bin"}}, open(index, "w"))
+    with pytest.raises(CheckpointError, match=r"names shard files outside its folder \(\['\.\./elsewhere\.bin'\]\)"):
+        read_hf_checkpoint(out)
+    json.dump({"weight_map": {**weight_map, "not.there": "pytorch_model-00001-of-00002.bin"}}, open(index, "w"))
+    with pytest.raises(CheckpointError, match=r"names 1 tensors its shards do not hold \(e.g. 'not.there'"):
+        read_hf_checkpoint(out)
+
+
+@pytest.mark.parametrize("section", ["vision_config", "text_config"])
+def test_a_config_section_that_is_not_an_object_is_refused(clip_folder, tmp_path, section):
+    folder, _ = clip_folder
+    config = json.load(open(os.path.join(folder, "config.json")))
+    config[section] = [config[section]]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(open(os.path.join(folder, "model.safetensors"), "rb").read())
+    with pytest.raises(CheckpointError, match=rf"config\.json: {section} is a list, expected a JSON object"):
+        read_hf_checkpoint(str(tmp_path))
+
+
 def test_hub_cache_layout(clip_folder, expert_folder, images, tmp_path):
     folder, clip = clip_folder
     expert, vision = expert_folder

@@ -14,6 +14,7 @@ import torch
 
 from taskmerge.storage import atomic
 from taskmerge.storage.errors import ConfigError, InputError
+from taskmerge.storage.safe_pickle import check_zip_crc
 
 
 def run_hash(kind: str, key: dict) -> str:
@@ -41,6 +42,7 @@ def read_resume_state(path: str) -> dict:
     try:
         with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol
             warnings.simplefilter("ignore")
+            check_zip_crc(path)  # torch.load would read a flipped byte as a changed weight
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickle with code, a disk error
         raise InputError(f"{path}: cannot be read as a resume state ({type(e).__name__}; truncated, "

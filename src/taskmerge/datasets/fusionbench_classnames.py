@@ -16,10 +16,10 @@ the templates equal ours (`get_templates`), which tests/test_fusionbench_heads.p
 """
 from __future__ import annotations
 
-import re
-
 from taskmerge.datasets.real import DatasetLayoutError
-from taskmerge.datasets.templates import base_task
+from taskmerge.datasets.templates import CLASSNAMES as OUR_CLASSNAMES
+from taskmerge.datasets.templates import (DTD_FOLDERS, EUROSAT_FOLDERS, base_task, class_order_problem,
+                                          dtd_classname, eurosat_classname)
 
 # our task name → FusionBench's file (under fusion_bench/tasks/clip_classification/)
 SOURCE_FILES: dict[str, str] = {
@@ -427,23 +427,46 @@ def fusionbench_prompts(task: str) -> tuple[list[str], list[str], str]:
     return list(CLASSNAMES[base]), list(TEMPLATES[base]), f"{SOURCE_DIR}/{SOURCE_FILES[base]}"
 
 
-def _normalized(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+# The data's spelling of a class whose FusionBench name is a typo (CIFAR100's class 26, "cra").
+DATA_SPELLINGS: dict[str, dict[int, list[str]]] = {"CIFAR100": {26: ["crab"]}}
 
 
-def check_label_order(task: str, data_names: list[str], where: str) -> None:
+def _spellings(task: str) -> list[list[str]]:
+    """The names accepted for each of FusionBench's classes: its own, ours where they are fixed
+    (templates.py, in the same label order: tests/test_fusionbench_heads.py), the data's spelling."""
+    base = base_task(task)
+    names = CLASSNAMES[base]
+    ours = dict(OUR_CLASSNAMES, DTD=[dtd_classname(f) for f in DTD_FOLDERS],
+                EuroSAT=[eurosat_classname(f) for f in EUROSAT_FOLDERS]).get(base)
+    spellings = [[n] + ([ours[j]] if ours and len(ours) == len(names) else [])
+                 for j, n in enumerate(names)]
+    for j, extra in DATA_SPELLINGS.get(base, {}).items():
+        spellings[j].extend(extra)
+    return spellings
+
+
+def check_label_order(task: str, data_names: list[str], where: str, trust_label_order: bool = False) -> None:
     """Refuse data whose class i carries FusionBench's name of another class j (compared without
     case, spaces and punctuation): a head from FusionBench's list would score its images against
-    the wrong classes. Names found nowhere in the list (KMNIST's romaji) say nothing about order."""
+    the wrong classes. A name found nowhere in the list is refused as well unless
+    `trust_label_order`: its order cannot be checked, so it is not taken to be right."""
     names, _, source = fusionbench_prompts(task)
     if len(data_names) != len(names):
         raise DatasetLayoutError(f"{task}: {where} has {len(data_names)} classes, FusionBench's "
                                  f"{source} names {len(names)}; this is another variant of the dataset")
-    index = {_normalized(n): j for j, n in enumerate(names)}
-    for i, name in enumerate(data_names):
-        j = index.get(_normalized(name), i)
-        if j != i:
-            raise DatasetLayoutError(
-                f"{task}: {where} numbers its classes in another order than FusionBench: its class {i} "
-                f"is {name!r}, FusionBench's class {j} ({names[j]!r}; its class {i} is {names[i]!r}, "
-                f"{source}); use the dataset FusionBench evaluates on (datasets/parquet.py HF_SOURCES)")
+    problem = class_order_problem(list(data_names), _spellings(task))
+    if problem is None:
+        return
+    i, j = problem
+    if j is not None:
+        raise DatasetLayoutError(
+            f"{task}: {where} numbers its classes in another order than FusionBench: its class {i} "
+            f"is {data_names[i]!r}, FusionBench's class {j} ({names[j]!r}; its class {i} is {names[i]!r}, "
+            f"{source}); use the dataset FusionBench evaluates on (datasets/parquet.py HF_SOURCES)")
+    if not trust_label_order:
+        raise DatasetLayoutError(
+            f"{task}: {where} names its class {i} {data_names[i]!r}, which is none of FusionBench's "
+            f"class names ({source}; its class {i} is {names[i]!r}), so the order of its classes "
+            f"cannot be checked against the heads'. Use the dataset FusionBench evaluates on "
+            f"(datasets/parquet.py HF_SOURCES), or, once you have checked that its class i is "
+            f"FusionBench's class i, set trust_label_order=True")

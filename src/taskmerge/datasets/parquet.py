@@ -20,8 +20,11 @@ Cars, CIFAR100, Food101, OxfordIIITPet) take them from the dataset's own `ClassL
 as the dataset spells them (underscores kept; runs/heads.py says which names build a head). For the
 others the dataset's `ClassLabel` names are checked against ours (`check_label_order`): a dataset may
 word its classes differently (our names are the originals' prompt wording, e.g. GTSRB's "stop" sign
-descriptions, EuroSAT's "annual crop land"), but a dataset whose class i carries our name of class
-j ≠ i numbers its labels in another order, and is refused.
+descriptions, EuroSAT's "annual crop land"; FusionBench's names and the folder names are accepted
+too), but a dataset whose class i carries our name of class j ≠ i numbers its labels in another
+order, and is refused; so is one with a name that is none of ours (its order cannot be checked),
+unless the user has checked it and sets `trust_label_order=True`. Every shard of every split is
+checked, not only the first.
 
 `<Task>Val` (the held-out split that α / λ are chosen on): the dataset's own `validation` split where it
 has one besides the test split (FusionBench's convention for model selection), else the originals'
@@ -48,8 +51,11 @@ from torch.utils.data import Dataset
 from taskmerge.datasets import registry
 from taskmerge.datasets.base import TaskData, file_content_record
 from taskmerge.datasets.real import DatasetLayoutError
+from taskmerge.datasets.fusionbench_classnames import CLASSNAMES as FUSIONBENCH_CLASSNAMES
 from taskmerge.datasets.templates import (CLASSNAMES, DATA_NAMED_COUNTS, DTD_FOLDERS, EUROSAT_FOLDERS,
-                                          base_task, dtd_classname, eurosat_classname, get_templates)
+                                          FER2013_NAMES, FER2013_SYNONYMS, GTSRB_FOLDERS, base_task,
+                                          class_order_problem, dtd_classname, eurosat_classname,
+                                          get_templates)
 
 
 @dataclass(frozen=True)
@@ -270,7 +276,8 @@ class ParquetImageDataset(Dataset):
         self.groups: list[tuple[int, int]] = []   # (file index, row group) of each row group
         self.starts: list[int] = []               # first row of each row group
         self.image_columns: list[str] = []
-        self.classlabel_names: list[str] | None = None
+        self.classlabel_names: list[str] | None = None  # the first shard's that has them
+        self.shard_names: list[tuple[str, list[str] | None]] = []  # (shard, its ClassLabel names)
         labels, n = [], 0
         for k, path in enumerate(self.files):
             try:
@@ -280,8 +287,16 @@ class ParquetImageDataset(Dataset):
             schema = pf.schema_arrow
             self.image_columns.append(_column(task, path, schema, IMAGE_COLUMNS, "image", fix))
             label_column = _column(task, path, schema, LABEL_COLUMNS, "label", fix)
-            self.classlabel_names = self.classlabel_names or hf_classlabel_names(schema, label_column)
-            labels.append(self._labels(path, pf.read(columns=[label_column]).column(0), num_classes))
+            names = hf_classlabel_names(schema, label_column)
+            self.shard_names.append((path, names))
+            self.classlabel_names = self.classlabel_names or names
+            try:
+                column = pf.read(columns=[label_column]).column(0)
+            except (OSError, pa.ArrowException) as e:  # a corrupt page of the label column
+                raise DatasetLayoutError(f"{task}: cannot read the {label_column!r} column of parquet "
+                                         f"file {path} ({type(e).__name__}: {e}); the file is corrupt: "
+                                         f"{fix}") from None
+            labels.append(self._labels(path, column, num_classes))
             for rg in range(pf.metadata.num_row_groups):
                 self.groups.append((k, rg))
                 self.starts.append(n)
@@ -319,7 +334,12 @@ class ParquetImageDataset(Dataset):
     def _row_group_images(self, g: int) -> pa.Array:
         if self._cached is None or self._cached[0] != g:
             k, rg = self.groups[g]
-            table = pq.ParquetFile(self.files[k]).read_row_group(rg, columns=[self.image_columns[k]])
+            try:
+                table = pq.ParquetFile(self.files[k]).read_row_group(rg, columns=[self.image_columns[k]])
+            except (OSError, pa.ArrowException) as e:  # a corrupt data page (pyarrow checks it here)
+                raise DatasetLayoutError(f"{self.task}: cannot read row group {rg} of parquet file "
+                                         f"{self.files[k]} ({type(e).__name__}: {e}); the file is "
+                                         f"corrupt: {self.fix}") from None
             self._cached = (g, table.column(0).combine_chunks())
         return self._cached[1]
 
@@ -346,22 +366,70 @@ class ParquetImageDataset(Dataset):
         return img, int(self.labels[i])
 
 
-def _normalized(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+def label_spellings(task: str) -> list[list[str]]:
+    """The names accepted for each class of a task with fixed names: ours, FusionBench's (its
+    datasets are these hub copies, in this order), the originals' folder names (EuroSAT, DTD, GTSRB)
+    and FER2013's own class names (the challenge's "disgust", "fear", "surprise")."""
+    lists = [FIXED_CLASSNAMES[task], FUSIONBENCH_CLASSNAMES.get(task),
+             {"EuroSAT": EUROSAT_FOLDERS, "DTD": DTD_FOLDERS, "GTSRB": GTSRB_FOLDERS,
+              "FER2013": FER2013_NAMES}.get(task)]
+    spellings = [[name] for name in FIXED_CLASSNAMES[task]]
+    for names in lists[1:]:
+        if names is not None and len(names) == len(spellings):
+            for j, name in enumerate(names):
+                spellings[j].append(name)
+    if task == "FER2013":
+        for j, synonyms in enumerate(FER2013_SYNONYMS):
+            spellings[j].extend(synonyms)
+    return spellings
 
 
-def check_label_order(task: str, path: str, dataset_names: list[str], ours: list[str]) -> None:
-    """Refuse a dataset whose `ClassLabel` names put one of our classes at another label id."""
-    theirs, mine = [_normalized(n) for n in dataset_names], [_normalized(n) for n in ours]
-    index = {name: j for j, name in enumerate(mine)}
-    for i, name in enumerate(theirs):
-        j = index.get(name, i)
-        if j != i and name != mine[i]:
+def check_label_order(task: str, path: str, dataset_names: list[str], ours: list[str],
+                      trust_label_order: bool = False) -> None:
+    """Refuse a dataset whose `ClassLabel` names put one of our classes at another label id, and,
+    unless `trust_label_order`, one with a name that is none of our classes' (its order cannot be
+    checked: it is not taken to be right)."""
+    spellings = label_spellings(task) if ours == FIXED_CLASSNAMES.get(task) else [[n] for n in ours]
+    problem = class_order_problem(dataset_names, spellings)
+    if problem is None:
+        return
+    i, j = problem
+    if j is not None:
+        raise DatasetLayoutError(
+            f"{task}: {path} numbers its classes in another order than ours: its label {i} is "
+            f"{dataset_names[i]!r}, which is our class {j} ({ours[j]!r}; our class {i} is "
+            f"{ours[i]!r}). The heads would score every image against the wrong class; this is "
+            f"a different variant of {task}'s dataset: {download_hint(task, os.path.dirname(path))}")
+    if trust_label_order:
+        return
+    unknown = [n for k, n in enumerate(dataset_names)
+               if class_order_problem([n], [spellings[k]]) is not None][:3]
+    raise DatasetLayoutError(
+        f"{task}: {path} names its label {i} {dataset_names[i]!r}, which is none of our {task} "
+        f"class names (ours for label {i}: {ours[i]!r}; unmatched names {unknown}), so its label order "
+        f"cannot be checked. Use the dataset FusionBench evaluates on ({download_hint(task, os.path.dirname(path))}), "
+        f"or, once you have checked that its label i is our class i (datasets/templates.py "
+        f"CLASSNAMES), set trust_label_order=True")
+
+
+def check_shard_names(task: str, splits: list[ParquetImageDataset], trust_label_order: bool = False) -> None:
+    """Every shard's ClassLabel names, of every split: of our class count, and, for a task with
+    fixed names, in our order (`check_label_order`); a task named by the data must have the same
+    names, in the same order, in every shard (the heads are built from one of them)."""
+    named = [(path, names) for split in splits for path, names in split.shard_names if names is not None]
+    count = num_classes(task)
+    for path, names in named:
+        if len(names) != count:
+            raise DatasetLayoutError(f"{task}: {path} names {len(names)} classes, {task} has {count}; "
+                                     f"this is not {task}'s dataset")
+        if task in FIXED_CLASSNAMES:
+            check_label_order(task, path, names, FIXED_CLASSNAMES[task], trust_label_order)
+        elif names != named[0][1]:
+            i = next(k for k, (a, b) in enumerate(zip(names, named[0][1])) if a != b)
             raise DatasetLayoutError(
-                f"{task}: {path} numbers its classes in another order than ours: its label {i} is "
-                f"{dataset_names[i]!r}, which is our class {j} ({ours[j]!r}; our class {i} is "
-                f"{ours[i]!r}). The heads would score every image against the wrong class; this is "
-                f"a different variant of {task}'s dataset: {download_hint(task, os.path.dirname(path))}")
+                f"{task}: {path} names its label {i} {names[i]!r} and {named[0][0]} names it "
+                f"{named[0][1][i]!r}: its shards number the classes in different orders (shards of "
+                f"two versions of the dataset); {download_hint(task, os.path.dirname(path))}")
 
 
 # ---------------------------------------------------------------- the entry point
@@ -370,9 +438,7 @@ def num_classes(task: str) -> int:
 
 
 def _classnames(task: str, split: ParquetImageDataset, root: str) -> list[str]:
-    if task in FIXED_CLASSNAMES:
-        if split.classlabel_names is not None:
-            check_label_order(task, split.files[0], split.classlabel_names, FIXED_CLASSNAMES[task])
+    if task in FIXED_CLASSNAMES:  # every shard's names were checked (check_shard_names)
         return list(FIXED_CLASSNAMES[task])
     if split.classlabel_names is None:
         raise DatasetLayoutError(f"{task}: {split.files[0]} carries no ClassLabel names in its schema "
@@ -381,7 +447,7 @@ def _classnames(task: str, split: ParquetImageDataset, root: str) -> list[str]:
     return list(split.classlabel_names)  # as the dataset spells them (runs/heads.py: what heads use)
 
 
-def get_parquet_task(name: str, root: str, transform=None) -> TaskData:
+def get_parquet_task(name: str, root: str, transform=None, trust_label_order: bool = False) -> TaskData:
     """The task `name` (ours, e.g. `Cars` / `CarsVal`, or FusionBench's `stanford-cars`) read from the
     parquet snapshot under `root`. The test split is FusionBench's; `<Task>Val` evaluates on the
     dataset's validation split where it has one, else on registry.split_train_val's held-out part."""
@@ -398,12 +464,7 @@ def get_parquet_task(name: str, root: str, transform=None) -> TaskData:
                 return None
             raise DatasetLayoutError(f"{task}: no {split_name!r} split in {snapshot} (found "
                                      f"{', '.join(sorted(shards))}); {download_hint(task, root)}")
-        dataset = ParquetImageDataset(task, shards[split_name], count, transform, download_hint(task, root))
-        if dataset.classlabel_names is not None and len(dataset.classlabel_names) != count:
-            raise DatasetLayoutError(f"{task}: {shards[split_name][0]} names "
-                                     f"{len(dataset.classlabel_names)} classes, {task} has {count}; "
-                                     f"this is not {task}'s dataset")
-        return dataset
+        return ParquetImageDataset(task, shards[split_name], count, transform, download_hint(task, root))
 
     val_split = next((s for s in VALIDATION_SPLITS if s in shards and s != src.test_split), None)
     is_val = name != task
@@ -412,6 +473,11 @@ def get_parquet_task(name: str, root: str, transform=None) -> TaskData:
         test = split(val_split, required=True) if val_split else None
     else:
         train, test = split("train", required=False), split(src.test_split, required=True)
+    check_shard_names(task, [d for d in (test, train) if d is not None], trust_label_order)
+    if test is not None and len(test) == 0:
+        raise DatasetLayoutError(f"{task}: the {val_split if is_val else src.test_split!r} split "
+                                 f"({', '.join(test.files)}) has no rows, so there is nothing to "
+                                 f"evaluate on; the download is incomplete: {download_hint(task, root)}")
     named_by = test if test is not None else train
     info = {"root": snapshot, "format": "parquet", "repo": src.repo,
             "test_split": val_split if is_val and val_split else src.test_split,

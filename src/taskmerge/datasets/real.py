@@ -16,6 +16,7 @@ import functools
 import gzip
 import io
 import os
+import re
 import zlib
 from typing import Callable
 
@@ -277,8 +278,24 @@ def _image_folder_task(task: str, folder: str, data_location: str, transform,
 
 
 # ---------------------------------------------------------------- the 8 readers
+_SUN397_PREFIX = re.compile(r"^[a-z]_.")  # no SUN397 name has "_" as its second letter
+
+
 def read_sun397(data_location: str, transform=None) -> TaskData:
-    return _image_folder_task("SUN397", "sun397", data_location, transform, sun397_classname)
+    """SUN397's class folders carry the first letter of the name as a prefix (`a_abbey`), which the
+    originals cut off (`[2:]`); a copy whose folders have no prefix (`abbey`) has the same sorted
+    order and its names are read whole: cutting two letters off would name the class `bey`. A copy
+    that mixes both is refused."""
+    folders = class_folders("SUN397", data_location, os.path.join(data_location, "sun397", "train"))
+    prefixed = [f for f in folders if _SUN397_PREFIX.match(f)]
+    if prefixed and len(prefixed) != len(folders):
+        bare = next(f for f in folders if f not in prefixed)
+        raise layout_error("SUN397", data_location, os.path.join(data_location, "sun397", "train", bare),
+                           f"{len(prefixed)} class folders carry SUN397's letter prefix (e.g. "
+                           f"{prefixed[0]}) and {len(folders) - len(prefixed)} do not (e.g. {bare}); "
+                           f"name them all one way")
+    classname = sun397_classname if prefixed else (lambda folder: folder.replace("_", " "))
+    return _image_folder_task("SUN397", "sun397", data_location, transform, classname)
 
 
 def read_dtd(data_location: str, transform=None) -> TaskData:

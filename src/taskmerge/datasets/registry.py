@@ -17,6 +17,7 @@ from torch.utils.data import random_split
 
 from taskmerge.datasets.base import TaskData
 from taskmerge.datasets.real import READERS as CORE_READERS
+from taskmerge.datasets.real import DatasetLayoutError
 from taskmerge.datasets.real import read_eurosat
 from taskmerge.datasets.tall_extras import READERS as EXTRA_READERS
 from taskmerge.datasets.templates import base_task
@@ -47,12 +48,18 @@ def val_sizes(n_train: int) -> tuple[int, int]:
 
 def split_train_val(task: TaskData, name: str) -> TaskData:
     """`<Task>Val` from `<Task>`: the held-out part of the training set becomes `.test`."""
+    where = task.info.get("root", "its data folder")
     if task.train is None:
-        raise ValueError(f"{name}: task {task.name} has no training split to hold out from")
+        raise DatasetLayoutError(f"{name}: task {task.name} under {where} has no training split to "
+                                 f"hold the validation split out from; add its train split (or a "
+                                 f"validation split), or use a method that does not select on <Task>Val")
     train_size, val_size = val_sizes(len(task.train))
     if val_size == 0 or train_size == 0:
-        raise ValueError(f"{name}: {len(task.train)} training samples are too few for a "
-                         f"{VAL_FRACTION:.0%} validation split")
+        raise DatasetLayoutError(
+            f"{name}: the train split under {where} has {len(task.train)} samples, too few for a "
+            f"{VAL_FRACTION:.0%} validation split (at least {int(1 / VAL_FRACTION)} are needed); the "
+            f"download is incomplete or this is a cut-down copy: use the full train split, or a "
+            f"method that does not select on <Task>Val")
     train, val = random_split(task.train, [train_size, val_size],
                               generator=torch.Generator().manual_seed(VAL_SEED))
     info = dict(task.info, test_split=f"random_split(train, seed {VAL_SEED})[1]")

@@ -358,13 +358,22 @@ class PCAMDataset(Dataset):
             with h5py.File(y_path, "r") as f:
                 labels = np.asarray(f["y"]).reshape(-1).astype(np.int64)
             with h5py.File(x_path, "r") as f:
-                shape = f["x"].shape
+                shape, dtype = f["x"].shape, f["x"].dtype
         except (OSError, KeyError) as e:
             raise layout_error("PCAM", data_location, f"{x_path}, {y_path}",
                                f"cannot read the 'x' / 'y' datasets ({e})") from None
         if len(shape) != 4 or shape[0] != len(labels) or shape[3] != 3:
             raise layout_error("PCAM", data_location, x_path,
                                f"'x' has shape {shape}, expected ({len(labels)}, 96, 96, 3)")
+        if dtype != np.uint8:
+            # torchvision's PCAM (which tall_masks reads) hands the array to PIL's fromarray, which
+            # has no RGB mode for other types: a float copy is not PCAM's file, and scaling it back
+            # to 0..255 would be a guess at how it was made.
+            raise layout_error("PCAM", data_location, x_path,
+                               f"'x' is stored as {dtype}; PCAM's files hold uint8 pixels 0..255, as "
+                               f"torchvision's PCAM reads them: use the original "
+                               f"camelyonpatch_level_2_split_*_x.h5 (or its parquet copy, "
+                               f"data_format='parquet')")
         _check_labels("PCAM", data_location, y_path, labels, len(CLASSNAMES["PCAM"]))
         self.labels = labels
 

@@ -257,6 +257,8 @@ FLOWERS102_CLASSNAMES = [
 # FER2013's label order (angry, disgust, fear, happy, sad, surprise, neutral).
 FER2013_SYNONYMS = [["angry"], ["disgusted"], ["fearful"], ["happy", "smiling"], ["sad", "depressed"],
                     ["surprised", "shocked", "spooked"], ["neutral", "bored"]]
+# FER2013's own class names (the Kaggle challenge's), in its label order.
+FER2013_NAMES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 # Fixed lists only. Not here because the originals read them from the data files: SUN397, DTD,
 # EuroSAT, Cars (functions below), CIFAR100, Food101, OxfordIIITPet (torchvision's `.classes`).
@@ -326,3 +328,35 @@ def eurosat_classname(folder: str) -> str:
     if words.endswith("al"):
         words += " area"
     return EUROSAT_TO_OPENAI[words]
+
+
+def normalized_classname(name: str) -> str:
+    """A class name compared without case, spaces and punctuation ("Annual_Crop" = "annual crop")."""
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def class_order_problem(data_names: list[str], spellings: list[list[str]]) -> tuple[int, int | None] | None:
+    """The first label whose name is not the class of the same index, or None when every name is.
+
+    `spellings[j]` are the accepted names of class j (ours, FusionBench's, the folder names), compared
+    by `normalized_classname`; a spelling shared by two classes says nothing and is dropped. Returns
+    (i, j): the data's label i carries class j's name (j != i), or (i, None): its name is none of the
+    classes' (a label order that cannot be checked, not one in the right place). A name that is
+    another class's is reported before an unmatched one. A name that is a number ("7", "00007", as
+    a folder of class ids) is that class id."""
+    owners: dict[str, set[int]] = {}
+    for j, names in enumerate(spellings):
+        for name in names:
+            owners.setdefault(normalized_classname(name), set()).add(j)
+    index = {name: js.pop() for name, js in owners.items() if len(js) == 1}
+    unmatched = None
+    for i, name in enumerate(data_names):
+        key = normalized_classname(name)
+        j = int(key) if key.isdigit() and int(key) < len(spellings) else index.get(key)
+        if j is None:
+            own = {normalized_classname(n) for n in spellings[i]} if i < len(spellings) else set()
+            if normalized_classname(name) not in own and unmatched is None:
+                unmatched = (i, None)
+        elif j != i:
+            return i, j
+    return unmatched

@@ -25,6 +25,13 @@ TINY_MODEL = "taskmerge-tiny"
 REAL_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 _registered = False
+# Architectures read from a checkpoint's own config (models/hf_encoders.py `checkpoint_arch`), for a
+# backbone whose config.json differs from open_clip's in what the shapes do not show (the activation,
+# the number of heads): {name: (open_clip model config, the backbone it is a variant of)}.
+_CHECKPOINT_ARCHS: dict[str, tuple[dict, str]] = {}
+# open_clip's defaults for the fields its ViT configs leave out (CLIPVisionCfg, CLIPTextCfg).
+_VISION_DEFAULTS = {"head_width": 64, "mlp_ratio": 4.0}
+_TEXT_DEFAULTS = {"mlp_ratio": 4.0}
 
 
 def _register_configs() -> None:
@@ -41,8 +48,51 @@ def open_clip_name(model_name: str) -> str:
     return model_name
 
 
+def normalised_config(config: dict) -> dict:
+    """An open_clip model config with open_clip's defaults filled in, so two configs compare."""
+    return {"embed_dim": config["embed_dim"], "quick_gelu": bool(config.get("quick_gelu", False)),
+            "vision_cfg": {**_VISION_DEFAULTS, **config["vision_cfg"]},
+            "text_cfg": {**_TEXT_DEFAULTS, **config["text_cfg"]}}
+
+
+def register_checkpoint_arch(name: str, config: dict, backbone: str) -> None:
+    """Make `name` an architecture built from `config`, a variant of `backbone` (whose tokenizer
+    it keeps): `create_clip(name)`, `build_image_encoder(name)` then build it."""
+    _CHECKPOINT_ARCHS[name] = (normalised_config(config), backbone)
+
+
+def backbone_of(model_name: str) -> str:
+    """The backbone an architecture read from a checkpoint is a variant of, else `model_name`."""
+    return _CHECKPOINT_ARCHS[model_name][1] if model_name in _CHECKPOINT_ARCHS else model_name
+
+
+def model_config(model_name: str) -> dict | None:
+    """The open_clip model config `create_clip(model_name)` builds (QuickGELU for the real ViTs)."""
+    if model_name in _CHECKPOINT_ARCHS:
+        return dict(_CHECKPOINT_ARCHS[model_name][0])
+    _register_configs()
+    return open_clip.get_model_config(open_clip_name(model_name))
+
+
+def clip_from_config(config: dict) -> nn.Module:
+    """A randomly initialised open_clip CLIP built from an open_clip model config dict."""
+    from open_clip.model import CLIP
+    config = normalised_config(config)
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # open_clip's random-init notices, as in create_clip
+    try:
+        model = CLIP(embed_dim=config["embed_dim"], vision_cfg=config["vision_cfg"],
+                     text_cfg=config["text_cfg"], quick_gelu=config["quick_gelu"])
+    finally:
+        logger.setLevel(level)
+    return model.eval()
+
+
 def create_clip(model_name: str) -> nn.Module:
     """A randomly initialised open_clip CLIP (image and text towers) for `model_name`."""
+    if model_name in _CHECKPOINT_ARCHS:
+        return clip_from_config(_CHECKPOINT_ARCHS[model_name][0])
     _register_configs()
     name = open_clip_name(model_name)
     if name not in open_clip.list_models():
@@ -101,16 +151,16 @@ def build_image_encoder(model_name: str, state_dict: Mapping[str, torch.Tensor] 
     return encoder.eval()
 
 
-def check_encoder_state(encoder: ImageEncoder, state_dict: Mapping[str, torch.Tensor],
-                        source: str = "state dict") -> None:
-    """Refuse a state dict whose keys or shapes are not the encoder's (shapes are read from a lazy
-    reader's header when it has one, so nothing is loaded)."""
+def check_encoder_state(encoder: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                        source: str = "state dict", what: str = "the image encoder") -> None:
+    """Refuse a state dict whose keys or shapes are not the module's (an ImageEncoder, or `what`
+    else); shapes are read from a lazy reader's header when it has one, so nothing is loaded."""
     own = encoder.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
         raise CheckpointError(
-            f"{source}: keys do not match the image encoder "
+            f"{source}: keys do not match {what} "
             f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}); "
             f"is it a checkpoint of a different model?")

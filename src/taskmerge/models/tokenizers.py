@@ -10,7 +10,7 @@ import os
 import open_clip
 import torch
 
-from taskmerge.models.encoders import _CONFIG_DIR, TINY_MODEL, _register_configs, open_clip_name
+from taskmerge.models.encoders import _CONFIG_DIR, TINY_MODEL, _register_configs, backbone_of, open_clip_name
 
 
 class PrunedBPETokenizer:
@@ -74,7 +74,9 @@ def get_tokenizer(model_name: str):
                              f"{tokenizer.vocab_size} ids but the {model_name} config expects "
                              f"{text_cfg['vocab_size']}: regenerate one from the other")
         return tokenizer
-    return open_clip.get_tokenizer(open_clip_name(model_name))
+    # an architecture read from a checkpoint's config keeps its backbone's tokenizer (its
+    # context length and vocabulary are shapes, equal to the backbone's: hf_encoders.checkpoint_arch)
+    return open_clip.get_tokenizer(open_clip_name(backbone_of(model_name)))
 
 
 @functools.lru_cache(maxsize=None)

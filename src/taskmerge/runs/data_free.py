@@ -51,7 +51,7 @@ class Run:
         use_tf32(config.tf32)
         self.setup: Setup = resolve_setup(config.model_name, config.checkpoint_dir,
                                           config.data_location, config.tasks or None,
-                                          config.data_format)
+                                          config.data_format, config.trust_label_order)
         workers = default_num_workers(device) if config.num_workers == "auto" else config.num_workers
         torch.set_num_threads(default_threads(device, self.setup.embedded) if config.threads == "auto"
                               else config.threads)
@@ -69,8 +69,10 @@ class Run:
                           f"{distributed.backend()}; evaluation and features are sharded over them, "
                           f"only rank 0 writes files")
         self.batch_size = config.batch_size
+        # the checkpoints first: one of another model is named in one line, before the heads'
+        # text tower is loaded into the run's architecture
+        validate_checkpoints(self.setup)
         self.heads = load_heads(self.setup, log=self.log.info)
-        validate_checkpoints(self.setup)  # before the first evaluation reads any of them
         self.individual = individual_accuracies(self.setup, self.heads, self.batch_size, log=self.log.info)
         self._individual_val = None
         self._experts = None

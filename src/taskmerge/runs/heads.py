@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from taskmerge.compute import distributed
 from taskmerge.datasets.fusionbench_classnames import check_label_order, fusionbench_prompts
 from taskmerge.datasets.templates import DATA_NAMED_COUNTS
-from taskmerge.models.encoders import create_clip
+from taskmerge.models.encoders import check_encoder_state, create_clip
 from taskmerge.models.heads import ClassificationHead, build_zeroshot_head, check_head
 from taskmerge.models.tokenizers import get_tokenizer, tokenizer_identity
 from taskmerge.runs.identity import as_json, differing_fields
@@ -52,7 +52,8 @@ def head_prompts(setup: Setup, task: str) -> HeadPrompts:
     data = task_data(setup, task)
     if setup.family == "fusionbench":
         names, templates, source = fusionbench_prompts(task)
-        check_label_order(task, list(data.classnames), f"the {task} data under {setup.data_location}")
+        check_label_order(task, list(data.classnames), f"the {task} data under {setup.data_location}",
+                          setup.trust_label_order)
         return HeadPrompts(names, templates, f"FusionBench {source}")
     names, source = list(data.classnames), "the task data"
     if not setup.embedded and data.info.get("format") == "parquet" and task in DATA_NAMED_COUNTS:
@@ -138,8 +139,10 @@ def _cached_or_built(setup: Setup, task: str, path: str, prompts: HeadPrompts, t
 def _pretrained_clip(setup: Setup, task: str, text_tower: str | None):
     """The pre-trained open_clip CLIP (both towers) whose text tower builds the zero-shot heads."""
     clip = create_clip(setup.arch)
+    what = f"the {setup.arch} CLIP (both towers) that model_name={setup.model_name!r} builds"
     if setup.checkpoints.family == "fusionbench":  # the CLIPModel folder, as FusionBench builds them
         state, _ = load_hf_clip(text_tower)
+        check_encoder_state(clip, state, text_tower, what)  # not a RuntimeError listing every key
         clip.load_state_dict({k: state[k] for k in state})
         return clip
     if text_tower is None:
@@ -148,7 +151,9 @@ def _pretrained_clip(setup: Setup, task: str, text_tower: str | None):
             f"other inputs, and building it needs the pre-trained CLIP text tower: put the open_clip "
             f"OpenAI weights of {setup.arch} at {os.path.join(setup.model_dir, CLIP_FILES[-1])} (or "
             f"copy the heads from the task_vectors checkpoint folder)")
-    clip.load_state_dict(load_state_dict(text_tower))
+    state = load_state_dict(text_tower)
+    check_encoder_state(clip, state, text_tower, what)
+    clip.load_state_dict(state)
     return clip
 
 

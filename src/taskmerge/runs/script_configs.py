@@ -61,6 +61,7 @@ class RunConfig:
     checkpoint_dir: str = setting(nonempty=True)
     data_location: str = setting(nonempty=True)
     data_format: str = setting(choices=DATA_FORMATS)    # the real tasks' format; embedded ignores it
+    trust_label_order: bool = setting()         # data whose class names match none of ours: accepted
     tasks: list[str] | str = setting(unique=True)       # []: the model's benchmark; or "TALL14"/"TALL20"/…
     log_dir: str = setting(nonempty=True)
     cache_dir: str = setting(nonempty=True)    # "auto": the model folder, or the user's cache if read-only

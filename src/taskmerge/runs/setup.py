@@ -22,6 +22,7 @@ from taskmerge.datasets.registry import BENCHMARKS, PAPER_8, REAL_TASKS, get_tas
 from taskmerge.merging.tall_masks import released_mask_names
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, eval_transform
 from taskmerge.models.heads import ClassificationHead
+from taskmerge.models.hf_encoders import checkpoint_arch
 from taskmerge.models.preprocessing import PREPROCESSING, clip_image_processor
 from taskmerge.runs import validation
 from taskmerge.adaptive.adaptation_data import TaskImages
@@ -44,13 +45,15 @@ DATA_FORMATS = ("folders", "parquet")
 class Setup:
     """The resolved model, checkpoints, tasks and data of one run."""
     model_name: str          # the checkpoint folder name (e.g. ViT-B-32, taskmerge-tiny)
-    arch: str                # the open_clip architecture it is built with
+    arch: str                # the open_clip architecture it is built with (fusionbench: as its
+                             # config.json says, e.g. ViT-B-32+gelu; models/hf_encoders.py)
     checkpoints: CheckpointSet
     tasks: list[str]
     data_location: str
     embedded: bool
     micro: bool = False
     data_format: str = "folders"   # the real tasks' format: folders | parquet (embedded: ignored)
+    trust_label_order: bool = False  # class names that match none of ours: taken to be in our order
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     cache_root: str = ""     # where caches are written (resolve_cache_dir); "" = the model folder
@@ -114,12 +117,13 @@ def resolve_tasks(tasks: list[str] | str | None) -> list[str] | None:
 
 def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
                   data_location: str = "data", tasks: list[str] | str | None = None,
-                  data_format: str = "folders") -> Setup:
+                  data_format: str = "folders", trust_label_order: bool = False) -> Setup:
     """Find the model's checkpoints (building the embedded benchmark if that is what is asked).
     `tasks` is a list, a benchmark name (`resolve_tasks`) or None (the paper's 8, or the embedded
     benchmark's tasks). `data_format` is how the real tasks are stored under `data_location`:
     "folders" (the originals' layouts, datasets/real.py) or "parquet" (the Hugging Face
-    snapshots, datasets/parquet.py)."""
+    snapshots, datasets/parquet.py). `trust_label_order`: data whose class names match none of
+    ours (or FusionBench's) is used as if in our order, instead of being refused."""
     named = tasks if isinstance(tasks, str) else None
     tasks = resolve_tasks(tasks)
     if data_format not in DATA_FORMATS:
@@ -156,8 +160,12 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
                           f"with data_format={data_format!r}; choose from {readable} (or [] for the "
                           f"paper's 8)")
     checkpoints = CheckpointSet.discover(checkpoint_dir, model_name, tasks)
-    return Setup(model_name, model_name, checkpoints, tasks, data_location, False,
-                 data_format=data_format)
+    arch = model_name
+    if checkpoints.family == "fusionbench":  # the model its config.json describes (hf_encoders.py)
+        arch = checkpoint_arch(model_name, checkpoints.model_config(),
+                               os.path.join(checkpoints.zeroshot_path, "config.json"))
+    return Setup(model_name, arch, checkpoints, tasks, data_location, False,
+                 data_format=data_format, trust_label_order=trust_label_order)
 
 
 def resolve_cache_dir(setting: str, setup: Setup) -> tuple[str, str]:
@@ -242,7 +250,7 @@ def _read_task_data(setup: Setup, task: str, split: str):
         from taskmerge.embedded.tasks import get_embedded_task
         return get_embedded_task(name, setup.data_location, transform, micro=setup.micro)
     if setup.data_format == "parquet":
-        return get_parquet_task(name, setup.data_location, transform)
+        return get_parquet_task(name, setup.data_location, transform, setup.trust_label_order)
     return get_task(name, setup.data_location, transform)
 
 

@@ -97,6 +97,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         return {k: _owned(reader[k]) for k in reader}
     obj = None
     if fmt == "torch-zip":
+        safe_pickle.check_zip_crc(path)  # torch.load does not check it
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
@@ -468,6 +469,14 @@ class CheckpointSet:
                                            self._hf_base())
             return convert_image_encoder(expert.tensors, expert.config, expert.folder)
         return open_state_dict(self.finetuned_path(task), encoder=True)
+
+    def model_config(self) -> dict | None:
+        """fusionbench: the open_clip config of the pre-trained CLIPModel's config.json (what the
+        run must build, models/hf_encoders.py `checkpoint_arch`); None for the file layouts."""
+        if self.family != "fusionbench":
+            return None
+        from taskmerge.storage.hf_checkpoints import clip_model_config
+        return clip_model_config(self._hf_base())
 
     def _hf_base(self):
         if "checkpoint" not in self._hf_pretrained:

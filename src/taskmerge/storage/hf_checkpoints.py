@@ -1,7 +1,8 @@
 """Hugging Face CLIP checkpoints (FusionBench's family, METHODS.md §4.3) read as open_clip encoders.
 
 A transformers checkpoint is a folder with `config.json` and `model.safetensors` (or its sharded
-`model.safetensors.index.json`, or a `pytorch_model.bin` that only the restricted unpickler reads).
+`model.safetensors.index.json`, or a `pytorch_model.bin` or its shards `pytorch_model.bin.index.json`,
+which only the restricted unpickler reads).
 Two architectures occur: the pre-trained `CLIPModel` (`openai/clip-vit-base-patch32`: both towers,
 `visual_projection`, `text_projection`, `logit_scale`) and FusionBench's experts, `CLIPVisionModel`
 (`tanganke/clip-vit-base-patch32_<task>`), whose keys carry `vision_model.` under transformers 4.x
@@ -143,25 +144,45 @@ def find_fusionbench_folders(root: str, model_name: str, tasks) -> tuple[str, di
     return found.pop("pretrained"), found
 
 
+def _index_shards(index: str) -> dict[str, str]:
+    """{stored key: shard file name} of a sharded checkpoint's `*.index.json` (safetensors or
+    pickled shards: the same `weight_map`); a shard is a file of the folder itself."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise TypeError("weight_map is not an object of key -> shard file")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a shard index with a weight_map ({e}); "
+                              f"download the model again") from None
+    outside = sorted({v for v in weight_map.values() if os.path.basename(v) != v or v in ("", ".", "..")})
+    if outside:
+        raise CheckpointError(f"{index}: names shard files outside its folder ({outside[:3]}); "
+                              f"a Hugging Face index names files beside it: download the model again")
+    return weight_map
+
+
+# The weight files of a model folder, in the order transformers' from_pretrained prefers them.
+_SINGLE_SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+_SINGLE_PICKLE, _PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
 def weight_files(folder: str) -> list[str]:
     """The files a model folder's weights are read from (config.json first), as `_stored_tensors`
-    reads them: model.safetensors, else the index and its shards, else pytorch_model.bin."""
+    reads them: model.safetensors, else its index and shards, else pytorch_model.bin, else its
+    index and shards."""
     folder = resolve_model_folder(folder)
-    single = os.path.join(folder, "model.safetensors")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(single):
-        files = [single]
-    elif os.path.exists(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e}); "
-                                  f"download the model again") from None
-        files = [index] + [os.path.join(folder, name) for name in shards]
-    else:
-        files = [os.path.join(folder, "pytorch_model.bin")]
-    return [os.path.join(folder, "config.json")] + files
+    files = None
+    for single, index in ((_SINGLE_SAFETENSORS, _SAFETENSORS_INDEX), (_SINGLE_PICKLE, _PICKLE_INDEX)):
+        if os.path.exists(os.path.join(folder, single)):
+            files = [os.path.join(folder, single)]
+        elif os.path.exists(os.path.join(folder, index)):
+            shards = sorted(set(_index_shards(os.path.join(folder, index)).values()))
+            files = [os.path.join(folder, index)] + [os.path.join(folder, name) for name in shards]
+        if files:
+            break
+    return [os.path.join(folder, "config.json")] + (files or [os.path.join(folder, _SINGLE_PICKLE)])
 
 
 # --- reading a folder ----------------------------------------------------------------------------
@@ -223,6 +244,12 @@ def _read_config(folder: str) -> tuple[str, dict]:
         raise CheckpointError(f"{path}: architectures {architectures} (model_type {model_type!r}); "
                               f"only {' and '.join(_ARCHITECTURES)} checkpoints are read, as "
                               f"FusionBench publishes them (METHODS.md §4.3)")
+    for section in ("vision_config", "text_config"):
+        if section in raw and raw[section] is not None and not isinstance(raw[section], dict):
+            raise CheckpointError(f"{path}: {section} is a {type(raw[section]).__name__}, expected "
+                                  f"a JSON object of the tower's settings (as transformers' "
+                                  f"CLIPConfig writes it); the file was edited or is not a CLIP "
+                                  f"config: download the model again")
     if architecture == "CLIPModel":
         config = {"vision_config": {**VISION_DEFAULTS, **(raw.get("vision_config") or {})},
                   "text_config": {**TEXT_DEFAULTS, **(raw.get("text_config") or {})},
@@ -243,29 +270,42 @@ def _read_config(folder: str) -> tuple[str, dict]:
 
 
 def _stored_tensors(folder: str) -> dict[str, tuple[Mapping[str, torch.Tensor], str]]:
-    """{stored key: (reader, key)} from model.safetensors, its shards, or pytorch_model.bin."""
-    single = os.path.join(folder, "model.safetensors")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    pickled = os.path.join(folder, "pytorch_model.bin")
+    """{stored key: (reader, key)} from model.safetensors, its shards, pytorch_model.bin or its
+    shards (`pytorch_model.bin.index.json`, as transformers writes a large model by default before
+    safetensors): pickled files only through the restricted unpickler."""
+    single, index = os.path.join(folder, _SINGLE_SAFETENSORS), os.path.join(folder, _SAFETENSORS_INDEX)
+    pickled, pickled_index = os.path.join(folder, _SINGLE_PICKLE), os.path.join(folder, _PICKLE_INDEX)
     if os.path.exists(single):
         reader = SafetensorsReader(single)
         return {k: (reader, k) for k in reader}
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e}); "
-                                  f"download the model again") from None
+        weight_map = _index_shards(index)
         readers = {name: SafetensorsReader(os.path.join(folder, name))
                    for name in sorted(set(weight_map.values()))}
-        return {k: (readers[name], k) for k, name in weight_map.items()}
+        return _indexed(index, weight_map, readers)
     if os.path.exists(pickled):
         tensors = safe_pickle.safe_load(pickled)
         return {k: (tensors, k) for k in tensors}
-    raise CheckpointError(f"{folder}: has config.json but no model.safetensors, "
-                          f"model.safetensors.index.json or pytorch_model.bin; the download is "
-                          f"incomplete, run the `hf download` command again")
+    if os.path.exists(pickled_index):
+        weight_map = _index_shards(pickled_index)
+        shards = {name: safe_pickle.safe_load(os.path.join(folder, name))
+                  for name in sorted(set(weight_map.values()))}
+        return _indexed(pickled_index, weight_map, shards)
+    raise CheckpointError(f"{folder}: has config.json but no {_SINGLE_SAFETENSORS}, "
+                          f"{_SAFETENSORS_INDEX}, {_SINGLE_PICKLE} or {_PICKLE_INDEX}; the download "
+                          f"is incomplete, run the `hf download` command again")
+
+
+def _indexed(index: str, weight_map: dict[str, str], shards: Mapping[str, Mapping[str, torch.Tensor]]
+             ) -> dict[str, tuple[Mapping[str, torch.Tensor], str]]:
+    """{key: (its shard, key)}, each key checked to be in the shard the index names."""
+    absent = [(k, name) for k, name in weight_map.items() if k not in shards[name]]
+    if absent:
+        key, name = absent[0]
+        raise CheckpointError(f"{index}: names {len(absent)} tensors its shards do not hold (e.g. "
+                              f"{key!r} in {name}); the index and the shards are of different "
+                              f"downloads: download the model again")
+    return {k: (shards[name], k) for k, name in weight_map.items()}
 
 
 def read_hf_checkpoint(path: str) -> HFCheckpoint:
@@ -302,6 +342,23 @@ def open_clip_config(config: dict) -> dict:
                      "heads": text["num_attention_heads"], "layers": text["num_hidden_layers"],
                      "mlp_ratio": text["intermediate_size"] / text["hidden_size"]},
     }
+
+
+def clip_model_config(checkpoint: HFCheckpoint) -> dict:
+    """The open_clip config of a pre-trained CLIPModel folder, refused where open_clip cannot build
+    its text tower as the config says (open_clip's CLIP has one activation for both towers)."""
+    text, vision = checkpoint.config["text_config"], checkpoint.config["vision_config"]
+    path = os.path.join(checkpoint.folder, "config.json")
+    if text is None:
+        raise CheckpointError(f"{checkpoint.folder}: a {checkpoint.architecture} has no text tower; "
+                              f"the pre-trained model must be a full CLIPModel")
+    differ = [f"{k}: text {text[k]!r}, vision {v!r}" for k, v in
+              (("hidden_act", vision["hidden_act"]), ("layer_norm_eps", 1e-5)) if text[k] != v]
+    if differ:
+        raise CheckpointError(f"{path}: the text tower's {'; '.join(differ)}; open_clip builds both "
+                              f"towers with one activation and layer_norm_eps 1e-5, so this model's "
+                              f"zero-shot heads cannot be built faithfully")
+    return open_clip_config(checkpoint.config)
 
 
 def _block_recipe(ours: str, hf: str) -> dict[str, tuple[str, list[str]]]:
@@ -497,6 +554,6 @@ def vision_model_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str] | Non
 
 __all__ = ["FUSIONBENCH_MODELS", "FUSIONBENCH_TASK_NAMES", "fusionbench_repos",
            "find_fusionbench_folders", "weight_files", "HFCheckpoint", "TensorSource", "ConvertedStateDict",
-           "resolve_model_folder", "find_model_folder", "read_hf_checkpoint", "open_clip_config", "image_encoder_recipe",
+           "resolve_model_folder", "find_model_folder", "read_hf_checkpoint", "open_clip_config", "clip_model_config", "image_encoder_recipe",
            "convert_image_encoder", "clip_recipe", "convert_clip", "with_pretrained_parts",
            "load_hf_image_encoder", "load_hf_clip", "vision_model_keys"]

@@ -29,6 +29,7 @@ import re
 import struct
 import sys
 import zipfile
+import zlib
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -445,6 +446,24 @@ class _LegacyStorages:
                                       f"bytes, expected {root.nbytes})")
             if sys.byteorder != "little":  # legacy storages are always written little-endian
                 root.data.copy_(_byteswap(root.data.clone(), root.dtype))
+
+
+def check_zip_crc(path: str) -> None:
+    """Refuse a zip-format torch file any of whose members fails its CRC-32: torch reads the
+    stored bytes without checking it, so a flipped byte in a tensor record would load as a wrong
+    weight without a word. zipfile checks each member's CRC as it reads it to the end."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: cannot read this zip-format torch file ({type(e).__name__}: "
+                              f"{e}); it is truncated or corrupt: re-download or re-create it") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: record {bad!r} fails its CRC-32 check (its bytes changed "
+                              f"after it was written: a bad copy or a failing disk); re-download or "
+                              f"re-create the file")
 
 
 def _load_zip(f: BinaryIO, source: str) -> Any:
