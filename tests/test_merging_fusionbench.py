@@ -253,3 +253,16 @@ def test_the_lambda_search_is_seeded_bounded_and_spends_exactly_its_budget():
     assert again == best and other != best
     only_init, history = search_coefficients(evaluate, [1.0] * 3, 0.8, 1.3, 1, seed=0, log=lambda _: None)
     assert only_init == [1.0] * 3 and len(history) == 1
+
+
+def test_ties_selected_over_a_key_set_zeroes_the_other_keys_and_sums_to_the_key_set_merge():
+    g = torch.Generator().manual_seed(3)
+    theta0 = {"a": torch.randn(6, 4, generator=g), "b": torch.randn(5, generator=g), "c": torch.randn(3, 3, generator=g)}
+    experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in theta0.items()} for t in ("X", "Y", "Z")}
+    selected = merging.ties_selected(theta0, experts, k=0.3, keys=["a", "c"])
+    delta = merging.ties_delta(theta0, experts, k=0.3, merge="dis-sum", keys=["a", "c"])
+    for key in ("a", "c"):
+        assert torch.allclose(sum(selected[t][key] for t in experts), delta[key])
+    assert all(torch.equal(selected[t]["b"], torch.zeros(5)) for t in experts)
+    every = merging.ties_selected(theta0, experts, k=0.3)
+    assert not all(torch.equal(every[t]["a"], selected[t]["a"]) for t in experts)  # the quantile moved

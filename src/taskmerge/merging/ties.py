@@ -150,13 +150,22 @@ def ties_merging(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
 
 
 def ties_selected(pretrained: StateDict, finetuned: Experts, k: float = 0.2,
-                  validate_inputs: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                  validate_inputs: bool = True, keys: list[str] | None = None
+                  ) -> dict[str, dict[str, torch.Tensor]]:
     """Per task, its trimmed entries that agree with the elected sign (`ties_merging_split`):
-    the "TIES task vectors" of AdaMerging++ and TIES+Surgery; their sum is the dis-sum merge."""
+    the "TIES task vectors" of AdaMerging++ and TIES+Surgery; their sum is the dis-sum merge.
+    With `keys`, the trim and the election range over those keys and every other floating key's
+    vector is zero (it keeps θ0), as in `ties_delta`."""
     if validate_inputs:
         validate(pretrained, finetuned)
     out: dict[str, dict[str, torch.Tensor]] = {task: {} for task in finetuned}
-    for key, (start, stop), _, selected in selected_chunks(pretrained, finetuned, k):
+    if keys is not None:
+        chosen = set(keys)
+        for key in flattened_keys(pretrained, None):
+            if key not in chosen:
+                for task in finetuned:
+                    out[task][key] = torch.zeros(shape_of(pretrained, key), dtype=float_dtype(pretrained, key))
+    for key, (start, stop), _, selected in selected_chunks(pretrained, finetuned, k, keys):
         for task, sel in zip(finetuned, selected):
             if key not in out[task]:
                 out[task][key] = torch.empty(shape_of(pretrained, key),

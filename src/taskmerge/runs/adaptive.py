@@ -26,7 +26,7 @@ from taskmerge.adaptive.surgery_v2 import train_surgery_v2
 from taskmerge.compute import distributed
 from taskmerge.merging.task_vectors import task_vector
 from taskmerge.models.encoders import build_image_encoder
-from taskmerge.runs.data_free import MERGERS, Run
+from taskmerge.runs.data_free import MERGERS, Run, flattened_keys
 from taskmerge.runs.identity import (checkpoint_digests, data_identity, head_digest, merge_settings,
                                      tensor_digest)
 from taskmerge.runs.script_configs import (ADAMERGING, AdaMergingRunConfig, SurgeryRunConfig,
@@ -67,14 +67,16 @@ def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
                           f"(or 'auto', or a saved .json)")
     pretrained, experts = run.experts()
     theta0 = dict(pretrained.items())
-    if plus_plus:
-        selected = merging.ties_selected(pretrained, experts, k=0.2, validate_inputs=False)
+    key_set = {}
+    if plus_plus:  # TIES' global quantile: over what FusionBench flattens on its family (data_free)
+        keys, key_set = flattened_keys(run)
+        selected = merging.ties_selected(pretrained, experts, k=0.2, validate_inputs=False, keys=keys)
         vectors = [selected[t] for t in tasks]
     else:
         vectors = [lambda t=t: task_vector(pretrained, experts[t]).materialize() for t in tasks]
     merged = MergedEncoder(build_image_encoder(setup.arch), theta0, vectors, mode=mode,
                            init=config.prior, clamp=config.clamp, device=setup.device)
-    key = coefficients_key(run, method, merged, _adamerging_config(config, run.batch_size))
+    key = {**coefficients_key(run, method, merged, _adamerging_config(config, run.batch_size)), **key_set}
     folder = os.path.join(setup.cache_dir, "adamerging")
     if source == "auto":
         saved, why = find_saved(folder, method, key)
@@ -86,7 +88,7 @@ def adamerging_encoder(run: Run, method: str, config: AdaMergingRunConfig,
             run.log.info(f"AdaMerging {method}: no saved coefficients learned from these inputs ({why})")
             source = "learn"
     run.log.info(f"AdaMerging {method}: coefficients from {source}")
-    info = {"adamerging": method, "coefficients_source": source}
+    info = {"adamerging": method, "coefficients_source": source, **key_set}
     if source == "published":
         merged.load_table(load_published(method, setup.model_name), tasks)
     elif source == "learn":
