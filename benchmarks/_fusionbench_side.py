@@ -5,6 +5,7 @@ bypassed: each class is instantiated with its config/method/*.yaml values (liste
 
   names: {our task: FusionBench's class names} (fusion_bench/tasks/clip_classification), so the
          fixture's datasets carry them as their ClassLabel names, as the hub's copies do.
+  label: relabels the fixture's test sets with each expert's predictions (its own pipeline).
   run:   per method `<out>/<method>.safetensors` (the merged CLIPVisionModel state dict; EMR: one file
          per task, `EMR__<task>`), `<out>/<method>.f64.safetensors` for the SVD methods run on float64
          models (the reference FusionBench's float32 is measured against), `<out>/heads.safetensors`
@@ -138,9 +139,45 @@ def main_names(args) -> None:
         json.dump(names, f, ensure_ascii=False, indent=1)
 
 
-def main_run(args) -> None:
+def task_pool(root: str, tasks: dict[str, str], batch_size: int):
+    """FusionBench's CLIPVisionModelTaskPool over the fixture's parquet test sets, set up."""
     from datasets import load_dataset
     from fusionbench_fixtures import dataset_file
+    base, _ = folders(root, tasks)
+    datasets = {fb: load_dataset("parquet", data_files={"test": dataset_file(root, ours)}, split="test")
+                for ours, fb in tasks.items()}
+    taskpool = CLIPVisionModelTaskPool(datasets, processor=base, clip_model=base,
+                                       dataloader_kwargs={"batch_size": batch_size, "num_workers": 0,
+                                                          "shuffle": False})
+    taskpool.setup()
+    return taskpool, datasets
+
+
+@torch.no_grad()
+def main_label(args) -> None:
+    """Relabel each test set with its expert's predictions under FusionBench's pipeline, so that
+    the accuracies measure agreement with the experts instead of chance (FusionBench's Individual
+    row is then 100 % by construction)."""
+    from datasets import ClassLabel
+    from fusionbench_fixtures import dataset_file
+    tasks = json.loads(args.tasks_json)
+    taskpool, datasets = task_pool(args.root, tasks, args.batch_size)
+    _, experts = folders(args.root, tasks)
+    for ours, fb in tasks.items():
+        taskpool.clip_model.vision_model = CLIPVisionModel.from_pretrained(experts[fb])
+        classifier = HFCLIPClassifier(taskpool.clip_model, processor=taskpool.processor)
+        classnames, templates = get_classnames_and_templates(fb)
+        classifier.set_classification_task(classnames, templates)
+        predicted = torch.cat([classifier(images).argmax(-1) for images, _ in taskpool.test_dataloaders[fb]])
+        data = datasets[fb]
+        feature = data.features["label"]
+        data = data.remove_columns("label").add_column("label", predicted.tolist())
+        data = data.cast_column("label", ClassLabel(names=feature.names))
+        data.to_parquet(dataset_file(args.root, ours))
+        log(f"{ours}: labels = the expert's predictions ({len(set(predicted.tolist()))} classes occur)")
+
+
+def main_run(args) -> None:
     from taskmerge.storage.hf_checkpoints import read_hf_checkpoint
     tasks = json.loads(args.tasks_json)
     os.makedirs(args.out, exist_ok=True)
@@ -149,12 +186,7 @@ def main_run(args) -> None:
     # The task pool's own pieces (taskpool/clip_vision/taskpool.py evaluate): its CLIPDataset over
     # the processor, its HFCLIPClassifier heads, its _evaluate loop, one task at a time so that EMR's
     # task-specific models are each evaluated on their own task.
-    datasets = {fb: load_dataset("parquet", data_files={"test": dataset_file(args.root, ours)},
-                                 split="test") for ours, fb in tasks.items()}
-    taskpool = CLIPVisionModelTaskPool(datasets, processor=base, clip_model=base,
-                                       dataloader_kwargs={"batch_size": args.batch_size,
-                                                          "num_workers": 0, "shuffle": False})
-    taskpool.setup()
+    taskpool, _ = task_pool(args.root, tasks, args.batch_size)
     heads, accuracy = {}, {}
 
     def evaluate(models: dict, label: str) -> dict[str, float]:
@@ -211,6 +243,10 @@ if __name__ == "__main__":
     names = sub.add_parser("names")
     names.add_argument("--tasks-json", required=True, help='{"Cars": "stanford-cars", ...}')
     names.add_argument("--out", required=True)
+    label = sub.add_parser("label")
+    label.add_argument("--root", required=True)
+    label.add_argument("--tasks-json", required=True)
+    label.add_argument("--batch-size", type=int, default=32)
     run = sub.add_parser("run")
     run.add_argument("--root", required=True)
     run.add_argument("--tasks-json", required=True)
@@ -221,4 +257,4 @@ if __name__ == "__main__":
     run.add_argument("--float64-reference", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    (main_names if args.command == "names" else main_run)(args)
+    {"names": main_names, "label": main_label, "run": main_run}[args.command](args)

@@ -50,6 +50,7 @@ TIGHT, SVD = 1e-4, 1e-4
 # The two text towers (transformers' and open_clip's) round differently: "identical" heads are
 # unit class embeddings within float32 rounding of each other.
 HEADS = 1e-5
+QKV = ("q_proj", "k_proj", "v_proj")
 
 # method: (our script, its settings matching FusionBench's yaml, target, kind)
 # kind "exact": same math, target TIGHT; "svd": target SVD against the float64 reference.
@@ -79,9 +80,13 @@ NOT_COMPARED = {
     "Fisher": "not in taskmerge",
     "RegMean": "not in taskmerge",
     "RegMean++": "not in taskmerge",
-    "AdaMerging": "not compared yet: FusionBench's test-time loop draws its batches from an "
-                  "unseeded shuffle, so a comparison needs its batches injected (left for a follow-up)",
-    "Surgery (on AdaMerging)": "not compared yet: as AdaMerging, plus its feature-alignment loop",
+    "AdaMerging": "not compared yet: not the same run: FusionBench (method/adamerging, clip.yaml) takes "
+                  "one batch of 16 per task per step from an unseeded infinite shuffle, 1000 steps, "
+                  "unclamped λ, one λ per parameter tensor (q, k, v apart); ours (EnnengYang's "
+                  "protocol) two batches of a fresh seeded shuffle, 500 steps, clamped λ, one λ per "
+                  "in_proj. A comparison needs FusionBench's batches injected and a FusionBench mode "
+                  "on our side",
+    "Surgery (on AdaMerging)": "not compared yet: its base is AdaMerging's (above)",
 }
 
 
@@ -157,6 +162,9 @@ def compare_weights(method: str, kind: str, ours: dict, fb_dir: str, theta0: dic
         suffix = f"__{task}" if task else ""
         rows[task] = relative_l2(state, fb_state(os.path.join(fb_dir, f"{method}{suffix}.safetensors")),
                                  theta0)
+    for r in rows.values():  # where a q/k/v merge differs, is the rest the same?
+        rest = [v for k, v in r["per_key"].items() if k.split(".")[-2] not in QKV]
+        r["worst_outside_qkv"] = max(rest, default=0.0)
     worst_task = max(rows, key=lambda t: rows[t]["worst"])
     out = {"fb32": rows[worst_task], "task": worst_task}
     ref = os.path.join(fb_dir, f"{method}.f64.safetensors")
@@ -216,6 +224,8 @@ def table(results: dict, heads: dict, fb_acc: dict, our_individual: dict | None,
     for method, r in results.items():
         w = r["weights"]
         detail = f"{fmt(w['fb32']['worst'])} ({w['fb32']['worst_key']}{', ' + w['task'] if w['task'] else ''})"
+        if w["fb32"]["worst_key"] and w["fb32"]["worst_key"].split(".")[-2] in QKV:
+            detail += f"; outside q/k/v: {fmt(w['fb32']['worst_outside_qkv'])}"
         if "f64" in w:
             passed = w["f64"]["worst"] <= SVD
             detail += (f"; vs FB float64: {fmt(w['f64']['worst'])}; FB float32 vs float64: "
@@ -230,7 +240,7 @@ def table(results: dict, heads: dict, fb_acc: dict, our_individual: dict | None,
     for method, why in NOT_COMPARED.items():
         lines.append(f"| {method} | {why} | | – | " + " | ".join("" for _ in TASKS) + " |")
     notes = (f"\n{meta['date']}; fixture {meta['size']} ({meta['images']} test images per task, random "
-             f"weights and images); fusion-bench {meta['versions'].get('fusion-bench')} with transformers "
+             f"weights and images, {meta['labels']} labels); fusion-bench {meta['versions'].get('fusion-bench')} with transformers "
              f"{meta['versions'].get('transformers')} (its venv), torch {meta['versions'].get('torch')}; "
              f"taskmerge at {meta['commit']} with transformers {meta['our_transformers']}. "
              "ok: the weights within the target and every accuracy equal. DARE: FusionBench's class "
@@ -258,6 +268,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--work", default=os.path.join(HERE, ".cache", "fusionbench_parity"))
     parser.add_argument("--fb-python", default=os.path.join(REPO, ".venv-fusionbench", "bin", "python"))
+    parser.add_argument("--labels", choices=["expert", "random"], default="expert",
+                        help="expert: each test image labelled with its expert's prediction under "
+                             "FusionBench's pipeline (accuracies then measure agreement with the "
+                             "experts); random: uniform labels")
     parser.add_argument("--reuse-fixture", action="store_true",
                         help="keep an existing fixture of the same size (and its cached heads)")
     args = parser.parse_args()
@@ -294,6 +308,9 @@ def main() -> None:
         run([args.fb_python, os.path.join(HERE, "fusionbench_fixtures.py"), "--root", fixture, "--size",
              args.size, "--tasks", ",".join(TASKS), "--classnames", names, "--images-per-task",
              str(args.images_per_task)], os.path.join(work, "fixture.log"))
+        if args.labels == "expert":
+            run([args.fb_python, os.path.join(HERE, "_fusionbench_side.py"), "label", "--root", fixture,
+                 "--tasks-json", tasks, "--batch-size", str(args.batch_size)], os.path.join(work, "label.log"))
     fusionbench_side(args, fixture, fb_dir, methods)
     base = os.path.join(fixture, "checkpoints", "openai", "clip-vit-base-patch32")
     theta0 = {k: v for k, v in read_hf_checkpoint(base).tensors.items() if k.startswith("vision_model.")}
@@ -310,7 +327,7 @@ def main() -> None:
         fb = json.load(f)
     import transformers
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "size": args.size,
-            "images": args.images_per_task, "versions": fb["versions"], "commit": git_commit(),
+            "images": args.images_per_task, "labels": args.labels, "versions": fb["versions"], "commit": git_commit(),
             "our_transformers": transformers.__version__}
     text = table(results, compare_heads(fixture, fb_dir), fb["accuracy"], individual, meta)
     path = os.path.join(work, "parity.md")

@@ -101,3 +101,27 @@ def test_datasets_are_read_by_our_parquet_reader(fixture_root):
     image, label = data.test[0]
     assert 29 <= min(image.size) and max(image.size) <= 47 and 0 <= label < 10
     assert len(get_parquet_task("MNIST", os.path.join(fixture_root, "data")).test) == 5
+
+
+def test_table_flags_what_is_off_target():
+    import fusionbench_parity as parity
+    tasks = parity.TASKS[:2]
+    w_ok = {"fb32": {"worst": 5e-5, "worst_key": "vision_model.post_layernorm.weight",
+                     "worst_outside_qkv": 5e-5}, "task": ""}
+    w_off = {"fb32": {"worst": 0.5, "worst_key": "vision_model.encoder.layers.0.self_attn.q_proj.weight",
+                      "worst_outside_qkv": 1e-6}, "task": "",
+             "f64": {"worst": 0.5}, "fb32_vs_f64": {"worst": 2e-5}}
+    acc = {t: 0.5 for t in parity.TASKS}
+    results = {"TA": {"weights": w_ok, "accuracy": acc},
+               "Iso-C": {"weights": w_off, "accuracy": dict(acc, **{tasks[0]: 0.25})}}
+    heads = {t: "1.0e-07" for t in parity.TASKS}
+    heads[tasks[1]] = "10 vs 9 classes"
+    meta = {"date": "d", "size": "tiny", "images": 4, "labels": "expert", "versions": {}, "commit": "c",
+            "our_transformers": "5"}
+    text = parity.table(results, heads, {"TA": acc, "Iso-C": acc, "Individual": acc}, acc, meta)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| yes |" in rows["TA"] and "| NO |" in rows["Iso-C"]
+    assert "50.0 / 50.0" in rows["TA"] and "25.0 / 50.0 ≠" in rows["Iso-C"]
+    assert "outside q/k/v: 1.0e-06" in rows["Iso-C"] and "FB float32 vs float64: 2.0e-05" in rows["Iso-C"]
+    assert "| NO |" in rows["Heads (max \\|Δ\\| of unit class embeddings)"]
+    assert "not in taskmerge" in rows["RegMean"]
