@@ -9,7 +9,8 @@ bypassed: each class is instantiated with its config/method/*.yaml values (liste
   run:   per method `<out>/<method>.safetensors` (the merged CLIPVisionModel state dict; EMR: one file
          per task, `EMR__<task>`), `<out>/<method>.f64.safetensors` for the SVD methods run on float64
          models (the reference FusionBench's float32 is measured against), `<out>/heads.safetensors`
-         (each task's normalised zero-shot weights) and `<out>/accuracy.json`.
+         (each task's normalised zero-shot weights), `<out>/pixels.safetensors` (the preprocessed
+         test images) and `<out>/accuracy.json`.
 
 The one change to FusionBench's code: DARE's masks are injected (`--dare-masks ours`) from
 taskmerge's seeded masks (merging/dare.py keep_mask), since FusionBench draws them from torch's
@@ -187,6 +188,9 @@ def main_run(args) -> None:
     # the processor, its HFCLIPClassifier heads, its _evaluate loop, one task at a time so that EMR's
     # task-specific models are each evaluated on their own task.
     taskpool, _ = task_pool(args.root, tasks, args.batch_size)
+    # the pixels FusionBench's CLIPDataset feeds the model (its processor's resize, crop, normalise)
+    save_file({ours: torch.stack([taskpool.test_datasets[fb][i][0] for i in range(len(taskpool.test_datasets[fb]))])
+               for ours, fb in tasks.items()}, os.path.join(args.out, "pixels.safetensors"))
     heads, accuracy = {}, {}
 
     def evaluate(models: dict, label: str) -> dict[str, float]:

@@ -195,13 +195,40 @@ def compare_heads(fixture: str, fb_dir: str) -> dict[str, str]:
     return cells
 
 
+def compare_pixels(args, fixture: str, fb_dir: str) -> dict[str, str]:
+    """Per task, the largest difference between the images our scripts evaluate (runs.setup.task_data,
+    the transform the run picks for this family) and FusionBench's CLIPDataset, and how many differ."""
+    from taskmerge.runs.setup import resolve_setup, task_data
+    if args.size == "tiny":
+        from _taskmerge_side import register_as_vit_b_32
+        register_as_vit_b_32(os.path.join(fixture, "open_clip_config.json"))
+    theirs = load_file(os.path.join(fb_dir, "pixels.safetensors"))
+    setup = resolve_setup("ViT-B-32", os.path.join(fixture, "checkpoints"), os.path.join(fixture, "data"),
+                          list(TASKS), "parquet")
+    cells = {}
+    for task in TASKS:
+        data = task_data(setup, task).test
+        ours = torch.stack([data[i][0] for i in range(len(data))])
+        if ours.shape != theirs[task].shape:
+            cells[task] = f"shape {tuple(ours.shape[1:])} vs {tuple(theirs[task].shape[1:])}"
+            continue
+        diff = (ours - theirs[task]).abs().flatten(1).amax(1)
+        cells[task] = f"{float(diff.max()):.1e} ({int((diff > 1e-5).sum())}/{len(diff)})"
+    return cells
+
+
 def fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.1e}"
 
 
-def table(results: dict, heads: dict, fb_acc: dict, our_individual: dict | None, meta: dict) -> str:
+def table(results: dict, heads: dict, fb_acc: dict, our_individual: dict | None, meta: dict,
+          pixels: dict | None = None) -> str:
     head = ["Method", "worst rel. L2 (key)", "target", "ok"] + TASKS
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if pixels:
+        ok_pixels = all(" (0/" in c for c in pixels.values())
+        lines.append("| Pixels (max \\|Δ\\| of preprocessed images; images > 1e-5 apart) | | ≤ 1e-05 | "
+                     f"{'yes' if ok_pixels else 'NO'} | " + " | ".join(pixels[t] for t in TASKS) + " |")
     ok_heads = all(c != "no head" and "classes" not in c and float(c) <= HEADS for c in heads.values())
     lines.append(f"| Heads (max \\|Δ\\| of unit class embeddings) | | ≤ {HEADS:g} | "
                  f"{'yes' if ok_heads else 'NO'} | " + " | ".join(heads[t] for t in TASKS) + " |")
@@ -329,7 +356,8 @@ def main() -> None:
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "size": args.size,
             "images": args.images_per_task, "labels": args.labels, "versions": fb["versions"], "commit": git_commit(),
             "our_transformers": transformers.__version__}
-    text = table(results, compare_heads(fixture, fb_dir), fb["accuracy"], individual, meta)
+    text = table(results, compare_heads(fixture, fb_dir), fb["accuracy"], individual, meta,
+                 compare_pixels(args, fixture, fb_dir))
     path = os.path.join(work, "parity.md")
     with open(path, "w") as f:
         f.write(f"# FusionBench parity ({args.size})\n\n{text}")
