@@ -94,14 +94,18 @@ def log(msg: str) -> None:
     print(f"[parity] {msg}", flush=True)
 
 
-def run(cmd: list[str], log_file: str, env: dict | None = None) -> None:
-    """Run a side's command; its output goes to `log_file`, whose tail is shown if it fails."""
+class SideFailed(Exception):
+    """A side's command exited non-zero; the message is the last line it printed."""
+
+
+def run(cmd: list[str], log_file: str) -> None:
+    """Run a side's command; its output goes to `log_file`, whose last line a failure names."""
     with open(log_file, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode:
         with open(log_file) as f:
-            tail = f.read()[-3000:]
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); {log_file}:\n{tail}")
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+        raise SideFailed(f"exit {proc.returncode}: {lines[-1] if lines else 'no output'} (log {log_file})")
 
 
 # ---------------------------------------------------------------- the two sides
@@ -199,6 +203,7 @@ def compare_pixels(args, fixture: str, fb_dir: str) -> dict[str, str]:
     """Per task, the largest difference between the images our scripts evaluate (runs.setup.task_data,
     the transform the run picks for this family) and FusionBench's CLIPDataset, and how many differ."""
     from taskmerge.runs.setup import resolve_setup, task_data
+    from taskmerge.storage.errors import InputError
     if args.size == "tiny":
         from _taskmerge_side import register_as_vit_b_32
         register_as_vit_b_32(os.path.join(fixture, "open_clip_config.json"))
@@ -207,7 +212,11 @@ def compare_pixels(args, fixture: str, fb_dir: str) -> dict[str, str]:
                           list(TASKS), "parquet")
     cells = {}
     for task in TASKS:
-        data = task_data(setup, task).test
+        try:
+            data = task_data(setup, task).test
+        except InputError as e:  # our reader refuses this data: the cell says so
+            cells[task] = f"ours refused: {str(e)[:80]}…"
+            continue
         ours = torch.stack([data[i][0] for i in range(len(data))])
         if ours.shape != theirs[task].shape:
             cells[task] = f"shape {tuple(ours.shape[1:])} vs {tuple(theirs[task].shape[1:])}"
@@ -249,6 +258,10 @@ def table(results: dict, heads: dict, fb_acc: dict, our_individual: dict | None,
     lines.append(f"| Individual (acc. ours / FB) | | equal acc. | {'yes' if same else 'NO'} | "
                  + " | ".join(cells) + " |")
     for method, r in results.items():
+        if "error" in r:
+            lines.append(f"| {method} | our script failed: {r['error']} | | NO | "
+                         + " | ".join("–" for _ in TASKS) + " |")
+            continue
         w = r["weights"]
         detail = f"{fmt(w['fb32']['worst'])} ({w['fb32']['worst_key']}{', ' + w['task'] if w['task'] else ''})"
         if w["fb32"]["worst_key"] and w["fb32"]["worst_key"].split(".")[-2] in QKV:
@@ -343,7 +356,12 @@ def main() -> None:
     theta0 = {k: v for k, v in read_hf_checkpoint(base).tensors.items() if k.startswith("vision_model.")}
     results, individual = {}, None
     for method in methods:
-        ours = our_side(args, fixture, ours_dir, method)
+        try:
+            ours = our_side(args, fixture, ours_dir, method)
+        except SideFailed as e:  # a row that says so: a refusal on this data is a finding too
+            log(f"{method}: our script failed: {e}")
+            results[method] = {"error": str(e)}
+            continue
         report = ours["report"]
         individual = individual or report.get("individual_accuracy")
         weights = compare_weights(method, OURS[method][2], our_states(method, ours["merged"], fixture),
@@ -369,4 +387,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SideFailed as e:  # the fixture or FusionBench's side: no table without them
+        raise SystemExit(f"[parity] {e}")

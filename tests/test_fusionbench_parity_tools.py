@@ -118,7 +118,12 @@ def test_table_flags_what_is_off_target():
     heads[tasks[1]] = "10 vs 9 classes"
     meta = {"date": "d", "size": "tiny", "images": 4, "labels": "expert", "versions": {}, "commit": "c",
             "our_transformers": "5"}
-    text = parity.table(results, heads, {"TA": acc, "Iso-C": acc, "Individual": acc}, acc, meta)
+    pixels = {t: "0.0e+00 (0/4)" for t in parity.TASKS}
+    text = parity.table(results, heads, {"TA": acc, "Iso-C": acc, "Individual": acc}, acc, meta, pixels)
+    assert "| yes |" in next(line for line in text.splitlines() if line.startswith("| Pixels"))
+    pixels[tasks[0]] = "9.3e-01 (1/4)"
+    text = parity.table(results, heads, {"TA": acc, "Iso-C": acc, "Individual": acc}, acc, meta, pixels)
+    assert "| NO |" in next(line for line in text.splitlines() if line.startswith("| Pixels"))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| yes |" in rows["TA"] and "| NO |" in rows["Iso-C"]
     assert "50.0 / 50.0" in rows["TA"] and "25.0 / 50.0 ≠" in rows["Iso-C"]
