@@ -73,7 +73,8 @@ def test_settings_come_from_the_folders_preprocessor_config(tmp_path):
     from transformers import CLIPImageProcessor
     CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36},
                        image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(tmp_path)
-    ours = clip_image_processor(str(tmp_path), image_size=224)
+    assert clip_image_processor(str(tmp_path), image_size=224).backend == "pil"  # FusionBench's (4.x)
+    ours = clip_image_processor(str(tmp_path), image_size=224, backend="torchvision")
     assert (ours.shortest_edge, ours.crop_size) == (40, (36, 36))
     theirs = CLIPImageProcessor.from_pretrained(tmp_path)
     image = _image(61, 47, 3)
@@ -91,7 +92,7 @@ def test_settings_come_from_the_folders_preprocessor_config(tmp_path):
                   tokenizer=_hf_tokenizer_from_open_clip_vocab()).save_pretrained(saved)
     processor = CLIPProcessor.from_pretrained(saved)  # what FusionBench's modelpool loads
     assert processor.image_processor.backend == "torchvision"
-    ours = clip_image_processor(str(saved), image_size=224)
+    ours = clip_image_processor(str(saved), image_size=224, backend="torchvision")
     assert (ours.shortest_edge, ours.crop_size) == (38, (33, 33))
     assert torch.equal(ours(image), _theirs(processor, image))
     # openai/clip-vit-base-patch32's own file: the older format, sizes as plain integers
@@ -101,7 +102,7 @@ def test_settings_come_from_the_folders_preprocessor_config(tmp_path):
         "crop_size": 30, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 34}))
-    ours = clip_image_processor(str(legacy), image_size=224)
+    ours = clip_image_processor(str(legacy), image_size=224, backend="torchvision")
     assert (ours.shortest_edge, ours.crop_size) == (34, (30, 30))
     assert torch.equal(ours(image), _theirs(CLIPImageProcessor.from_pretrained(legacy), image))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**cfg, "do_center_crop": False}))

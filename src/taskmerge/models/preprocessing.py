@@ -1,6 +1,7 @@
 """The image preprocessing of each checkpoint family: open_clip's eval transform (task_vectors,
 tall_masks, the embedded benchmark: `encoders.eval_transform`), and, for the `fusionbench` family,
-transformers' `CLIPImageProcessor` as FusionBench applies it, reproduced pixel for pixel.
+transformers' `CLIPImageProcessor` as FusionBench applies it, reproduced pixel for pixel (its PIL
+backend by default, see below).
 
 FusionBench builds `CLIPProcessor.from_pretrained(<pretrained folder>)` (modelpool/clip_vision/
 modelpool.py `load_processor`) and calls it on one `image.convert("RGB")` at a time
@@ -13,6 +14,13 @@ to even, so on odd margins the two land a pixel apart); then rescale and normali
 `(x − mean/rescale) / (std/rescale)` (image_processing_backends.py `TorchvisionBackend`).
 transformers 4.x's default (slow) processor, now `CLIPImageProcessorPil`, resizes with PIL's
 bicubic instead; `backend="pil"` reproduces that one (the two resizes differ by a few grey levels).
+
+The default is "pil": FusionBench (0.2.33) cannot run on transformers 5 (it imports
+`CLIPVisionTransformer`, which 5.x removed), and transformers 4.x's `CLIPProcessor.from_pretrained`
+loads the slow PIL processor for a folder saved with one, as the hub's openai/clip-vit-* folders are
+(`"image_processor_type": "CLIPImageProcessor"`; checked with 4.57.6, which says so in its log).
+So that is what FusionBench's experts were evaluated with, and what benchmarks/fusionbench_parity.py
+compares against; `backend="torchvision"` is transformers 5.x's path.
 """
 from __future__ import annotations
 
@@ -91,7 +99,7 @@ class CLIPImageProcessorTransform:
         return torch.from_numpy((y - mean[:, None, None]) / std[:, None, None])
 
 
-def clip_image_processor(folder: str | None, image_size: int, backend: str = "torchvision"
+def clip_image_processor(folder: str | None, image_size: int, backend: str = "pil"
                          ) -> CLIPImageProcessorTransform:
     """The transform `CLIPProcessor.from_pretrained(folder)` applies: the folder's settings, as
     transformers looks for them (image_processing_base.py `get_image_processor_dict`): the
