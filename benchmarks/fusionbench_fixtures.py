@@ -134,10 +134,15 @@ def write_open_clip_config(root: str) -> str:
     return path
 
 
+GRAYSCALE = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "FER2013")
+
+
 def write_datasets(root: str, size: str, classnames: dict[str, list[str]], images_per_task: int,
                    seed: int = 0) -> None:
-    """Each task's test split: random images of random odd sizes (MNIST grayscale, as the hub's
-    copy), random labels, the class names as the `ClassLabel` names."""
+    """Each task's test split: random images of random odd sizes (grayscale for the tasks whose hub
+    copies are grayscale: MNIST, FashionMNIST, KMNIST, EMNIST, FER2013), random labels, the class
+    names as the `ClassLabel` names. (Our reader turns FER2013 to grayscale first, as tall_masks does;
+    on a grayscale image that is what FusionBench's `convert("RGB")` gives too.)"""
     from datasets import ClassLabel, Dataset, Features, Image
     rng = np.random.default_rng(seed)
     lo, hi = _IMAGE_SIDES[size]
@@ -151,7 +156,7 @@ def write_datasets(root: str, size: str, classnames: dict[str, list[str]], image
             field = np.asarray(PILImage.fromarray(coarse).resize((w, h), PILImage.BILINEAR), np.int16)
             noise = rng.integers(-24, 25, size=(h, w, 3))
             picture = PILImage.fromarray(np.clip(field + noise, 0, 255).astype(np.uint8))
-            pictures.append(picture.convert("L") if task == "MNIST" else picture)
+            pictures.append(picture.convert("L") if task in GRAYSCALE else picture)
         labels = [int(x) for x in rng.integers(0, len(names), size=images_per_task)]
         features = Features({"image": Image(), "label": ClassLabel(names=list(names))})
         path = dataset_file(root, task)
