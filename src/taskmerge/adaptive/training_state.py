@@ -38,7 +38,8 @@ def differing_fields(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
 
 def read_resume_state(path: str) -> dict:
     """A resume file's state dict, or one InputError naming the file. torch's own messages are not
-    passed on: for a file that holds code they advise `weights_only=False`, which would run it."""
+    passed on: for a file that holds code they advise loading it without the weights-only guard,
+    which would run that code."""
     try:
         with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol
             warnings.simplefilter("ignore")
