@@ -29,8 +29,7 @@ def _check_report(report, config):
     assert all(0.0 <= a <= 1.0 for a in report["accuracy"].values())
     assert report["average_accuracy"] == pytest.approx(
         sum(report["accuracy"].values()) / len(report["accuracy"]))
-    log_dir = config["log_dir"]
-    logs = [os.path.join(r, f) for r, _, fs in os.walk(log_dir) for f in fs if f == report["log"]]
+    logs = _logs_of(config, report)
     assert len(logs) == 1
     lines = open(logs[0]).read().splitlines()
     assert lines[0].startswith("Config: ")
@@ -102,5 +101,12 @@ def test_surgery_starts_at_its_base_and_reduces_representation_bias(config, surg
 
 
 def report_path(config, report):
-    return next(os.path.join(r, f) for r, _, fs in os.walk(config["log_dir"]) for f in fs
-                if f == report["log"])
+    return _logs_of(config, report)[0]
+
+
+def _logs_of(config, report):
+    """The log of this very run: runs of other subfolders (Surgery v1 logs under run/, v2 under
+    Surgery/) started in the same second share its name, so the report beside it must be this one."""
+    logs = [os.path.join(r, f) for r, _, fs in os.walk(config["log_dir"]) for f in fs if f == report["log"]]
+    as_read = json.loads(json.dumps(report, default=str))
+    return [p for p in logs if json.load(open(os.path.splitext(p)[0] + ".json")) == as_read]
