@@ -16,7 +16,7 @@ the templates equal ours (`get_templates`), which tests/test_fusionbench_heads.p
 """
 from __future__ import annotations
 
-from taskmerge.datasets.real import DatasetLayoutError
+from taskmerge.datasets.errors import DatasetLayoutError
 from taskmerge.datasets.templates import CLASSNAMES as OUR_CLASSNAMES
 from taskmerge.datasets.templates import (DTD_FOLDERS, EUROSAT_FOLDERS, base_task, class_order_problem,
                                           dtd_classname, eurosat_classname)

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from taskmerge.datasets import registry
 from taskmerge.datasets.base import TaskData, file_content_record
-from taskmerge.datasets.real import DatasetLayoutError
+from taskmerge.datasets.errors import DatasetLayoutError
 from taskmerge.datasets.fusionbench_classnames import CLASSNAMES as FUSIONBENCH_CLASSNAMES
 from taskmerge.datasets.templates import (CLASSNAMES, DATA_NAMED_COUNTS, DTD_FOLDERS, EUROSAT_FOLDERS,
                                           FER2013_NAMES, FER2013_SYNONYMS, GTSRB_FOLDERS, base_task,

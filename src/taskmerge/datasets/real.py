@@ -24,12 +24,12 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from taskmerge.datasets.errors import DatasetLayoutError  # noqa: F401 (re-exported)
 from taskmerge.datasets.base import ArrayDataset, TaskData, file_stat_record, hash_dataset_content
 from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS,
                                           GTSRB_FOLDERS, RESISC45_FOLDERS, SUN397_CLASS_COUNT,
                                           cars_classname, dtd_classname, eurosat_classname,
                                           get_templates, sun397_classname)
-from taskmerge.storage.errors import InputError
 
 # torchvision's ImageFolder extensions, so a folder holds exactly the images the originals saw.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -90,10 +90,6 @@ def _layout(task: str) -> str:
         return LAYOUTS[task]
     from taskmerge.datasets.tall_extras import LAYOUTS as EXTRA_LAYOUTS  # it imports this module
     return EXTRA_LAYOUTS[task]
-
-
-class DatasetLayoutError(InputError):
-    """A task's data is missing or not in the layout its reader expects."""
 
 
 def layout_error(task: str, data_location: str, path: str, problem: str) -> DatasetLayoutError:
