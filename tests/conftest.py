@@ -25,3 +25,15 @@ def micro_benchmark(tmp_path_factory):
     ckpt, data = str(root / "checkpoints"), str(root / "data")
     ensure_embedded_benchmark(ckpt, data, micro=True, progress=False)
     return ckpt, data
+
+
+@pytest.fixture
+def private_micro(micro_benchmark, tmp_path):
+    """A private copy of the micro benchmark's model folder (without its caches), for tests that
+    change or break it, on the shared data: (checkpoint_dir, data_location, model folder)."""
+    import shutil
+    ckpt, data = micro_benchmark
+    model = "taskmerge-tiny-micro"
+    shutil.copytree(os.path.join(ckpt, model), tmp_path / "ckpt" / model,
+                    ignore=shutil.ignore_patterns("individual_accuracies_*", "adamerging", "feature_cache"))
+    return str(tmp_path / "ckpt"), data, tmp_path / "ckpt" / model

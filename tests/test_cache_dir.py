@@ -1,7 +1,6 @@
 """Caches (built heads, expert accuracies, learned coefficients, features) live in the model folder
 while it is writable, and elsewhere when it is not, so a read-only shared model store can be used."""
 import os
-import shutil
 
 import pytest
 from script_variables import script_config
@@ -14,12 +13,10 @@ MODEL = "taskmerge-tiny-micro"
 
 
 @pytest.fixture
-def store(micro_benchmark, tmp_path):
-    ckpt, data = micro_benchmark
-    shutil.copytree(os.path.join(ckpt, MODEL), tmp_path / "ckpt" / MODEL,
-                    ignore=shutil.ignore_patterns("individual_accuracies_*", "adamerging", "feature_cache"))
-    return {"model_name": MODEL, "checkpoint_dir": str(tmp_path / "ckpt"), "data_location": data,
-            "log_dir": str(tmp_path / "logs"), "save_dir": ""}, tmp_path / "ckpt" / MODEL
+def store(private_micro, tmp_path):
+    ckpt, data, folder = private_micro
+    return {"model_name": MODEL, "checkpoint_dir": ckpt, "data_location": data,
+            "log_dir": str(tmp_path / "logs"), "save_dir": ""}, folder
 
 
 def _files(folder):

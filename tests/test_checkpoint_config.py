@@ -4,9 +4,7 @@ features are transformers' own), one whose shapes are another model's is refused
 and the checkpoints are validated before the heads' text tower is loaded into the architecture."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -111,14 +109,12 @@ MODEL = "taskmerge-tiny-micro"
 
 
 @pytest.fixture
-def bench(micro_benchmark, tmp_path):
-    ckpt, data = micro_benchmark
-    shutil.copytree(os.path.join(ckpt, MODEL), tmp_path / "ckpt" / MODEL,
-                    ignore=shutil.ignore_patterns("individual_accuracies_*", "adamerging", "feature_cache"))
-    config = {"model_name": MODEL, "checkpoint_dir": str(tmp_path / "ckpt"), "data_location": data,
+def bench(private_micro, tmp_path):
+    ckpt, data, folder = private_micro
+    config = {"model_name": MODEL, "checkpoint_dir": ckpt, "data_location": data,
               "tasks": [], "log_dir": str(tmp_path / "logs"), "save_dir": "", "resume_dir": "",
               "batch_size": 128, "seed": 0}
-    return config, tmp_path / "ckpt" / MODEL
+    return config, folder
 
 
 def _text_tower_of_another_model(folder):

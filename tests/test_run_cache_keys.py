@@ -2,7 +2,6 @@
 matches (checkpoints, heads, data, settings); otherwise they are recomputed and the log says why."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -29,15 +28,13 @@ MODEL = "taskmerge-tiny-micro"
 
 
 @pytest.fixture
-def bench(micro_benchmark, tmp_path):
+def bench(private_micro, tmp_path):
     """A private copy of the micro benchmark (its caches are what these tests change)."""
-    ckpt, data = micro_benchmark
-    shutil.copytree(os.path.join(ckpt, MODEL), tmp_path / "ckpt" / MODEL,
-                    ignore=shutil.ignore_patterns("individual_accuracies_*", "adamerging", "feature_cache"))
-    config = {"model_name": MODEL, "checkpoint_dir": str(tmp_path / "ckpt"), "data_location": data,
+    ckpt, data, folder = private_micro
+    config = {"model_name": MODEL, "checkpoint_dir": ckpt, "data_location": data,
               "tasks": [], "log_dir": str(tmp_path / "logs"), "save_dir": str(tmp_path / "merged"),
               "resume_dir": str(tmp_path / "resume"), "batch_size": 128, "seed": 0}
-    return config, tmp_path / "ckpt" / MODEL
+    return config, folder
 
 
 def _log(report, config):

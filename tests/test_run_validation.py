@@ -1,7 +1,6 @@
 """Bad checkpoints, heads and merges are refused before any work, with one InputError naming the file
 (or the method and its coefficient) — not a raw torch error, and not accuracies of a broken model."""
 import os
-import shutil
 
 import pytest
 import torch
@@ -16,15 +15,13 @@ MODEL = "taskmerge-tiny-micro"
 
 
 @pytest.fixture
-def bench(micro_benchmark, tmp_path):
+def bench(private_micro, tmp_path):
     """A private copy of the micro benchmark's checkpoints (to break), on the shared data."""
-    ckpt, data = micro_benchmark
-    shutil.copytree(os.path.join(ckpt, MODEL), tmp_path / "ckpt" / MODEL,
-                    ignore=shutil.ignore_patterns("individual_accuracies_*", "adamerging", "feature_cache"))
-    config = {"model_name": MODEL, "checkpoint_dir": str(tmp_path / "ckpt"), "data_location": data,
+    ckpt, data, folder = private_micro
+    config = {"model_name": MODEL, "checkpoint_dir": ckpt, "data_location": data,
               "tasks": [], "log_dir": str(tmp_path / "logs"), "save_dir": str(tmp_path / "merged"),
               "resume_dir": "", "batch_size": 128, "seed": 0}
-    return config, tmp_path / "ckpt" / MODEL
+    return config, folder
 
 
 def _edit(path, change):
