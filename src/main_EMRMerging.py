@@ -20,6 +20,7 @@ device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"
 tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)
 num_workers = "auto"          # DataLoader workers: "auto" = 0 on CPU, min(8, cores - 1) per GPU process
 threads = "auto"              # torch CPU threads: "auto" = 1 for the embedded model, else the cores (README)
+cpu_paths = "auto"            # "auto": "pinned" for the embedded model on CPU (same bits on any x86-64; README)
 rendezvous_timeout = 300      # torchrun: seconds each rank waits for the others to start
 # method
 rescaler = "code"             # "code": per-tensor-mean ratio (the ViT code); "paper": whole-vector sums

@@ -72,7 +72,7 @@ def test_the_debug_env_var_lets_an_input_error_through(monkeypatch):
 NAMESPACE = {"__file__": "main_TaskArithmetic.py", "model_name": "auto", "checkpoint_dir": "c",
              "data_location": "d", "data_format": "folders", "trust_label_order": False, "tasks": [],
              "log_dir": "l", "cache_dir": "auto", "batch_size": 8,
-             "save_dir": "", "device": "cpu", "tf32": False, "num_workers": 0, "threads": 1, "rendezvous_timeout": 300,
+             "save_dir": "", "device": "cpu", "tf32": False, "num_workers": 0, "threads": 1, "cpu_paths": "auto", "rendezvous_timeout": 300,
              "scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks",
              "dare_p": 0.0, "dare_rescale": True, "dare_seed": 0}
 
@@ -107,7 +107,7 @@ def test_the_run_gets_the_checked_config_and_the_script(monkeypatch):
                                     data_format="folders", trust_label_order=False, tasks=[],
                                     log_dir="l", cache_dir="auto", batch_size=8, device="cpu", tf32=False,
                                     num_workers=0,
-                                    threads=1, rendezvous_timeout=300.0, save_dir="", scaling_coef=1.0,
+                                    threads=1, cpu_paths="auto", rendezvous_timeout=300.0, save_dir="", scaling_coef=1.0,
                                     select_on_val=False, val_grid="tall_masks", dare_p=0.0,
                                     dare_rescale=True, dare_seed=0)
     assert got == (expected, "main_TaskArithmetic.py")

@@ -193,8 +193,9 @@ def test_build_is_deterministic(data_dir, tmp_path):
 
 def test_missing_data_package_drops_its_task(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(embedded_sources, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    # in this process (pinned=False): a pinned child would not see the patched package folder
     folder = eb.ensure_embedded_benchmark(str(tmp_path / "ck"), str(tmp_path / "data"), micro=True,
-                                          progress=True, recipe=TOY_RECIPE)
+                                          progress=True, recipe=TOY_RECIPE, pinned=False)
     manifest = json.load(open(os.path.join(folder, "manifest.json")))
     assert "Fashion" not in manifest["tasks"] and "Digits" in manifest["tasks"]
     captured = capsys.readouterr()

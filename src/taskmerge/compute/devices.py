@@ -49,6 +49,16 @@ def _backend_available(device: torch.device) -> bool:
     return bool(is_available and is_available())
 
 
+def device_type(name: str) -> str:
+    """The kind of device a `device` setting names ("cpu", "cuda", ...), without claiming it."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except (RuntimeError, ValueError):
+        return "unknown"  # resolve_device names the mistake
+
+
 def use_tf32(enabled: bool) -> None:
     """TF32 for CUDA matmuls and cuDNN convolutions, on or off (see the module docstring)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled

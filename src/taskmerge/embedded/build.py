@@ -33,9 +33,10 @@ was tried.
 The micro benchmark (`micro=True`, for tests) runs the same code on the micro data set with a
 small recipe and writes `checkpoints/taskmerge-tiny-micro/`.
 
-Determinism: everything is seeded and the build runs with a fixed thread count (`BUILD_THREADS`),
-so the same recipe gives bit-identical files on the same machine and PyTorch build; other CPUs or
-BLAS builds may differ in the last bits of float sums.
+Determinism: everything is seeded, the build runs with a fixed thread count (`BUILD_THREADS`) and
+on the CPU code paths of `compute/cpu_paths.PINNED` (in a child process where this one started
+without them), so the same recipe gives bit-identical files on every x86-64 machine with the same
+PyTorch build; the manifest records their sha256 and README publishes them.
 
 The manifest is written last and atomically: a build that was interrupted has no manifest (or one
 with another recipe hash) and is resumed; finished stages are kept in `build_state.json` with the
@@ -47,6 +48,8 @@ import contextlib
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -54,6 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from taskmerge.compute import cpu_paths
 from taskmerge.datasets.base import ArrayDataset
 from taskmerge.embedded.pretraining import CaptionedImages, partner_classes
 from taskmerge.models.encoders import TINY_MODEL, build_image_encoder, create_clip, eval_transform
@@ -215,17 +219,18 @@ def data_fingerprint(task: TaskTensors) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_hashes(recipe: dict, tasks: list[TaskTensors]) -> dict[str, str]:
+def stage_hashes(recipe: dict, tasks: list[TaskTensors], paths: str = "pinned") -> dict[str, str]:
     """What each build stage depends on, hashed: the pretrained CLIP depends on the model config,
-    the pretraining recipe and every task's data; an expert on those, the fine-tuning recipe and
-    its own task; "all" on the whole recipe and task list."""
+    the pretraining recipe, every task's data and the CPU code paths (`paths`: "pinned" or
+    "native"); an expert on those, the fine-tuning recipe and its own task; "all" on the whole
+    recipe and task list."""
     config = model_config(recipe["model"])
     data = {t.name: data_fingerprint(t) for t in tasks}
-    pretrain = _hash([recipe["version"], recipe["model"], config, recipe["pretrain"], data])
+    pretrain = _hash([recipe["version"], recipe["model"], config, recipe["pretrain"], data, paths])
     stages = {"pretrain": pretrain}
     for t in tasks:
         stages[t.name] = _hash([pretrain, recipe["finetune"], t.name, data[t.name]])
-    stages["all"] = _hash([recipe, config, data])
+    stages["all"] = _hash([recipe, config, data, paths])
     return stages
 
 
@@ -397,37 +402,65 @@ def build_benchmark(folder: str, recipe: dict, tasks: list[TaskTensors], stages:
         "accuracy": acc,
         "build_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "environment": {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "open_clip": open_clip.__version__},
+                        "open_clip": open_clip.__version__, **cpu_paths.describe()},
+        "sha256": file_digests(folder, [t.name for t in tasks]),
     }
     atomic.write_json(manifest_path, manifest)
     return manifest
+
+
+def built_files(tasks: list[str]) -> list[str]:
+    """The files a build writes besides its manifest, relative to its folder."""
+    return (["clip_pretrained.safetensors", "zeroshot.pt"] + [f"head_{t}.pt" for t in tasks]
+            + [f"{t}/finetuned.pt" for t in tasks])
+
+
+def file_digests(folder: str, tasks: list[str]) -> dict[str, str]:
+    """{file: sha256} of a build's files (what README publishes, and what a user compares)."""
+    digests = {}
+    for name in built_files(tasks):
+        h = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[name] = h.hexdigest()
+    return digests
 
 
 def _is_complete(folder: str, stages: dict[str, str], tasks: list[TaskTensors]) -> bool:
     manifest = _read_json(os.path.join(folder, "manifest.json"))
     if manifest is None or manifest.get("recipe_hash") != stages["all"]:
         return False
-    files = ["zeroshot.pt", "clip_pretrained.safetensors"]
-    files += [f"head_{t.name}.pt" for t in tasks] + [os.path.join(t.name, "finetuned.pt") for t in tasks]
-    return all(os.path.exists(os.path.join(folder, f)) for f in files)
+    return all(os.path.exists(os.path.join(folder, f)) for f in built_files([t.name for t in tasks]))
 
 
 def ensure_embedded_benchmark(checkpoint_dir: str = "checkpoints", data_location: str = "data",
                               micro: bool = False, progress: bool = True,
-                              recipe: dict | None = None) -> str:
+                              recipe: dict | None = None, pinned: bool = True) -> str:
     """The folder of the embedded benchmark (`<checkpoint_dir>/taskmerge-tiny[-micro]`), built first
-    if it is missing, incomplete or from another recipe. `recipe` overrides `RECIPE`/`MICRO_RECIPE`."""
+    if it is missing, incomplete or from another recipe. `recipe` overrides `RECIPE`/`MICRO_RECIPE`.
+
+    `pinned` (the default) builds on `compute/cpu_paths.PINNED`, the same bits on every x86-64 CPU:
+    in this process if it started with them, else in a child process that has them. False builds
+    here on this machine's native paths (tests that patch the build); the two are different builds
+    (their stage hashes differ), so neither is taken for the other."""
     name = MICRO_MODEL if micro else TINY_MODEL
     recipe = recipe if recipe is not None else (MICRO_RECIPE if micro else RECIPE)
     folder = os.path.join(os.path.expanduser(os.fspath(checkpoint_dir)), name)
+    paths = "pinned" if pinned else "native"
     with _threads(BUILD_THREADS):
         tasks = load_tasks(data_location, micro, progress, recipe["model"])
-        stages = stage_hashes(recipe, tasks)
+        stages = stage_hashes(recipe, tasks, paths)
         if _is_complete(folder, stages, tasks):
+            return folder
+        if pinned and not cpu_paths.is_pinned():
+            _build_in_pinned_child(checkpoint_dir, data_location, micro, progress, recipe)
+            if not _is_complete(folder, stages, tasks):
+                raise RuntimeError(f"the pinned build of {folder} finished without a complete manifest")
             return folder
         if progress:
             print(f"Building the embedded benchmark {name} in {folder} "
-                  f"({len(tasks)} tasks: {', '.join(t.name for t in tasks)})")
+                  f"({len(tasks)} tasks: {', '.join(t.name for t in tasks)}; {paths} CPU paths)")
         manifest = build_benchmark(folder, recipe, tasks, stages, progress)
         if progress:
             avg = {k: 100 * v["average"] for k, v in manifest["accuracy"].items()}
@@ -435,6 +468,24 @@ def ensure_embedded_benchmark(checkpoint_dir: str = "checkpoints", data_location
                   f"zero-shot {avg['zeroshot']:.1f}%, experts {avg['finetuned']:.1f}%, "
                   f"Task Arithmetic (0.3) {avg['task_arithmetic_0.3']:.1f}%")
     return folder
+
+
+def _build_in_pinned_child(checkpoint_dir: str, data_location: str, micro: bool, progress: bool,
+                           recipe: dict) -> None:
+    # The pinned variables take effect only before torch computes, and this process has computed.
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = cpu_paths.pinned_environment()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    request = json.dumps({"checkpoint_dir": os.fspath(checkpoint_dir),
+                          "data_location": os.fspath(data_location), "micro": micro,
+                          "progress": progress, "recipe": recipe})
+    if progress:
+        print("Building in a child process with the pinned CPU code paths (" +
+              " ".join(f"{k}={v}" for k, v in cpu_paths.PINNED.items()) + ")", flush=True)
+    done = subprocess.run([sys.executable, "-m", "taskmerge.embedded.build", request], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the pinned build of the embedded benchmark in {checkpoint_dir} failed "
+                           f"(exit {done.returncode}; its output is above)")
 
 
 def read_manifest(folder: str) -> dict:
@@ -453,6 +504,12 @@ def summary(manifest: dict) -> str:
     lines = [f"{'task':<14}" + "".join(f"{c:>22}" for c in cols)]
     for name in manifest["tasks"] + ["average"]:
         lines.append(f"{name:<14}" + "".join(f"{100 * acc[c][name]:>21.1f}%" for c in cols))
+    env = manifest["environment"]
     lines.append(f"build: {manifest['build_seconds'].get('total', 0):.0f} s "
-                 f"({manifest['environment']['threads']} threads)")
+                 f"({env['threads']} threads, {env.get('cpu_paths', 'native')} CPU paths)")
+    lines += [f"sha256 {digest}  {name}" for name, digest in manifest.get("sha256", {}).items()]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the pinned child of _build_in_pinned_child
+    ensure_embedded_benchmark(**json.loads(sys.argv[1]))

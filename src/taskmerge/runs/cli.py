@@ -12,9 +12,12 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from taskmerge.compute import cpu_paths
+from taskmerge.compute.devices import device_type
 from taskmerge.compute.distributed import PeerRefused, stop_together
 from taskmerge.runs.config import configure
 from taskmerge.runs.settings import from_values
+from taskmerge.runs.setup import EMBEDDED_MODELS, resolved_model_name
 from taskmerge.storage.errors import ConfigError, InputError
 
 EXIT_INPUT_ERROR = 2
@@ -45,6 +48,8 @@ def main(run: Callable[..., Any], config_class: type, namespace: dict[str, Any],
     try:
         debug, rest = split_debug(argv)
         config = from_values(config_class, configure(namespace, rest), source=os.path.basename(script))
+        pin_cpu_paths(config, as_script=namespace.get("__name__") == "__main__"
+                      and cpu_paths.started_as(namespace.get("__file__", "")))
         return run(config, script=script)
     except InputError as error:
         if debug:
@@ -53,3 +58,35 @@ def main(run: Callable[..., Any], config_class: type, namespace: dict[str, Any],
             print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
         stop_together(error)
         raise SystemExit(EXIT_INPUT_ERROR) from None
+
+
+def wants_pinned_cpu_paths(config) -> bool:
+    """Whether a run computes with `compute/cpu_paths.PINNED`: "auto" pins the embedded benchmark on
+    the CPU (its README numbers are the pinned paths'), a real model keeps the machine's fastest
+    paths; a build of the embedded benchmark is always pinned (embedded/build.py)."""
+    setting = getattr(config, "cpu_paths", None)
+    if setting is None or setting == "native":
+        return False
+    if setting == "pinned":
+        return True
+    return (resolved_model_name(config.model_name, config.checkpoint_dir) in EMBEDDED_MODELS
+            and device_type(config.device) == "cpu")
+
+
+def pin_cpu_paths(config, as_script: bool) -> None:
+    """Restart an entry script with the pinned CPU paths where its run wants them and its process
+    started without them. A library call (or a script run inside another program, as the tests do)
+    cannot restart its caller: with "auto" it computes on the native paths (the run's log and report
+    say so), with "pinned" it is refused."""
+    if not wants_pinned_cpu_paths(config) or cpu_paths.is_pinned():
+        return
+    if as_script and not cpu_paths.restarted():
+        print("Restarting with the pinned CPU code paths ("
+              + " ".join(f"{k}={v}" for k, v in cpu_paths.PINNED.items())
+              + "; setting cpu_paths, README 'Results on the embedded benchmark')", flush=True)
+        cpu_paths.restart_pinned()
+    if config.cpu_paths == "pinned":
+        raise ConfigError("setting cpu_paths='pinned': this process started without "
+                          + ", ".join(f"{k}={v}" for k, v in cpu_paths.PINNED.items())
+                          + " (they take effect only before torch computes); set them in the "
+                          "environment, or run the entry script, which restarts itself with them")

@@ -18,7 +18,7 @@ import torch
 from taskmerge import merging
 from taskmerge.merging.tall_masks import load_released_masks
 from taskmerge.merging.task_vectors import apply, merged_keys, numel_of
-from taskmerge.compute import distributed
+from taskmerge.compute import cpu_paths, distributed
 from taskmerge.compute.devices import default_num_workers, default_threads, resolve_device, use_tf32
 from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
@@ -61,6 +61,11 @@ class Run:
         validation.check_output_folders(config, {"cache_dir": self.setup.cache_dir})
         self.log: RunLogger = start_run(asdict(config), self.setup, script, method, subfolder,
                                         config.log_dir)
+        if (self.setup.embedded and device.type == "cpu" and config.cpu_paths == "auto"
+                and not cpu_paths.is_pinned()):
+            self.log.info("CPU code paths: this machine's native ones (this process started without "
+                          "compute/cpu_paths.PINNED, as a library call does): the last bits, and so "
+                          "the numbers, may differ from README's; run the entry script to pin them")
         if self.setup.cache_dir != self.setup.model_dir:
             self.log.info(f"Caches (built heads, expert accuracies, coefficients, features) go to "
                           f"{self.setup.cache_dir} ({cache_why})")

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from taskmerge import merging
 from taskmerge.adaptive.surgery import ZERO_GRAD_MODES
+from taskmerge.compute import cpu_paths
 from taskmerge.merging.emr import RESCALERS
 from taskmerge.merging.iso import METHODS as ISO_METHODS
 from taskmerge.merging.task_arithmetic import LAM_GRID_TALL, LAM_GRID_TSV
@@ -70,6 +71,7 @@ class RunConfig:
     tf32: bool = setting()                     # TF32 matmuls on CUDA (compute/devices.py)
     num_workers: int = setting(ge=0, words=("auto",))   # DataLoader workers; "auto": 0 on CPU
     threads: int = setting(ge=1, words=("auto",))       # torch's CPU threads; "auto": compute/devices.py
+    cpu_paths: str = setting(choices=cpu_paths.SETTINGS)  # "auto": pinned for the embedded model on CPU
     rendezvous_timeout: float = setting(gt=0)           # torchrun: seconds a rank waits for the others
 
     def check_together(self):

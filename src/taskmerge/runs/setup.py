@@ -26,7 +26,7 @@ from taskmerge.models.hf_encoders import checkpoint_arch
 from taskmerge.models.preprocessing import PREPROCESSING, clip_image_processor
 from taskmerge.runs import validation
 from taskmerge.adaptive.adaptation_data import TaskImages
-from taskmerge.compute import distributed
+from taskmerge.compute import cpu_paths, distributed
 from taskmerge.compute.devices import device_description
 from taskmerge.runs.evaluation import LoaderSettings, evaluate
 from taskmerge.runs.identity import as_json, data_identity, differing_fields, head_digest, short_hash
@@ -88,8 +88,11 @@ class Setup:
 
     def compute(self) -> dict:
         """Where the run computes: device, GPU, torch / CUDA versions, TF32, ranks, loader workers."""
-        return {**device_description(self.device), "world_size": distributed.world_size(),
-                "backend": distributed.backend(), "num_workers": self.loader.num_workers}
+        where = {**device_description(self.device), "world_size": distributed.world_size(),
+                 "backend": distributed.backend(), "num_workers": self.loader.num_workers}
+        if self.device.type == "cpu":
+            where.update(cpu_paths.describe())
+        return where
 
 
 def _real_checkpoints_present(checkpoint_dir: str, model_name: str) -> bool:
@@ -115,6 +118,14 @@ def resolve_tasks(tasks: list[str] | str | None) -> list[str] | None:
     return list(tasks) if tasks else None
 
 
+def resolved_model_name(model_name: str, checkpoint_dir: str) -> str:
+    """The model a `model_name` setting names: "auto" is ViT-B-32 where its checkpoints are, else
+    the embedded benchmark."""
+    if model_name != "auto":
+        return model_name
+    return "ViT-B-32" if _real_checkpoints_present(checkpoint_dir, "ViT-B-32") else TINY_MODEL
+
+
 def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
                   data_location: str = "data", tasks: list[str] | str | None = None,
                   data_format: str = "folders", trust_label_order: bool = False) -> Setup:
@@ -129,7 +140,7 @@ def resolve_setup(model_name: str = "auto", checkpoint_dir: str = "checkpoints",
     if data_format not in DATA_FORMATS:
         raise ConfigError(f"setting data_format={data_format!r}: expected one of {DATA_FORMATS}")
     if model_name == "auto":
-        model_name = "ViT-B-32" if _real_checkpoints_present(checkpoint_dir, "ViT-B-32") else TINY_MODEL
+        model_name = resolved_model_name(model_name, checkpoint_dir)
         if model_name == TINY_MODEL:
             print(f"No ViT-B-32 checkpoints under {checkpoint_dir}/ViT-B-32: using the embedded "
                   f"offline benchmark ({TINY_MODEL}). See README 'Real checkpoints' to use real ones.")
