@@ -28,7 +28,7 @@ checked, not only the first.
 
 `<Task>Val` (the held-out split that α / λ are chosen on): the dataset's own `validation` split where it
 has one besides the test split (FusionBench's convention for model selection), else the originals'
-registry.split_train_val (random_split of `train`, seed 0). The hub's train splits are not guaranteed
+split_train_val (splits.py: random_split of `train`, seed 0). The hub's train splits are not guaranteed
 to list images in torchvision's order, so the second case is the same recipe, not necessarily the
 same images, as tall_masks' `<Task>Val`.
 """
@@ -48,10 +48,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import Dataset
 
-from taskmerge.datasets import registry
 from taskmerge.datasets.base import TaskData, file_content_record
 from taskmerge.datasets.errors import DatasetLayoutError
 from taskmerge.datasets.fusionbench_classnames import CLASSNAMES as FUSIONBENCH_CLASSNAMES
+from taskmerge.datasets.splits import split_train_val
 from taskmerge.datasets.templates import (CLASSNAMES, DATA_NAMED_COUNTS, DTD_FOLDERS, EUROSAT_FOLDERS,
                                           FER2013_NAMES, FER2013_SYNONYMS, GTSRB_FOLDERS, base_task,
                                           class_order_problem, dtd_classname, eurosat_classname,
@@ -450,7 +450,7 @@ def _classnames(task: str, split: ParquetImageDataset, root: str) -> list[str]:
 def get_parquet_task(name: str, root: str, transform=None, trust_label_order: bool = False) -> TaskData:
     """The task `name` (ours, e.g. `Cars` / `CarsVal`, or FusionBench's `stanford-cars`) read from the
     parquet snapshot under `root`. The test split is FusionBench's; `<Task>Val` evaluates on the
-    dataset's validation split where it has one, else on registry.split_train_val's held-out part."""
+    dataset's validation split where it has one, else on split_train_val's held-out part."""
     name = task_name(name)
     task = base_task(name)
     root = os.path.expanduser(os.fspath(root))
@@ -484,4 +484,10 @@ def get_parquet_task(name: str, root: str, transform=None, trust_label_order: bo
             "dataset_classnames": named_by.classlabel_names}
     data = TaskData(name if test is not None else task, _classnames(task, named_by, root),
                     get_templates(task), test=named_by, train=train, info=info)
-    return data if test is not None else registry.split_train_val(data, name)
+    return data if test is not None else split_train_val(data, name)
+
+
+def read_fer2013(data_location: str, transform=None) -> TaskData:
+    """`Jeneral/fer-2013` as tall_masks loads it (`datasets.load_dataset`), from its parquet snapshot
+    under `data_location`: the one task of tall_masks' 20 not in a folder layout (registry.READERS)."""
+    return get_parquet_task("FER2013", data_location, transform)

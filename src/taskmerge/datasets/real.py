@@ -26,6 +26,9 @@ from torch.utils.data import Dataset
 
 from taskmerge.datasets.errors import DatasetLayoutError  # noqa: F401 (re-exported)
 from taskmerge.datasets.base import ArrayDataset, TaskData, file_stat_record, hash_dataset_content
+from taskmerge.datasets.layouts import LAYOUTS as ALL_LAYOUTS
+from taskmerge.datasets.layouts import REAL_LAYOUTS as LAYOUTS  # noqa: F401 (re-exported)
+from taskmerge.datasets.layouts import DATA_README
 from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLDERS, EUROSAT_FOLDERS,
                                           GTSRB_FOLDERS, RESISC45_FOLDERS, SUN397_CLASS_COUNT,
                                           cars_classname, dtd_classname, eurosat_classname,
@@ -33,8 +36,6 @@ from taskmerge.datasets.templates import (CARS_CLASS_COUNT, CLASSNAMES, DTD_FOLD
 
 # torchvision's ImageFolder extensions, so a folder holds exactly the images the originals saw.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-DATA_README = "data/README.md"
 
 # The class folders of each folder task: the task's list, or only their number where no list is
 # fixed. Labels are positions in the sorted folder list, so one missing folder would shift every
@@ -44,59 +45,13 @@ CLASS_FOLDERS: dict[str, list[str] | int] = {
     "RESISC45": RESISC45_FOLDERS, "GTSRB": GTSRB_FOLDERS,
 }
 
-LAYOUTS = {
-    "SUN397": """\
-  sun397/
-    train/<class folder, e.g. a_abbey>/*.jpg
-    test/<class folder>/*.jpg      (EnnengYang's copy)  or  val/<class folder>/*.jpg  (task_vectors)""",
-    "Cars": """\
-  stanford_cars/
-    cars_train/*.jpg
-    cars_test/*.jpg
-    devkit/cars_train_annos.mat
-    devkit/cars_meta.mat
-    devkit/cars_test_annos_withlabels.mat   (EnnengYang)  or  cars_test_annos_withlabels.mat  (task_vectors)""",
-    "RESISC45": """\
-  resisc45/
-    NWPU-RESISC45/<class, e.g. airplane>/*.jpg   (45 class folders)
-    resisc45-train.txt  resisc45-val.txt  resisc45-test.txt   (one file name per line)""",
-    "EuroSAT": """\
-  EuroSAT_splits/
-    train/<ClassName, e.g. AnnualCrop>/*.jpg
-    val/<ClassName>/*.jpg
-    test/<ClassName>/*.jpg""",
-    "SVHN": """\
-  svhn/
-    train_32x32.mat
-    test_32x32.mat""",
-    "GTSRB": """\
-  gtsrb/
-    GTSRB/Training/<class id 00000..00042>/*.ppm
-    GTSRB/Final_Test/Images/*.ppm
-    GT-final_test.csv   (';'-separated, columns Filename and ClassId)""",
-    "MNIST": """\
-  MNIST/raw/
-    train-images-idx3-ubyte  train-labels-idx1-ubyte
-    t10k-images-idx3-ubyte   t10k-labels-idx1-ubyte    (or the same names + .gz)""",
-    "DTD": """\
-  dtd/
-    train/<class, e.g. banded>/*.jpg
-    test/<class>/*.jpg      (EnnengYang's copy)  or  val/<class>/*.jpg  (task_vectors)""",
-}
-
-
-def _layout(task: str) -> str:
-    if task in LAYOUTS:
-        return LAYOUTS[task]
-    from taskmerge.datasets.tall_extras import LAYOUTS as EXTRA_LAYOUTS  # it imports this module
-    return EXTRA_LAYOUTS[task]
 
 
 def layout_error(task: str, data_location: str, path: str, problem: str) -> DatasetLayoutError:
     return DatasetLayoutError(
         f"{task}: {problem}\n"
         f"  looked at: {path}\n"
-        f"Expected under data_location ({data_location}):\n{_layout(task)}\n"
+        f"Expected under data_location ({data_location}):\n{ALL_LAYOUTS[task]}\n"
         f"See {DATA_README} for how to prepare the datasets.")
 
 

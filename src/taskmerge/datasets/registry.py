@@ -2,9 +2,10 @@
 
 A name is a real task (`READERS`) or its validation variant `<Task>Val` (the embedded benchmark's
 tasks live a layer up, in `embedded/tasks.py`, and reuse `split_train_val`). `<Task>Val` follows
-task_vectors/tall_masks (METHODS.md §5.1, §3.2): the training set is cut by `torch.utils.data.random_split` with a generator seeded 0 into
-[train_size, val_size], val_size = min(int(0.1 · |train|), 5000); `.test` is the held-out part,
-`.train` the rest. EuroSATVal instead evaluates on EuroSAT's real `val` folder. tall_masks derives
+task_vectors/tall_masks (METHODS.md §5.1, §3.2; `split_train_val` in splits.py, re-exported here
+with its constants): the training set is cut by `torch.utils.data.random_split` with a generator
+seeded 0 into [train_size, val_size], val_size = min(int(0.1 · |train|), 5000); `.test` is the
+held-out part, `.train` the rest. EuroSATVal instead evaluates on EuroSAT's real `val` folder. tall_masks derives
 every other task's Val this way, the 12 extras included (RenderedSST2's and PCAM's own `valid`
 splits are not used, as there).
 """
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import os
 
-import torch
-from torch.utils.data import random_split
-
 from taskmerge.datasets.base import TaskData
+from taskmerge.datasets.parquet import read_fer2013
 from taskmerge.datasets.real import READERS as CORE_READERS
-from taskmerge.datasets.real import DatasetLayoutError
 from taskmerge.datasets.real import read_eurosat
+from taskmerge.datasets.splits import (MAX_VAL_SAMPLES, VAL_FRACTION, VAL_SEED,  # noqa: F401 (re-exported)
+                                       split_train_val, val_sizes)
 from taskmerge.datasets.tall_extras import READERS as EXTRA_READERS
 from taskmerge.datasets.templates import base_task
 
@@ -29,41 +29,12 @@ TALL_8 = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN39
 TALL_14 = TALL_8 + ["STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013"]
 TALL_20 = TALL_14 + ["CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST"]
 
-READERS = {**CORE_READERS, **EXTRA_READERS}
+# FER2013 is the one tall_masks task read from a Hugging Face parquet snapshot (parquet.py).
+READERS = {**CORE_READERS, **EXTRA_READERS, "FER2013": read_fer2013}
 REAL_TASKS = list(TALL_20)  # every task has a reader
 # The names a `tasks` setting may give instead of a list (the first N of the tall_masks order, as
 # tall_masks/TSV's `num_tasks=8|14|20`; PAPER8 is the same 8 in the EnnengYang order).
 BENCHMARKS = {"PAPER8": PAPER_8, "TALL8": TALL_8, "TALL14": TALL_14, "TALL20": TALL_20}
-
-VAL_FRACTION = 0.1
-MAX_VAL_SAMPLES = 5000
-VAL_SEED = 0
-
-
-def val_sizes(n_train: int) -> tuple[int, int]:
-    """(train_size, val_size) of a `<Task>Val` split of a training set of `n_train` samples."""
-    val_size = min(int(n_train * VAL_FRACTION), MAX_VAL_SAMPLES)
-    return n_train - val_size, val_size
-
-
-def split_train_val(task: TaskData, name: str) -> TaskData:
-    """`<Task>Val` from `<Task>`: the held-out part of the training set becomes `.test`."""
-    where = task.info.get("root", "its data folder")
-    if task.train is None:
-        raise DatasetLayoutError(f"{name}: task {task.name} under {where} has no training split to "
-                                 f"hold the validation split out from; add its train split (or a "
-                                 f"validation split), or use a method that does not select on <Task>Val")
-    train_size, val_size = val_sizes(len(task.train))
-    if val_size == 0 or train_size == 0:
-        raise DatasetLayoutError(
-            f"{name}: the train split under {where} has {len(task.train)} samples, too few for a "
-            f"{VAL_FRACTION:.0%} validation split (at least {int(1 / VAL_FRACTION)} are needed); the "
-            f"download is incomplete or this is a cut-down copy: use the full train split, or a "
-            f"method that does not select on <Task>Val")
-    train, val = random_split(task.train, [train_size, val_size],
-                              generator=torch.Generator().manual_seed(VAL_SEED))
-    info = dict(task.info, test_split=f"random_split(train, seed {VAL_SEED})[1]")
-    return TaskData(name, list(task.classnames), list(task.templates), test=val, train=train, info=info)
 
 
 def get_task(name: str, data_location: str, transform) -> TaskData:

@@ -1,13 +1,14 @@
-"""Readers of the 12 tasks the tall_masks / TSV 14- and 20-task benchmarks add (METHODS.md §5.2).
+"""Readers of 11 of the 12 tasks the tall_masks / TSV 14- and 20-task benchmarks add (METHODS.md §5.2).
 
 Each reads the files torchvision's dataset class of that task reads, in the folder tall_masks puts
 them under `data_location` (`stl10/`, `OxfordIIITPet/`, `flowers102/`, `PCAM/`, `food101/`,
 `RenderedSST2/`, `FashionMNIST/`, `EMNIST/`, `KMNIST/`, and the CIFAR folders directly in it; for the
 MNIST-like tasks torchvision's own `<data_location>/<Task>/raw` is accepted too), with sample order
-and labels as torchvision gives them, so `<Task>Val` (registry.split_train_val: random_split of the
+and labels as torchvision gives them, so `<Task>Val` (splits.split_train_val: random_split of the
 training set, seed 0, as tall_masks does for every one of these tasks) holds out the same images.
-FER2013 is Hugging Face's `Jeneral/fer-2013`, which tall_masks reads with `datasets.load_dataset`: a
-parquet snapshot under `data_location` (datasets/parquet.py reads it).
+The 12th, FER2013, is Hugging Face's `Jeneral/fer-2013`, which tall_masks reads with
+`datasets.load_dataset`: a parquet snapshot under `data_location`, read by parquet.py's
+`read_fer2013` (registry.READERS maps the name to it; this module's READERS has the other 11).
 
 Our own readers, not torchvision's classes: those verify the published md5 sums of each file
 (STL10, CIFAR, Flowers102) and load whole arrays at construction, and CIFAR's python batches are
@@ -28,62 +29,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from taskmerge.datasets.base import ArrayDataset, TaskData, file_content_record
-from taskmerge.datasets.real import (DatasetLayoutError, ImageFileDataset, LazyDataset, _load_mat,
-                                     _read_text, list_images, read_idx)
+from taskmerge.datasets.layouts import DATA_README  # noqa: F401 (re-exported)
+from taskmerge.datasets.layouts import TALL_EXTRAS_LAYOUTS as LAYOUTS  # noqa: F401 (re-exported)
+from taskmerge.datasets.real import (DatasetLayoutError, ImageFileDataset, LazyDataset,  # noqa: F401
+                                     _load_mat, _read_text, layout_error, list_images, read_idx)
 from taskmerge.datasets.templates import CLASSNAMES, DATA_NAMED_COUNTS, get_templates, oxford_pet_classname
 from taskmerge.storage.safe_pickle import CheckpointError, load_numpy_pickle
-
-DATA_README = "data/README.md"
-
-LAYOUTS = {
-    "STL10": """\
-  stl10/stl10_binary/
-    train_X.bin  train_y.bin  test_X.bin  test_y.bin""",
-    "OxfordIIITPet": """\
-  OxfordIIITPet/oxford-iiit-pet/
-    images/<breed>_<n>.jpg
-    annotations/trainval.txt  annotations/test.txt   (lines: <image id> <class id 1..37> <species> <breed id>)""",
-    "Flowers102": """\
-  flowers102/flowers-102/
-    jpg/image_00001.jpg ...
-    imagelabels.mat  setid.mat""",
-    "CIFAR100": """\
-  cifar-100-python/
-    train  test  meta        (the python pickles of the official release)""",
-    "PCAM": """\
-  PCAM/pcam/
-    camelyonpatch_level_2_split_train_x.h5  camelyonpatch_level_2_split_train_y.h5
-    camelyonpatch_level_2_split_test_x.h5   camelyonpatch_level_2_split_test_y.h5""",
-    "CIFAR10": """\
-  cifar-10-batches-py/
-    data_batch_1 ... data_batch_5  test_batch  batches.meta""",
-    "Food101": """\
-  food101/food-101/
-    images/<class>/<id>.jpg
-    meta/train.json  meta/test.json""",
-    "FashionMNIST": """\
-  FashionMNIST/FashionMNIST/raw/   (or FashionMNIST/raw/)
-    train-images-idx3-ubyte  train-labels-idx1-ubyte  t10k-images-idx3-ubyte  t10k-labels-idx1-ubyte  (or + .gz)""",
-    "RenderedSST2": """\
-  RenderedSST2/rendered-sst2/
-    train/{negative,positive}/*.png
-    test/{negative,positive}/*.png""",
-    "EMNIST": """\
-  EMNIST/EMNIST/raw/   (or EMNIST/raw/)
-    emnist-digits-train-images-idx3-ubyte  emnist-digits-train-labels-idx1-ubyte
-    emnist-digits-test-images-idx3-ubyte   emnist-digits-test-labels-idx1-ubyte   (or + .gz)""",
-    "KMNIST": """\
-  KMNIST/KMNIST/raw/   (or KMNIST/raw/)
-    train-images-idx3-ubyte  train-labels-idx1-ubyte  t10k-images-idx3-ubyte  t10k-labels-idx1-ubyte  (or + .gz)""",
-}
-
-
-def layout_error(task: str, data_location: str, path: str, problem: str) -> DatasetLayoutError:
-    return DatasetLayoutError(
-        f"{task}: {problem}\n"
-        f"  looked at: {path}\n"
-        f"Expected under data_location ({data_location}):\n{LAYOUTS[task]}\n"
-        f"See {DATA_README} for how to prepare the datasets.")
 
 
 def _dir(task: str, data_location: str, *parts: str) -> str:
@@ -417,20 +368,12 @@ def read_pcam(data_location: str, transform=None) -> TaskData:
     return _task(task, CLASSNAMES[task], splits["train"], splits["test"], root)
 
 
-# ---------------------------------------------------------------- FER2013 (HF parquet)
-def read_fer2013(data_location: str, transform=None) -> TaskData:
-    """`Jeneral/fer-2013` as tall_masks loads it, from its parquet snapshot under `data_location`."""
-    from taskmerge.datasets.parquet import get_parquet_task  # parquet.py imports this layer's registry
-    return get_parquet_task("FER2013", data_location, transform)
-
-
 READERS: dict[str, Callable[..., TaskData]] = {
     "STL10": read_stl10,
     "OxfordIIITPet": read_oxford_pets,
     "Flowers102": read_flowers102,
     "CIFAR100": read_cifar100,
     "PCAM": read_pcam,
-    "FER2013": read_fer2013,
     "CIFAR10": read_cifar10,
     "Food101": read_food101,
     "FashionMNIST": read_fashion_mnist,

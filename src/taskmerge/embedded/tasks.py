@@ -26,7 +26,7 @@ stayed at ~22 %.
 The micro set (`micro=True`) has Digits, Fashion, Animals and LowResDigits at 10 train / 5 test images
 per class, and builds in about a second. A task whose package is not installed drops out of a build
 with one line saying how to install it. `<Task>Val` names give the validation split of the original
-`…Val` tasks (`registry.split_train_val`).
+`…Val` tasks (`datasets/splits.py`'s `split_train_val`).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from taskmerge.datasets.base import ArrayDataset, TaskData
-from taskmerge.datasets.registry import split_train_val
+from taskmerge.datasets.splits import split_train_val
 from taskmerge.datasets.templates import DTD_TEMPLATES, GTSRB_TEMPLATES, NUMBER_TEMPLATES, base_task
 from taskmerge.embedded import sources
 from taskmerge.models.encoders import eval_transform

@@ -287,7 +287,7 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> 
     of each tensor, `__metadata__` strings) and the raw little-endian bytes. Writing it here
     streams each tensor's own memory to the file; `safetensors.torch.save_file` first copies every
     tensor into a bytes object, so saving a merged ViT-B/32 held a second model copy (0.45 GB).
-    Files are read back by `safetensors` and by `checkpoints.SafetensorsReader` alike."""
+    Files are read back by `safetensors` and by `safetensors_reader.SafetensorsReader` alike."""
     import torch
     codes = {getattr(torch, name): code for code, name in SAFETENSORS_DTYPES.items()}
     header, offset = {}, 0

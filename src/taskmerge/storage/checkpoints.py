@@ -12,8 +12,9 @@ A fourth, FusionBench's Hugging Face folders (METHODS.md §4.3), sits under the 
 cache `<root>/models--…`), read and converted by storage/hf_checkpoints.py.
 
 The safetensors layout is written once by `convert_to_safetensors` (src/convert_checkpoints.py) and read key
-by key afterwards; `CheckpointSet.discover` prefers it when it is complete and up to date (each
-file records the digest of the original it came from; a changed original makes it stale).
+by key afterwards (`SafetensorsReader`, storage/safetensors_reader.py, re-exported here);
+`CheckpointSet.discover` prefers it when it is complete and up to date (each file records the
+digest of the original it came from; a changed original makes it stale).
 task_vectors files are pickled modules and go through the restricted unpickler (`safe_pickle`);
 torch.load is only ever called with weights_only on.
 
@@ -29,21 +30,23 @@ import json
 import os
 import pickle
 import struct
-import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 
-from taskmerge.storage import atomic, digests, safe_pickle, safetensors_header
+from taskmerge.storage import atomic, digests, safe_pickle
+from taskmerge.storage.hf_checkpoints import (clip_model_config, convert_image_encoder,
+                                              find_fusionbench_folders, read_hf_checkpoint,
+                                              weight_files, with_pretrained_parts)
 from taskmerge.storage.safe_pickle import CheckpointError
+from taskmerge.storage.safetensors_reader import SafetensorsReader
 
 FAMILIES = ("safetensors", "task_vectors", "tall_masks", "fusionbench")
 CONVERTED_DIR = "safetensors"
 _FORMAT_TAG = "taskmerge-checkpoint-v1"
 _README = 'see the README section "Real checkpoints"'
-_ST_DTYPES = safetensors_header.DTYPES
 
 
 # --- single files --------------------------------------------------------------------------------
@@ -142,95 +145,6 @@ def load_head(path: str) -> dict[str, torch.Tensor]:
     return {"weight": weight, "bias": bias}
 
 
-class SafetensorsReader(Mapping[str, torch.Tensor]):
-    """A lazy state dict over a .safetensors file: each `reader[key]` reads one tensor.
-
-    `rename` maps the keys callers see to the keys stored (used for bare open_clip files).
-    Key order is the original state-dict order when the converter recorded it.
-    """
-
-    def __init__(self, path: str, rename: Mapping[str, str] | None = None):
-        self.path = str(path)
-        # The header is parsed here and each tensor is read with pread into memory it owns: a
-        # memory-mapped file would count every page a merge touched in the process's RSS, so
-        # peak memory would grow with the number of experts.
-        try:
-            with open(self.path, "rb") as f:
-                self._base, self._header, metadata = safetensors_header.read_header(
-                    f, self.path, os.fstat(f.fileno()).st_size)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: file not found; {_README}") from None
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot read this file ({e})") from None
-        self.metadata = dict(metadata)
-        stored = list(self._header)
-        try:
-            order = json.loads(metadata.get("key_order", "[]"))
-        except ValueError:
-            raise CheckpointError(f"{self.path}: the __metadata__ record key_order is not a JSON "
-                                  f"list; the file is corrupt (re-run src/convert_checkpoints.py)"
-                                  ) from None
-        if (isinstance(order, list) and all(isinstance(k, str) for k in order)
-                and sorted(order) == sorted(stored)):
-            stored = order
-        self._keys = dict(rename) if rename is not None else {k: k for k in stored}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        info = self._header[self._keys[key]]
-        return self._read(key, info, *info["data_offsets"], info["shape"])
-
-    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the flattened (row-major) tensor, read alone."""
-        info = self._header[self._keys[key]]
-        size = _ST_DTYPES[info["dtype"]].itemsize
-        first = info["data_offsets"][0]
-        numel = (info["data_offsets"][1] - first) // size
-        if not 0 <= start <= stop <= numel:
-            raise IndexError(f"{self.path}: elements [{start}, {stop}) of {key!r}, "
-                             f"which has {numel} elements")
-        return self._read(key, info, first + start * size, first + stop * size, [stop - start])
-
-    def _read(self, key: str, info: dict, start: int, end: int, shape) -> torch.Tensor:
-        """Bytes [start, end) of the data section as a new tensor of `shape` and `info`'s dtype."""
-        stored = self._keys[key]
-        out = torch.empty(shape, dtype=_ST_DTYPES[info["dtype"]])
-        if end > start:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                done = 0
-                while done < end - start:  # a large pread may return short
-                    got = os.preadv(fd, [view[done:]], self._base + start + done)
-                    if got == 0:
-                        raise CheckpointError(f"{self.path}: tensor {stored!r} is cut short; "
-                                              f"the file is truncated or corrupt")
-                    done += got
-            finally:
-                os.close(fd)
-        if sys.byteorder != "little" and out.element_size() > 1:
-            out = out.view(-1).view(torch.uint8).view(-1, out.element_size()).flip(1).contiguous() \
-                .view(out.dtype).view(out.shape)
-        return out
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key) -> bool:
-        return key in self._keys
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._header[self._keys[key]]["shape"])
-
-    def dtype(self, key: str) -> torch.dtype:
-        return _ST_DTYPES[self._header[self._keys[key]]["dtype"]]
-
-    def __repr__(self) -> str:
-        return f"SafetensorsReader({self.path!r}, {len(self)} tensors)"
-
-
 def open_state_dict(path: str, encoder: bool = False) -> Mapping[str, torch.Tensor]:
     """A lazy reader for .safetensors (key by key); other formats are loaded fully into a dict.
 
@@ -249,7 +163,6 @@ def file_digest(path: str) -> str:
     folder is digested by the files its weights are read from (config, weights or shards).
     """
     if os.path.isdir(path):
-        from taskmerge.storage.hf_checkpoints import weight_files  # it imports this module
         h = hashlib.sha256()
         for file in weight_files(path):
             h.update(f"{os.path.basename(file)}:{file_digest(file)}".encode())
@@ -409,7 +322,6 @@ class CheckpointSet:
         problems = []
         for fam in order:
             if fam == "fusionbench":
-                from taskmerge.storage.hf_checkpoints import find_fusionbench_folders
                 try:
                     found, experts = find_fusionbench_folders(str(root), model_name, tasks)
                 except CheckpointError as e:
@@ -455,7 +367,6 @@ class CheckpointSet:
     def pretrained(self) -> Mapping[str, torch.Tensor]:
         """θ0 as a lazy reader (safetensors, fusionbench) or a dict (.pt files are read whole)."""
         if self.family == "fusionbench":
-            from taskmerge.storage.hf_checkpoints import convert_image_encoder
             base = self._hf_base()
             return convert_image_encoder(base.tensors, base.config, base.folder)
         return open_state_dict(self.zeroshot_path, encoder=True)
@@ -463,8 +374,6 @@ class CheckpointSet:
     def finetuned(self, task: str) -> Mapping[str, torch.Tensor]:
         """θ_t of `task`, like `pretrained()` (a FusionBench expert completed by θ0's projection)."""
         if self.family == "fusionbench":
-            from taskmerge.storage.hf_checkpoints import (convert_image_encoder, read_hf_checkpoint,
-                                                          with_pretrained_parts)
             expert = with_pretrained_parts(read_hf_checkpoint(self.finetuned_path(task)),
                                            self._hf_base())
             return convert_image_encoder(expert.tensors, expert.config, expert.folder)
@@ -475,12 +384,10 @@ class CheckpointSet:
         run must build, models/hf_encoders.py `checkpoint_arch`); None for the file layouts."""
         if self.family != "fusionbench":
             return None
-        from taskmerge.storage.hf_checkpoints import clip_model_config
         return clip_model_config(self._hf_base())
 
     def _hf_base(self):
         if "checkpoint" not in self._hf_pretrained:
-            from taskmerge.storage.hf_checkpoints import read_hf_checkpoint
             base = read_hf_checkpoint(self.zeroshot_path)
             if base.architecture != "CLIPModel":
                 raise CheckpointError(f"{base.folder}: the pre-trained model must be a full CLIPModel "

@@ -12,7 +12,7 @@ and no prefix under 5.x. Every folder is read into the CLIPModel layout, so the 
 are concatenated into `in_proj_*`, HF's Linear weights of the projections are transposed, the
 activation comes from `hidden_act`. An expert has no projection nor text tower: as in FusionBench,
 both come from the pre-trained CLIPModel, so their task vectors are zero. The result is a lazy
-Mapping (each key reads its few source tensors), like the other readers of storage/checkpoints.py.
+Mapping (each key reads its few source tensors), like storage/safetensors_reader.py's reader.
 `convert_clip` maps a whole CLIPModel (both towers) onto open_clip's CLIP, for the zero-shot heads.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Iterator, Mapping
 import torch
 
 from taskmerge.storage import safe_pickle
-from taskmerge.storage.checkpoints import SafetensorsReader
 from taskmerge.storage.safe_pickle import CheckpointError
+from taskmerge.storage.safetensors_reader import SafetensorsReader
 
 _README = 'see the README section "Real checkpoints"'
 # transformers' CLIPVisionConfig / CLIPTextConfig / CLIPConfig defaults: transformers 4.x writes only
