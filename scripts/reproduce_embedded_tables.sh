@@ -7,9 +7,9 @@
 #   DRY_RUN=1 bash scripts/reproduce_embedded_tables.sh       # print the commands, run nothing
 #   ONLY='^(ta|surgery_v2_ta)$' bash scripts/reproduce_embedded_tables.sh   # only the runs so named
 #
-# As the README's rows were logged: at most two runs at a time, one torch thread each (the scripts
-# leave the thread count to torch, which reads OMP_NUM_THREADS). About 1 h on 2 cores once the
-# benchmark is built. Every training run starts from scratch (resume_dir=""), and the Surgery runs on
+# As the README's rows were logged: at most two runs at a time; each script runs the embedded
+# benchmark on one thread and restarts itself on the pinned CPU code paths (cpu_paths="auto"), so the
+# numbers are the same on every x86-64 machine. About 1.5 h on 2 cores once the benchmark is built. Every training run starts from scratch (resume_dir=""), and the Surgery runs on
 # AdaMerging bases learn their coefficients again (same seed, so the same coefficients), so no run
 # depends on another's leftovers and the order does not matter.
 # Environment: MODEL (taskmerge-tiny), CHECKPOINT_DIR (checkpoints), DATA_LOCATION (data), JOBS (2),
@@ -58,25 +58,26 @@ add emr                 "src/main_EMRMerging.py"
 add tall_mask           "src/main_TallMasks.py --method=tall_mask"
 add tsvc                "src/main_TSVMerging.py --method=TSVC"
 
-# Surgery table: v1 and SurgeryV2 on each base; the bases take their Surgery-script settings
-# (TA λ 0.3, TIES dis-sum λ 0.3, TSV-M α 1.0, Consensus k 2 α 1.0: no search on val; Iso-C / Iso-CTS
-# choose α on val, as the original does; DARE+TA / DARE+TIES: FusionBench's p 0.5, λ 0.3 / 0.5).
-# EMR, TSV-M and Consensus have no script of their own: main_AdaMerging_with_surgery.py takes any base.
+# Surgery table: v1 and SurgeryV2 on each base. TA, TIES, WA and AdaMerging have Surgery scripts of
+# their own (TA λ 0.3, TIES dis-sum λ 0.3); every other base runs through main_Surgery.py with its
+# own script's defaults, except where a row fixes the coefficient instead of searching it on val
+# (TSV-M α 1.0, Consensus k 2 α 1.0); Iso-C / Iso-CTS choose α on val, as the original does;
+# DARE+TA / DARE+TIES: FusionBench's p 0.5, λ 0.3 / 0.5.
 for v in v1 v2; do
   add "surgery_${v}_ta"        "src/main_TaskArithmetic_with_surgery.py --surgery=$v --scaling_coef=0.3 $TRAINING"
   add "surgery_${v}_lw"        "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=lw_adamerging --coefficients=learn $TRAINING"
   add "surgery_${v}_wa"        "src/main_WeightAveraging_with_surgery.py --surgery=$v $TRAINING"
   add "surgery_${v}_ties"      "src/main_TiesMerging_with_surgery.py --surgery=$v --preset=ennengyang $TRAINING"
   add "surgery_${v}_tw"        "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=tw_adamerging --coefficients=learn $TRAINING"
-  add "surgery_${v}_emr"       "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=emr_merging $TRAINING"
-  add "surgery_${v}_tsvm"      "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=tsv_merging $TRAINING"
-  add "surgery_${v}_consensus" "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=consensus $TRAINING"
-  add "surgery_${v}_iso_c"     "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=iso_c --select_on_val=True $TRAINING"
-  add "surgery_${v}_iso_cts"   "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=iso_cts --select_on_val=True $TRAINING"
-  add "surgery_${v}_wudi_adam" "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=wudi_merging $TRAINING"
-  add "surgery_${v}_wudi_closed_form" "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=wudi_merging --wudi_solver=closed_form $TRAINING"
-  add "surgery_${v}_cart"      "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=cart_merging $TRAINING"
-  add "surgery_${v}_pcb"       "src/main_AdaMerging_with_surgery.py --surgery=$v --method_name=pcb_merging $TRAINING"
+  add "surgery_${v}_emr"       "src/main_Surgery.py --surgery=$v --method_name=emr_merging $TRAINING"
+  add "surgery_${v}_tsvm"      "src/main_Surgery.py --surgery=$v --method_name=tsv_merging --select_on_val=False $TRAINING"
+  add "surgery_${v}_consensus" "src/main_Surgery.py --surgery=$v --method_name=consensus --select_on_val=False $TRAINING"
+  add "surgery_${v}_iso_c"     "src/main_Surgery.py --surgery=$v --method_name=iso_c --select_on_val=True $TRAINING"
+  add "surgery_${v}_iso_cts"   "src/main_Surgery.py --surgery=$v --method_name=iso_cts --select_on_val=True $TRAINING"
+  add "surgery_${v}_wudi_adam" "src/main_Surgery.py --surgery=$v --method_name=wudi_merging $TRAINING"
+  add "surgery_${v}_wudi_closed_form" "src/main_Surgery.py --surgery=$v --method_name=wudi_merging --wudi_solver=closed_form $TRAINING"
+  add "surgery_${v}_cart"      "src/main_Surgery.py --surgery=$v --method_name=cart_merging $TRAINING"
+  add "surgery_${v}_pcb"       "src/main_Surgery.py --surgery=$v --method_name=pcb_merging $TRAINING"
   add "surgery_${v}_dare_ta"   "src/main_TaskArithmetic_with_surgery.py --surgery=$v --scaling_coef=0.3 --dare_p=0.5 $TRAINING"
   add "surgery_${v}_dare_ties" "src/main_TiesMerging_with_surgery.py --surgery=$v --preset=ennengyang --dare_p=0.5 --scaling_coef=0.5 $TRAINING"
 done

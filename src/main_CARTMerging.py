@@ -1,7 +1,7 @@
 """CART: weight averaging plus λ times the low-rank centred task vectors (METHODS_RECORDS.md §4)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import CARTMergingConfig
+from taskmerge.runs.methods import CARTMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

@@ -1,7 +1,7 @@
 """EMR-Merging: elect, mask, rescale; per-task models from one unified vector (METHODS.md §2.10)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import EMRMergingConfig
+from taskmerge.runs.methods import EMRMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

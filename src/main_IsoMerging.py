@@ -1,7 +1,7 @@
 """Iso-C and Iso-CTS, isotropic merging (METHODS_RECORDS.md §1, §2)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import IsoMergingConfig
+from taskmerge.runs.methods import IsoMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

@@ -1,7 +1,7 @@
 """PCB-Merging: parameter competition balancing, pcb_ES.py's variant (METHODS_RECORDS.md §6)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import PCBMergingConfig
+from taskmerge.runs.methods import PCBMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

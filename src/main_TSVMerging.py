@@ -1,7 +1,7 @@
 """Task Singular Vectors: TSV-M (TSVM, TSVM_2) and TSV-C (METHODS.md §2.11, §2.12)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import TSVMergingConfig
+from taskmerge.runs.methods import TSVMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

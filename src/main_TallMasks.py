@@ -1,7 +1,7 @@
 """TALL masks (task localization) and Consensus merging (METHODS.md §2.13, §2.14)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import TallMasksConfig
+from taskmerge.runs.methods import TallMasksConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

@@ -1,7 +1,7 @@
 """Task Arithmetic: θ = θ0 + λ Σ τ_t (METHODS.md §2.2)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import TaskArithmeticConfig
+from taskmerge.runs.methods import TaskArithmeticConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

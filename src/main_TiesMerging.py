@@ -1,7 +1,7 @@
 """TIES-Merging: trim, elect sign, disjoint merge (METHODS.md §2.3)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import TiesMergingConfig
+from taskmerge.runs.methods import TiesMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

@@ -1,7 +1,7 @@
 """WUDI-Merging: per-layer least squares over the task vectors' own row spaces (METHODS_RECORDS.md §3)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import WUDIMergingConfig
+from taskmerge.runs.methods import WUDIMergingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

@@ -1,7 +1,7 @@
 """Weight Averaging: θ = θ0 + (1/T) Σ τ_t (METHODS.md §2.1)."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import WeightAveragingConfig
+from taskmerge.runs.methods import WeightAveragingConfig
 
 # model and data ("auto": ViT-B-32 if its checkpoints exist, else the embedded offline benchmark)
 model_name = "auto"

@@ -9,7 +9,7 @@ import pytest
 from script_variables import SRC
 
 from taskmerge.runs.cli import EXIT_INPUT_ERROR, main, split_debug
-from taskmerge.runs.script_configs import TaskArithmeticConfig
+from taskmerge.runs.methods import TaskArithmeticConfig
 from taskmerge.storage.checkpoints import CheckpointError
 from taskmerge.storage.errors import ConfigError
 

@@ -14,7 +14,7 @@ from taskmerge.compute import cpu_paths
 from taskmerge.embedded import build as eb
 from taskmerge.runs.cli import main, wants_pinned_cpu_paths
 from taskmerge.runs.data_free import run_data_free
-from taskmerge.runs.script_configs import TaskArithmeticConfig
+from taskmerge.runs.methods import TaskArithmeticConfig
 from taskmerge.storage.errors import ConfigError
 
 ROOT = os.path.dirname(SRC)

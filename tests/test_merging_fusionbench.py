@@ -15,6 +15,7 @@ from taskmerge import merging
 from taskmerge.merging.task_vectors import row_blocks
 from taskmerge.merging.ties import trim_thresholds
 from taskmerge.runs.data_free import flattened_keys, qkv_mode
+import taskmerge.runs.methods  # noqa: F401 (declares the built-in methods: their labels)
 from taskmerge.runs.reporting import method_label
 from taskmerge.runs.selection import search_coefficients
 from taskmerge.storage.hf_checkpoints import convert_image_encoder, vision_model_keys

@@ -54,9 +54,12 @@ def test_a_read_only_file_system_is_said_in_one_line(tmp_path, monkeypatch):
 def test_a_run_with_an_unwritable_output_folder_stops_before_any_work(micro_benchmark, tmp_path, setting, monkeypatch):
     ckpt, data = micro_benchmark
     merged = []
-    import taskmerge.runs.data_free as data_free
-    monkeypatch.setitem(data_free.MERGERS, "task_arithmetic",
-                        lambda *a: merged.append(1) or pytest.fail("merged before the folders were checked"))
+    import dataclasses
+
+    from taskmerge.runs import registry
+    method = registry.METHODS["task_arithmetic"]
+    monkeypatch.setitem(registry.METHODS, "task_arithmetic", dataclasses.replace(
+        method, merge=lambda *a: merged.append(1) or pytest.fail("merged before the folders were checked")))
     settings = {"model_name": "taskmerge-tiny-micro", "checkpoint_dir": ckpt, "data_location": data,
                 "log_dir": str(tmp_path / "logs"), "save_dir": str(tmp_path / "merged"),
                 setting: "/proc/taskmerge-out"}

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import taskmerge.runs.methods  # noqa: F401 (declares the built-in methods: their labels)
 from taskmerge.runs.reporting import RunLogger, log_path, method_label, results_table
 from taskmerge.runs.setup import finish_run
 

@@ -5,6 +5,9 @@ import os
 import shlex
 import subprocess
 
+import taskmerge.runs.methods  # noqa: F401 (declares the bases)
+from taskmerge.runs import registry
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "reproduce_embedded_tables.sh")
 
@@ -32,6 +35,9 @@ def test_dry_run_commands_use_existing_scripts_and_their_own_variables(tmp_path)
         assert os.path.exists(path), script
         known = script_variables(path)
         keys = [arg[2:].split("=", 1)[0] for arg in cmd if arg.startswith("--")]
+        if script == "src/main_Surgery.py":  # and its base's settings, from the base's own script
+            base = next(arg.split("=", 1)[1] for arg in cmd if arg.startswith("--method_name="))
+            known |= script_variables(os.path.join(REPO, "src", registry.base(base)[0].script))
         assert keys and set(keys) <= known, (script, set(keys) - known)
         if "--log_dir=" + str(tmp_path / "logs") not in cmd and script != "src/build_embedded_benchmark.py":
             raise AssertionError(f"{script} does not log into the given log_dir")

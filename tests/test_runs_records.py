@@ -15,9 +15,11 @@ from test_fusionbench_family import download_root  # noqa: F401 (a fixture)
 from taskmerge import merging
 from taskmerge.merging.iso import iso_c_key
 from taskmerge.runs.adaptive import base_identity, run_surgery
-from taskmerge.runs.data_free import attention_layout, cart_settings, run_data_free, wudi_settings
+from taskmerge.runs.adaptive import base_settings
+from taskmerge.runs.data_free import attention_layout, run_data_free
+from taskmerge.runs.methods.cart_merging import cart_settings
+from taskmerge.runs.methods.wudi_merging import wudi_settings
 from taskmerge.runs.reporting import method_label
-from taskmerge.runs.script_configs import base_merge_settings
 from taskmerge.runs.selection import select_coefficient
 from taskmerge.runs.setup import resolve_setup
 from taskmerge.storage.checkpoints import CheckpointSet
@@ -121,8 +123,8 @@ def test_pcb_searches_one_lambda_per_task_on_val_as_pcb_es_and_saves_that_merge(
 
 # --- each new base once through Surgery: step 0 is the base's own accuracy
 @pytest.mark.parametrize("method_name,settings,data_free", [
-    ("iso_c", {"alpha": 1.2}, ("main_IsoMerging.py", {"alpha": 1.2, "select_on_val": False})),
-    ("iso_cts", {}, ("main_IsoMerging.py", {"method": "iso_cts", "alpha": 1.0, "select_on_val": False})),
+    ("iso_c", {"alpha": 1.2, "select_on_val": False}, ("main_IsoMerging.py", {"alpha": 1.2, "select_on_val": False})),
+    ("iso_cts", {"select_on_val": False}, ("main_IsoMerging.py", {"method": "iso_cts", "alpha": 1.0, "select_on_val": False})),
     ("wudi_merging", {"wudi_solver": "closed_form"}, ("main_WUDIMerging.py", {"wudi_solver": "closed_form"})),
     ("cart_merging", {}, ("main_CARTMerging.py", {})),
     ("pcb_merging", {}, ("main_PCBMerging.py", {})),
@@ -131,7 +133,7 @@ def test_pcb_searches_one_lambda_per_task_on_val_as_pcb_es_and_saves_that_merge(
 def test_new_base_goes_through_surgery_from_its_own_accuracy(config, method_name, settings, data_free):
     script, base_settings = data_free
     base = _run(config, script, **base_settings)
-    report = run_surgery(script_config("main_AdaMerging_with_surgery.py", **{**config, "save_dir": ""},
+    report = run_surgery(script_config("main_Surgery.py", **{**config, "save_dir": ""},
                                        resume_dir="", method_name=method_name, iterations=2,
                                        eval_iterations=2, rank=2, **settings), script="surgery.py")
     assert report["base_accuracy"] == pytest.approx(base["accuracy"])
@@ -139,16 +141,17 @@ def test_new_base_goes_through_surgery_from_its_own_accuracy(config, method_name
 
 
 def test_surgery_v2_on_an_iso_base(config):
-    report = run_surgery(script_config("main_AdaMerging_with_surgery.py", **{**config, "save_dir": ""},
-                                       resume_dir="", method_name="iso_cts", surgery="v2", iterations=2,
+    report = run_surgery(script_config("main_Surgery.py", **{**config, "save_dir": ""},
+                                       resume_dir="", method_name="iso_cts", select_on_val=False, surgery="v2", iterations=2,
                                        eval_iterations=2, rank=2), script="surgery.py")
     assert method_label(report) == "iso_cts (f 0.8, α 1.0) + SurgeryV2"
 
 
 # --- what a Surgery base's identity (its cache and resume keys) holds
 def _identity(method_name, **settings):
-    config = script_config("main_AdaMerging_with_surgery.py", method_name=method_name, **settings)
-    name, merge_settings = base_merge_settings(config)
+    config = script_config("main_Surgery.py", method_name=method_name, **settings)
+    method, merge_settings = base_settings(config)
+    name = method.name
     extra = {"wudi_merging": lambda s: {"wudi": wudi_settings(s)},
              "cart_merging": lambda s: {"cart": cart_settings(s, 8)[1]}}[name](merge_settings)
     return base_identity(method_name, {"base": name, **extra})
@@ -168,7 +171,7 @@ def test_surgery_identity_changes_with_the_new_bases_settings():
 
 def test_surgery_scripts_refuse_a_bad_setting_of_a_new_base():
     with pytest.raises(ConfigError, match="wudi_ridge=0.1"):
-        script_config("main_AdaMerging_with_surgery.py", method_name="wudi_merging", wudi_ridge=0.1)
+        script_config("main_Surgery.py", method_name="wudi_merging", wudi_ridge=0.1)
     with pytest.raises(ConfigError, match="dare_p=1.0"):
         script_config("main_TaskArithmetic_with_surgery.py", dare_p=1.0)
     with pytest.raises(ConfigError, match="cart_preset=9"):

@@ -4,24 +4,28 @@ import dataclasses
 import math
 
 import pytest
-from script_variables import SCRIPTS, script_config, script_config_class, script_variables
+from script_variables import (SCRIPTS, base_defaults, runs_on_any_base, script_config, script_config_class,
+                              script_variables)
 
-from taskmerge.merging import TALL_LAMS
-from taskmerge.runs.script_configs import BASES, TallMasksMerge, TaskArithmeticMerge, base_merge_settings
+from taskmerge.runs import registry
+from taskmerge.runs.adaptive import base_settings
+from taskmerge.runs.methods.task_arithmetic import TaskArithmeticMerge
 from taskmerge.runs.settings import check, from_values, setting
 from taskmerge.storage.errors import ConfigError
 
-SURGERY_SCRIPTS = [s for s in SCRIPTS if "surgery" in s]
+SURGERY_SCRIPTS = [s for s in SCRIPTS if "surgery" in s.lower()]
 
 
 def test_there_is_a_config_for_every_script():
-    assert len(SCRIPTS) == 20 and len(SURGERY_SCRIPTS) == 5
+    assert len(SCRIPTS) == 21 and len(SURGERY_SCRIPTS) == 6
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_sets_exactly_its_config_and_its_defaults_pass_the_checks(script):
     cls = script_config_class(script)
     variables = script_variables(script)
+    if runs_on_any_base(script):  # its base's settings come from the base's own script
+        variables = {**base_defaults(script, variables["method_name"]), **variables}
     assert set(variables) == {f.name for f in dataclasses.fields(cls)}
     config = from_values(cls, variables, script)
     assert dataclasses.asdict(config) == {k: (float(v) if isinstance(v, int) and not isinstance(v, bool)
@@ -46,7 +50,9 @@ REFUSED = [
     # choices
     ("main_TaskArithmetic_with_surgery.py", {"surgery": "V2"}, "surgery='V2'", "'v1', 'v2'"),
     ("main_TaskArithmetic_with_surgery.py", {"surgery": "v3"}, "surgery='v3'", "'v1', 'v2'"),
-    ("main_TaskArithmetic_with_surgery.py", {"method_name": "task_arithmetics"}, "method_name=", "consensus"),
+    ("main_TaskArithmetic_with_surgery.py", {"method_name": "task_arithmetics"}, "method_name=",
+     "'task_arithmetic'"),
+    ("main_Surgery.py", {"method_name": "task_arithmetics"}, "method_name=", "consensus"),
     ("main_AdaMerging.py", {"method_name": "ties_merging"}, "method_name='ties_merging'", "lw_adamerging"),
     ("main_TiesMerging.py", {"preset": "EnnengYang"}, "preset='EnnengYang'", "'ennengyang', 'tall_masks'"),
     ("main_TiesMerging.py", {"merge": "dis-median"}, "merge='dis-median'", "'dis-max'"),
@@ -60,7 +66,7 @@ REFUSED = [
      "lower must be below upper"),
     ("main_PCBMerging.py", {"pcb_search_init": 1.5}, "pcb_search_init=1.5", "outside [0.8, 1.3]"),
     ("main_PCBMerging.py", {"pcb_search_budget": 0}, "pcb_search_budget=0", ">= 1"),
-    ("main_TiesMerging_with_surgery.py", {"method_name": "pcb_merging", "pcb_search_init": 2.0},
+    ("main_Surgery.py", {"method_name": "pcb_merging", "pcb_search_init": 2.0},
      "pcb_search_init=2.0", "outside"),
     ("main_WeightAveraging_with_surgery.py", {"zero_grad_mode": "None"}, "zero_grad_mode='None'", "'none'"),
     ("eval_single_task.py", {"split": "bogus"}, "split='bogus'", "'test', 'val'"),
@@ -105,8 +111,8 @@ REFUSED = [
     ("main_AdaMerging_with_surgery_online.py", {"surgery": "v2"}, "online=True", "surgery='v1'"),
     # a Surgery base's own settings, refused before the run starts
     ("main_TiesMerging_with_surgery.py", {"preset": "bogus"}, "preset='bogus'", "'ennengyang'"),
-    ("main_WeightAveraging_with_surgery.py", {"method_name": "consensus", "tall_lambdas": []},
-     "tall_lambdas=[]", "non-empty"),
+    ("main_Surgery.py", {"method_name": "consensus", "tall_lambdas": []}, "tall_lambdas=[]", "non-empty"),
+    ("main_Surgery.py", {"method_name": "iso_c", "alpha": math.inf}, "alpha=inf", "finite"),
 ]
 
 
@@ -125,7 +131,8 @@ def test_out_of_range_choice_or_type_is_refused_naming_setting_value_and_what_is
     ("main_TaskArithmetic.py", {"scaling_coef": -1.0, "tasks": ["MNIST", "DTD"]}),
     ("main_AdaMerging.py", {"prior": 0.0, "adamerging_steps": 1}),
     ("main_TaskArithmetic_with_surgery.py", {"surgery": "v2", "rank": 1}),
-    ("main_AdaMerging_with_surgery_online.py", {"method_name": "task_arithmetic"}),
+    ("main_AdaMerging_with_surgery_online.py", {"method_name": "tw_adamerging"}),
+    ("main_Surgery.py", {"method_name": "wudi_merging", "wudi_steps": 3}),
     ("main_TallMasks.py", {"prun_thre_k": 8, "tall_lambdas": (0.5,)}),
 ])
 def test_values_inside_their_range_pass(script, replaced):
@@ -156,49 +163,46 @@ def test_an_int_given_for_a_float_becomes_a_float():
     assert config.k == 1.0 and isinstance(config.k, float)
 
 
-@pytest.mark.parametrize("script", SURGERY_SCRIPTS)
-def test_surgery_bases_get_the_settings_they_ran_with_before_the_typed_configs(script):
-    """The values the bases' `config.get(key, default)` fallbacks gave: nothing a run computes moved."""
-    config = script_config(script)
-    no_dare = {"dare_p": 0.0, "dare_rescale": True, "dare_seed": 0}
-    auto = {"qkv": "auto"}  # fused (as before) on every family but fusionbench (issue #18 §3)
-    no_search = {"pcb_search": False, "pcb_search_lower": 0.8, "pcb_search_upper": 1.3, "pcb_search_init": 1.0,
-                 "pcb_search_budget": 100, "pcb_search_seed": 0}
-    expected = {
-        "weight_averaging": {"drop_last": False},
-        "task_arithmetic": {**no_dare, "scaling_coef": 0.3, "select_on_val": False, "val_grid": "tall_masks"},
-        "ties_merging": {**no_dare, "preset": "ennengyang", "k": None, "merge": None, "val_grid": "tall_masks",
-                         "scaling_coef": 0.3 if "TaskArithmetic" in script else None},
-        "emr_merging": {"rescaler": "code", **auto},
-        "tsv_merging": {"method": "TSVM", "alpha": 1.0, "select_on_val": False, "val_grid": "tsv_alpha",
-                        "merge_device": "cpu", **auto},
-        "consensus": {"method": "consensus", "use_ties": False, "tall_lambdas": list(TALL_LAMS),
-                      "prun_thre_k": 2, "alpha": 1.0, "select_on_val": False, "val_grid": "tall_masks",
-                      "load_mask": False},
-        # the bases added with the 2025 records (METHODS_RECORDS.md): the originals' defaults
-        "iso_c": {"method": "iso_c", "common_space_fraction": 0.8, "alpha": 1.0, "select_on_val": False,
-                  "merge_device": "cpu", **auto},
-        "iso_cts": {"method": "iso_cts", "common_space_fraction": 0.8, "alpha": 1.0, "select_on_val": False,
-                  "merge_device": "cpu", **auto},
-        "wudi_merging": {"wudi_preset": "original", "wudi_solver": "adam", "wudi_steps": None,
-                         "wudi_lr": 1e-5, "wudi_ridge": 0.0, **auto},
-        "cart_merging": {"cart_preset": None, "cart_lambda": None, "cart_rank_ratio": None},
-        "pcb_merging": {"pcb_ratio": 0.05, "pcb_lambda": 1.2, **no_search},
-    }
-    assert set(expected) == set(BASES)
-    for base, settings in expected.items():
-        name, built = base_merge_settings(dataclasses.replace(config, method_name=base))
-        assert name == BASES[base][0] and dataclasses.asdict(built) == settings, base
+@pytest.mark.parametrize("base", sorted(registry.bases()))
+def test_a_surgery_base_takes_its_own_scripts_defaults_and_what_its_name_fixes(base):
+    """main_Surgery.py on `base`: the base method's settings are its own script's variables (one
+    place for each default), except what the base's name means (iso_cts: method='iso_cts')."""
+    method, fixed = registry.base(base)
+    config = script_config("main_Surgery.py", method_name=base)
+    own = script_variables(method.script)
+    got_method, settings = base_settings(config)
+    assert got_method is method
+    for f in dataclasses.fields(method.settings):
+        expected = fixed.get(f.name, base if f.name == "method_name" else own[f.name])
+        assert getattr(settings, f.name) == expected, (base, f.name)
 
 
-def test_a_surgery_setting_overrides_what_the_base_name_defines():
-    config = script_config("main_TiesMerging_with_surgery.py", method_name="task_arithmetic",
-                           scaling_coef=0.5, val_grid="tsv")
-    name, settings = base_merge_settings(config)
-    assert name == "task_arithmetic" and settings == TaskArithmeticMerge(
+@pytest.mark.parametrize("script,base", [("main_TaskArithmetic_with_surgery.py", "task_arithmetic"),
+                                         ("main_TiesMerging_with_surgery.py", "ties_merging"),
+                                         ("main_WeightAveraging_with_surgery.py", "weight_averaging"),
+                                         ("main_AdaMerging_with_surgery.py", "lw_adamerging"),
+                                         ("main_AdaMerging_with_surgery_online.py", "lw_adamerging")])
+def test_a_bases_surgery_script_holds_only_its_own_bases_settings(script, base):
+    method, _ = registry.base(base)
+    variables = set(script_variables(script))
+    own = {f.name for f in dataclasses.fields(method.settings)}
+    generic = set(script_variables("main_Surgery.py"))
+    assert variables == generic | own, sorted(variables ^ (generic | own))
+    assert script_config(script).method_name == base
+
+
+def test_a_setting_the_base_name_fixes_cannot_be_set_otherwise():
+    config = script_config("main_Surgery.py", method_name="iso_cts", method="iso_c")
+    with pytest.raises(ConfigError, match="method='iso_c' contradicts method_name='iso_cts'"):
+        base_settings(config)
+    assert base_settings(script_config("main_Surgery.py", method_name="iso_cts"))[1].method == "iso_cts"
+
+
+def test_the_ta_surgery_script_builds_its_bases_settings():
+    config = script_config("main_TaskArithmetic_with_surgery.py", scaling_coef=0.5, val_grid="tsv")
+    method, settings = base_settings(config)
+    assert method.name == "task_arithmetic" and settings == TaskArithmeticMerge(
         dare_p=0.0, dare_rescale=True, dare_seed=0, scaling_coef=0.5, select_on_val=False, val_grid="tsv")
-    _, consensus = base_merge_settings(dataclasses.replace(config, method_name="consensus", alpha=2.0))
-    assert isinstance(consensus, TallMasksMerge) and consensus.alpha == 2.0 and consensus.val_grid == "tsv"
 
 
 def test_a_field_declared_without_a_rule_is_a_bug_not_an_input_error():

@@ -1,8 +1,8 @@
 """The data-dependent entry scripts: AdaMerging, and Surgery v1 / online / SurgeryV2 on any base.
 
-A Surgery base is any method of runs.data_free.MERGERS (WA, TA and TIES with or without DARE, EMR,
-TSV-M, Consensus, Iso-C, Iso-CTS, WUDI, CART, PCB) or
-task-/layer-wise AdaMerging(++) with published, saved or freshly learned coefficients. Its fixed
+A Surgery base is any Surgery base name a declared method answers to (runs/registry.py: WA, TA and
+TIES with or without DARE, EMR, TSV-M, Consensus, Iso-C, Iso-CTS, WUDI, CART, PCB, and task-/layer-
+wise AdaMerging(++) with published, saved or freshly learned coefficients). Its fixed
 encoder (one per task for EMR/TSV-C/TALL) gives the features the modules are trained on; the
 experts' features are cached on disk (keyed by checkpoint digest), so a second run never touches
 the experts again.
@@ -26,11 +26,12 @@ from taskmerge.adaptive.surgery_v2 import train_surgery_v2
 from taskmerge.compute import distributed
 from taskmerge.merging.task_vectors import task_vector
 from taskmerge.models.encoders import build_image_encoder
-from taskmerge.runs.data_free import MERGERS, Run, flattened_keys
+from taskmerge.runs import registry
+from taskmerge.runs.data_free import Run, flattened_keys
 from taskmerge.runs.identity import (checkpoint_digests, data_identity, head_digest, merge_settings,
                                      tensor_digest)
-from taskmerge.runs.script_configs import (ADAMERGING, AdaMergingRunConfig, SurgeryRunConfig,
-                                           base_merge_settings)
+from taskmerge.runs.script_configs import ADAMERGING, AdaMergingRunConfig, SurgeryRunConfig
+from taskmerge.runs.settings import subset
 from taskmerge.runs.setup import task_data
 from taskmerge.runs.validation import check_finite_model, check_merged
 from taskmerge.storage.checkpoints import file_digest
@@ -153,20 +154,29 @@ def run_adamerging(config: AdaMergingRunConfig, script: str) -> dict:
     return run.finish(accs, coefficients=merged.coefficient_rows().tolist(), **info)
 
 
-def base_encoders(run: Run, method: str, config: SurgeryRunConfig, images) -> tuple[dict, dict]:
-    """{task: fixed base ImageEncoder} for a Surgery base method, and what to report about it."""
+def base_settings(config: SurgeryRunConfig):
+    """(the declared method of the config's Surgery base, its settings from the config's fields).
+    A setting the base's name fixes (the `iso_cts` base is Iso with method="iso_cts") must not be
+    set otherwise."""
+    method, fixed = registry.base(config.method_name)
+    for name, value in fixed.items():
+        if getattr(config, name, value) != value:
+            raise ConfigError(f"setting {name}={getattr(config, name)!r} contradicts method_name="
+                              f"{config.method_name!r}, which means {name}={value!r} (set one or the other)")
+    return method, subset(method.settings, config, f"the {config.method_name} base's settings", fixed)
+
+
+def base_encoders(run: Run, method_name: str, config: SurgeryRunConfig, images) -> tuple[dict, dict]:
+    """{task: fixed base ImageEncoder} for a Surgery base, and what to report about it."""
     tasks = run.setup.tasks
-    if method in ADAMERGING:
-        merged, info = adamerging_encoder(run, method, config, images)
-        if config.save_dir:
-            run.save_merged(merged.merged_state_dict(), method, info)
-        base = merged.to_image_encoder()
-        return {t: base for t in tasks}, info
-    name, settings = base_merge_settings(config)
-    merge = MERGERS[name](run, settings)
+    method, settings = base_settings(config)
+    if method.surgery_base is not None:  # learned on the test images (AdaMerging)
+        return method.surgery_base(run, settings, images)
+    merge = method.merge(run, settings)
     pretrained, _ = run.experts()
     # Checked before it is saved: a NaN model is refused with nothing written.
-    check_merged(merge.name, merge.model, merge.per_task, merge.extra, pretrained, tasks)
+    check_merged(merge.name, merge.model, merge.per_task, merge.extra, pretrained, tasks,
+                 method.coefficient_keys)
     run.save_merged(merge.model, merge.name, merge.extra)
     if merge.per_task:  # EMR / TSV-C / TALL: task t's modules sit on task t's own model
         return _TaskEncoders(run.setup.arch, merge.model, pretrained, tasks), {"base": merge.name, **merge.extra}
@@ -208,7 +218,8 @@ def base_identity(method: str, base_info: dict) -> dict:
     published alike), or a data-free merge's method, settings and chosen coefficient."""
     if "coefficients_digest" in base_info:
         return {"adamerging": method, "coefficients": base_info["coefficients_digest"]}
-    return {"base": base_info.get("base", method), "settings": merge_settings(base_info)}
+    return {"base": base_info.get("base", method),
+            "settings": merge_settings(base_info, registry.derived_fields(method))}
 
 
 def run_surgery(config: SurgeryRunConfig, script: str) -> dict:

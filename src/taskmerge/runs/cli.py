@@ -8,6 +8,7 @@ of input errors too.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -15,7 +16,10 @@ from typing import Any, Callable, Sequence
 from taskmerge.compute import cpu_paths
 from taskmerge.compute.devices import device_type
 from taskmerge.compute.distributed import PeerRefused, stop_together
-from taskmerge.runs.config import configure
+from taskmerge.runs import methods as _builtin_methods  # noqa: F401 (declares them: the bases)
+from taskmerge.runs import registry
+from taskmerge.runs.config import configure, script_variables
+from taskmerge.runs.script_configs import surgery_config
 from taskmerge.runs.settings import from_values
 from taskmerge.runs.setup import EMBEDDED_MODELS, resolved_model_name
 from taskmerge.storage.errors import ConfigError, InputError
@@ -58,6 +62,38 @@ def main(run: Callable[..., Any], config_class: type, namespace: dict[str, Any],
             print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
         stop_together(error)
         raise SystemExit(EXIT_INPUT_ERROR) from None
+
+
+def main_on_any_base(run: Callable[..., Any], namespace: dict[str, Any],
+                     argv: Sequence[str] | None = None) -> Any:
+    """`main` for a script that runs on any Surgery base (src/main_Surgery.py): its `method_name`
+    (or `--method_name=`) picks a declared base; the base method's settings take their defaults from
+    the base's own entry script, then the names the base fixes, then `--key=value`, and the run's
+    config is the base's Surgery config (script_configs `surgery_config`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug=True" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        base_name = namespace.get("method_name")
+        for arg in argv:
+            if arg.startswith("--method_name="):
+                base_name = arg.split("=", 1)[1].strip("'\"")
+        method, fixed = registry.base(str(base_name))
+        script = method.script
+        if not os.path.isabs(script):
+            script = os.path.join(os.path.dirname(os.path.abspath(namespace.get("__file__", "."))), script)
+        own = {f.name for f in dataclasses.fields(method.settings)}
+        defaults = {k: v for k, v in script_variables(script).items() if k in own and k not in namespace}
+        defaults.update({k: v for k, v in fixed.items() if k not in namespace})
+        print(f"Base {base_name}: {method.name}'s settings from {os.path.basename(script)}"
+              + (f", with {', '.join(f'{k}={v!r}' for k, v in fixed.items())} (the base's name)"
+                 if fixed else ""), flush=True)
+        namespace.update(defaults)
+    except InputError as error:
+        if debug:
+            raise
+        print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INPUT_ERROR) from None
+    return main(run, surgery_config(method), namespace, argv)
 
 
 def wants_pinned_cpu_paths(config) -> bool:

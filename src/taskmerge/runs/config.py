@@ -55,6 +55,27 @@ def parse_overrides(argv: Sequence[str], defaults: dict[str, Any]) -> dict[str, 
     return out
 
 
+def script_variables(path: str) -> dict[str, Any]:
+    """The plain `name = <literal>` variables at the top of the entry script `path`, read without
+    running it (a Surgery run takes its base's defaults from the base's own script)."""
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read this entry script ({e.strerror or e}); a method's "
+                          f"declaration names its script, which holds its settings' defaults") from None
+    out = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if _is_hyperparameter(node.targets[0].id, value):
+                out[node.targets[0].id] = value
+    return out
+
+
 def configure(namespace: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Apply `--key=value` overrides to a script's globals and return the full configuration."""
     defaults = {k: v for k, v in namespace.items() if _is_hyperparameter(k, v)}

@@ -19,12 +19,6 @@ from taskmerge.adaptive.training_state import differing_fields  # noqa: F401 (re
 from taskmerge.datasets.base import dataset_content_digest
 from taskmerge.storage.checkpoints import file_digest
 
-# Merge results derived from the experts and the data (curves, storage sizes, histories): they change
-# with the inputs already keyed, and would only make a key long.
-DERIVED = ("val_curve", "tall_val_curve", "storage", "adamerging_history", "adamerging_entropy",
-           "coefficients_file", "coefficients_source")
-
-
 def short_hash(obj, n: int = 16) -> str:
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:n]
@@ -74,7 +68,8 @@ def checkpoint_digests(checkpoints) -> dict[str, str]:
             **{t: file_digest(checkpoints.finetuned_path(t)) for t in checkpoints.tasks}}
 
 
-def merge_settings(extra: Mapping) -> dict:
-    """A merge's hyperparameters and chosen coefficients, without what is derived from them."""
-    return {k: v for k, v in extra.items() if k not in DERIVED}
-
+def merge_settings(extra: Mapping, derived: tuple[str, ...] = ()) -> dict:
+    """A merge's hyperparameters and chosen coefficients, without the fields `derived` from them
+    (search curves, histories: they change with the inputs already keyed, and would only make a key
+    long; each method declares its own, runs/registry.py `derived_fields`)."""
+    return {k: v for k, v in extra.items() if k not in derived}

@@ -14,6 +14,7 @@ import os
 import time
 from datetime import datetime
 
+from taskmerge.runs import registry
 from taskmerge.storage import atomic
 from taskmerge.storage.writer import is_writer
 
@@ -88,10 +89,7 @@ def results_table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
     return "\n".join(out)
 
 
-ADAMERGING_METHODS = ("tw_adamerging", "lw_adamerging", "tw_adamergingpp", "lw_adamergingpp")
-
-
-def _num(value) -> str:
+def num(value) -> str:
     """A coefficient as the scripts write it: 0.3, 0.65, 1.0 (grid values such as 1/30 to 4 digits)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
@@ -101,19 +99,19 @@ def _num(value) -> str:
     return text if any(c in text for c in ".en") else text + ".0"
 
 
-def _on_val(report: dict) -> str:
+def on_val(report: dict) -> str:
     # a coefficient chosen on the <Task>Val splits leaves its search curve in the report
     return " on val" if report.get("val_curve") else ""
 
 
-def _dare(report: dict) -> str:
+def dare_part(report: dict) -> str:
     dare = report.get("dare")
     if not isinstance(dare, dict):
         return ""
-    return f"DARE p {_num(dare.get('p'))}{'' if dare.get('rescale', True) else ' no rescale'}, "
+    return f"DARE p {num(dare.get('p'))}{'' if dare.get('rescale', True) else ' no rescale'}, "
 
 
-def _qkv(report: dict) -> str:
+def qkv_part(report: dict) -> str:
     """How attention's q/k/v met a per-tensor method, where it is not the originals' fused in_proj
     on their own checkpoints: separate (FusionBench's), or fused on FusionBench's family."""
     if report.get("qkv") == "separate":
@@ -121,102 +119,43 @@ def _qkv(report: dict) -> str:
     return ", fused q/k/v" if report.get("checkpoint_family") == "fusionbench" else ""
 
 
-def _key_set(report: dict) -> str:
+def key_set_part(report: dict) -> str:
     # the global quantiles' keys where they are not the whole model (the fusionbench family)
     return ", vision-tower quantiles" if report.get("key_set") == "vision_model" else ""
 
 
-def _pcb_label(report: dict) -> str:
-    pcb = report["pcb"]
-    if isinstance(pcb.get("search"), dict):
-        lams = "λ_t searched on val" + (f" ({pcb['search'].get('budget')} merges)"
-                                         if pcb["search"].get("budget") is not None else "")
-    else:
-        lams = f"fixed λ {_num(pcb.get('lam'))}"
-    return f"pcb_merging (pcb_ES balancing, {lams}, r {_num(pcb.get('ratio'))}{_key_set(report)})"
-
-
-def _merge_name(report: dict) -> str:
+def merge_name(report: dict) -> str:
     # data-free reports name their merge `merge`; Surgery reports name their base's merge `base`
     return str(report.get("merge") or report.get("base") or "")
 
 
-def _adamerging_label(method: str, report: dict) -> str:
-    source = report.get("coefficients_source")
-    if source == "learn":
-        steps = (report.get("config") or {}).get("adamerging_steps")
-        return f"{method} (learned" + (f", {steps} steps)" if steps is not None else ")")
-    if source == "published":
-        return f"{method} (published coefficients)"
-    if source:
-        return f"{method} (coefficients {os.path.basename(str(source))})"
-    return method
-
-
-def _base_label(method: str, report: dict) -> str:
-    """The merge's label; `method` is the data-free method or the Surgery script's base name."""
-    merge = _merge_name(report)
-    if method in ADAMERGING_METHODS:
-        return _adamerging_label(method, report)
-    if method == "weight_averaging":
-        return "weight_averaging (drop last)" if report.get("drop_last") else "weight_averaging"
-    if method == "task_arithmetic" and "scaling_coef" in report:
-        return f"task_arithmetic ({_dare(report)}λ {_num(report['scaling_coef'])}{_on_val(report)})"
-    if method == "ties_merging" and isinstance(report.get("ties"), dict):
-        ties = report["ties"]
-        return (f"ties_merging ({_dare(report)}{ties.get('merge')}, K {_num(ties.get('k'))}, "
-                f"λ {_num(report.get('scaling_coef'))}{_on_val(report)}{_key_set(report)})")
-    if method in ("iso_merging", "iso_c", "iso_cts") and report.get("iso_method"):
-        fraction = (f"f {_num(report['common_space_fraction'])}, "
-                    if "common_space_fraction" in report else "")
-        return (f"{report['iso_method']} ({fraction}α {_num(report.get('alpha'))}{_on_val(report)}"
-                f"{_qkv(report)})")
-    if method == "wudi_merging" and isinstance(report.get("wudi"), dict):
-        wudi = report["wudi"]
-        solver = (f"Adam {wudi.get('steps')} steps" if wudi.get("solver") == "adam"
-                  else "closed form" + (f", ridge {_num(wudi['ridge'])}" if wudi.get("ridge") else ""))
-        return f"wudi_merging ({wudi.get('preset')}, {solver}{_qkv(report)})"
-    if method == "cart_merging" and isinstance(report.get("cart"), dict):
-        cart = report["cart"]
-        return f"cart_merging (λ {_num(cart.get('lam'))}, ρ {_num(cart.get('rank_ratio'))})"
-    if method == "pcb_merging" and isinstance(report.get("pcb"), dict):
-        return _pcb_label(report)
-    if method == "emr_merging":
-        qkv = _qkv(report) if report.get("rescaler") == "code" else ""
-        return f"emr_merging ({report['rescaler']} rescaler{qkv})" if report.get("rescaler") else method
-    if method == "tsv_merging":
-        if merge == "TSVC":
-            return "tsv_merging (TSVC)"
-        alpha = _num(report.get("alpha"))
-        return f"tsv_merging ({report.get('tsv_method')}, α {alpha}{_on_val(report)}{_qkv(report)})"
-    if method in ("tall_masks", "consensus"):
-        ties = "TIES τ_MTL, " if report.get("use_ties") else ""
-        if merge.startswith("TALL_mask"):
-            return f"tall_mask ({ties}λ per task on val{_key_set(report)})"
-        if "prun_thre_k" in report:
-            alpha = _num(report.get("alpha"))
-            return (f"consensus ({ties}k {report['prun_thre_k']}, α {alpha}{_on_val(report)}"
-                    f"{_key_set(report)})")
-    return method
+def declared_method(report: dict):
+    """The declared method of a report's run (its `method` is a method's name or a Surgery base
+    name), or None for a method this process has not declared."""
+    return registry.declared(str(report.get("method", "")))
 
 
 def uses_task_identity(report: dict) -> bool:
     """Whether task t was evaluated with its own reconstructed model (EMR, TSV-C, TALL masks)."""
     if "task_identity" in report:
         return bool(report["task_identity"])
-    merge = _merge_name(report)
-    return merge.startswith(("emr_", "TALL_mask")) or merge == "TSVC"
+    method = declared_method(report)
+    return bool(method and method.task_identity(report))
 
 
 def method_label(report: dict) -> str:
     """What a report's run was, e.g. `task_arithmetic (λ 0.3) + Surgery v1`,
     `ties_merging (dis-sum, K 0.2, λ 0.3)`, `consensus (k 2, α 0.65 on val)`; † marks task identity.
 
-    Read from the report's own fields (what the run actually used), never from defaults, and never
-    raises: a field it does not know leaves the label at the method's name."""
-    method = str(report.get("method", "?"))
-    return (_base_label(method, report) + (" †" if uses_task_identity(report) else "")
-            + surgery_suffix(report))
+    The method's declaration (runs/registry.py) writes it from the report's own fields (what the
+    run actually used), never from defaults; it never raises: a report it cannot read, or of a
+    method this process has not declared, is labelled with the method's name."""
+    declared = declared_method(report)
+    try:
+        label = declared.label(report) if declared else str(report.get("method", "?"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        label = str(report.get("method", "?"))  # a report of another version: its method's name
+    return label + (" †" if uses_task_identity(report) else "") + surgery_suffix(report)
 
 
 def surgery_suffix(report: dict) -> str:

@@ -18,15 +18,15 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from taskmerge.runs.reporting import ADAMERGING_METHODS, method_label, surgery_suffix, uses_task_identity
+from taskmerge.runs import methods as _builtin_methods  # noqa: F401 (declares them: their labels)
+from taskmerge.runs import registry
+from taskmerge.runs.reporting import method_label, surgery_suffix, uses_task_identity
 from taskmerge.storage import atomic
 from taskmerge.storage.errors import ConfigError
 
-# Row order of the tables: the README's (references, one-model merges, AdaMerging, then the methods
-# with task identity); Surgery rows follow, in their bases' order.
-METHOD_ORDER = ("single_task", "weight_averaging", "task_arithmetic", "ties_merging", "tsv_merging",
-                "tall_masks", "consensus", *ADAMERGING_METHODS)
-TASK_IDENTITY_ORDER = ("emr_merging", "tall_masks", "consensus", "tsv_merging")
+# Row order of the tables: the references, then the methods in the order they are declared
+# (runs/methods/__init__.py: single-model merges, AdaMerging, the records), those with task identity
+# last; Surgery rows follow, in their bases' order.
 _STAMP = re.compile(r"_(\d{8}_\d{6})(?:_(\d+))?$")
 
 
@@ -68,8 +68,10 @@ def _rows_of(report: dict, path: str) -> list[Row]:
     model, family = str(report.get("model", "?")), str(report.get("checkpoint_family", "?"))
     method = str(report["method"])
     surgery, identity = bool(report.get("surgery")), uses_task_identity(report)
-    order = TASK_IDENTITY_ORDER if identity else METHOD_ORDER
-    rank = (int(identity), order.index(method) if method in order else len(order))
+    declared = list(registry.METHODS)
+    found = registry.declared(method)
+    rank = (int(identity), -1 if method == "single_task" else
+            declared.index(found.name) if found else len(declared))
     if method == "single_task":
         split = "" if report.get("split", "test") == "test" else f" ({report['split']} split)"
         zeroshot, individual = report["zeroshot_accuracy"], report["individual_accuracy"]

@@ -18,11 +18,6 @@ from taskmerge.storage import atomic
 from taskmerge.storage.checkpoints import validate_experts
 from taskmerge.storage.errors import InputError
 
-# The merge settings a refusal names: the coefficient (and what chose it) of each method.
-COEFFICIENT_KEYS = ("scaling_coef", "alpha", "lam", "rescaler", "tall_lambdas", "prun_thre_k", "ties",
-                    "dare", "wudi", "cart", "pcb")
-
-
 def validate_checkpoints(checkpoints, encoder) -> None:
     """Keys and shapes of θ0 and every θ_t against `encoder` (an ImageEncoder of the run's
     architecture), then dtypes against θ0 and finite values, reading one file at a time."""
@@ -46,15 +41,16 @@ def first_non_finite(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] 
 
 
 def check_merged(name: str, model, per_task: bool, extra: Mapping, pretrained,
-                 tasks: Sequence[str]) -> None:
+                 tasks: Sequence[str], coefficient_keys: Sequence[str] = ()) -> None:
     """Refuse a merge result with NaN/Inf values: the one merged θ, or each task's θ_t of a
-    per-task method (EMR, TSV-C, TALL masks), built one at a time."""
+    per-task method (EMR, TSV-C, TALL masks), built one at a time. The refusal names the
+    `coefficient_keys` of `extra` (the method's coefficients, as its declaration lists them)."""
     models = ((t, model.task_state_dict(pretrained, t)) for t in tasks) if per_task else [(None, model)]
     for task, state_dict in models:
         bad = first_non_finite(state_dict)
         if bad is None:
             continue
-        settings = ", ".join(f"{k}={extra[k]!r}" for k in COEFFICIENT_KEYS if k in extra)
+        settings = ", ".join(f"{k}={extra[k]!r}" for k in coefficient_keys if k in extra)
         where = f" (task {task}'s model)" if task else ""
         raise InputError(
             f"{name}{where}: the merged model has {bad[1]} NaN/Inf values in {bad[0]!r}"
