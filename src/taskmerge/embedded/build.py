@@ -17,8 +17,9 @@ Data use: pretraining and fine-tuning both see only each task's `<Task>Val` trai
 minus the validation split); no validation or test image is ever trained on.
 
 Calibration: the aim is the ViT-B/32 regime (zero-shot ≈ 48 %, experts ≈ 90 %, Task Arithmetic
-≈ 69 %), and the recipe below lands in it on the five default tasks (measured on 2 cores: 43.7 %,
-91.7 %, 72.2 % at λ = 0.3). Three things got it there, each measured with a full build:
+≈ 69 %), and the recipe below lands in it on the five default tasks (the pinned build: 45.6 %,
+92.2 %, 73.7 % at λ = 0.3; on native paths 43.7 / 91.7 / 72.2 on one machine, 46.1 / 91.8 / 71.4 on
+another). Three things got it there, each measured with a full build:
 - caption noise 0.5 keeps zero-shot low while the image features still separate the classes;
 - CLIP's BPE tokenizer, cut down to the captions' words (`models.PrunedBPETokenizer`), instead of
   a byte-level one: whole-word tokens give the class names distinct text embeddings (Task
