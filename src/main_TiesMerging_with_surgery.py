@@ -31,7 +31,7 @@ method_name = "ties_merging"
 preset = "ennengyang"         # "ennengyang" (K 20 %, dis-sum, λ 0.3) or "tall_masks" (dis-mean, λ on val)
 k = None                      # kept fraction in (0, 1]; None: the preset's
 merge = None                  # "dis-sum" | "dis-mean" | "dis-max"; None: the preset's
-scaling_coef = 0.3            # λ (EnnengYang's TIES + Surgery); None: the preset's (on val for "tall_masks")
+scaling_coef = None           # λ; None: the preset's (chosen on val for "tall_masks")
 val_grid = "tall_masks"       # the λ grid when λ is chosen on val ("tall_masks" | "tsv" | "tsv_alpha")
 # DARE before the merge (FusionBench's defaults: p 0.5, rescale; for DARE+TIES it uses λ 0.5)
 dare_p = 0.0                  # drop probability of each task-vector entry; 0: no DARE
