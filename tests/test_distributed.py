@@ -29,8 +29,10 @@ def micro_copy(micro_benchmark, tmp_path_factory):
 
 def _common(benchmark, out):
     ckpt, data = benchmark
+    # the native CPU paths on both sides: the one-process reference runs inside this (unpinned) test
+    # process, so the ranks must not restart on the pinned ones (compute/cpu_paths.py)
     return {"model_name": "taskmerge-tiny-micro", "checkpoint_dir": ckpt, "data_location": data,
-            "device": "cpu", "save_dir": "", "log_dir": str(out / "logs")}
+            "device": "cpu", "save_dir": "", "log_dir": str(out / "logs"), "cpu_paths": "native"}
 
 
 def _args(settings: dict) -> list[str]:
