@@ -86,6 +86,10 @@ class DeviceSpy:
         self.resolved, self.calls = [], {}
         self.monkeypatch = monkeypatch
         monkeypatch.setattr(runs_data_free, "resolve_device", self._resolve)
+        # the methods that choose a merge device resolve it in their declarations (runs/methods/)
+        from taskmerge.runs.methods import iso_merging, tsv_merging
+        for module in (iso_merging, tsv_merging):
+            monkeypatch.setattr(module, "resolve_device", self._resolve)
 
     def _resolve(self, name):
         device = torch.device("cpu")
