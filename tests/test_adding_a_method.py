@@ -101,7 +101,7 @@ def _reports(log_dir):
 def test_a_toy_method_runs_plain_and_as_both_surgery_bases_labelled_everywhere(
         toy, micro_benchmark, tmp_path, monkeypatch, capsys):
     ckpt, data = micro_benchmark
-    where = [f"--model_name=taskmerge-tiny-micro", f"--checkpoint_dir={ckpt}", f"--data_location={data}",
+    where = ["--model_name=taskmerge-tiny-micro", f"--checkpoint_dir={ckpt}", f"--data_location={data}",
              f"--log_dir={tmp_path / 'logs'}", "--device=cpu"]
     _run_script(toy, monkeypatch, *where, f"--save_dir={tmp_path / 'merged'}")
     plain, = _reports(tmp_path / "logs")

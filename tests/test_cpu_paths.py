@@ -15,7 +15,6 @@ from taskmerge.embedded import build as eb
 from taskmerge.runs.cli import main, wants_pinned_cpu_paths
 from taskmerge.runs.data_free import run_data_free
 from taskmerge.runs.methods import TaskArithmeticConfig
-from taskmerge.storage.errors import ConfigError
 
 ROOT = os.path.dirname(SRC)
 MICRO = "taskmerge-tiny-micro"

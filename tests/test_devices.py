@@ -126,7 +126,8 @@ def config(micro_benchmark, tmp_path):
 def test_every_data_free_stage_gets_the_run_device(config, monkeypatch):
     spy = DeviceSpy(monkeypatch)
     spy.wrap(runs_setup, "evaluate")
-    spy.wrap(runs_data_free, "evaluate")
+    from taskmerge.runs.methods import tall_masks
+    spy.wrap(tall_masks, "evaluate")  # each task's TALL λ, chosen on its <Task>Val split
     spy.wrap(merging, "tsv_delta")
     run_data_free(script_config("main_TallMasks.py", **config, method="tall_mask"), script="tall.py")
     run_data_free(script_config("main_TSVMerging.py", **config, select_on_val=False), script="tsv.py")

@@ -18,7 +18,7 @@ from taskmerge import merging
 from taskmerge.merging.task_vectors import apply, merged_keys, numel_of
 from taskmerge.compute import cpu_paths, distributed
 from taskmerge.compute.devices import default_num_workers, default_threads, resolve_device, use_tf32
-from taskmerge.runs.evaluation import LoaderSettings, evaluate
+from taskmerge.runs.evaluation import LoaderSettings
 from taskmerge.runs.identity import checkpoint_digests, merge_settings, short_hash
 from taskmerge.runs.reporting import RunLogger, results_table
 from taskmerge.runs import registry
