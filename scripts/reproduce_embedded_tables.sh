@@ -57,6 +57,10 @@ add dare_ties           "src/main_TiesMerging.py --dare_p=0.5 --scaling_coef=0.5
 add emr                 "src/main_EMRMerging.py"
 add tall_mask           "src/main_TallMasks.py --method=tall_mask"
 add tsvc                "src/main_TSVMerging.py --method=TSVC"
+# The data-aware rows of the seeds' table (FusionBench's defaults: 256 training images per task).
+add fisher              "src/main_FisherMerging.py"
+add regmean             "src/main_RegMean.py"                               # ratio 0.95
+add regmean_plusplus    "src/main_RegMean.py --method=regmean_plusplus"
 
 # Surgery table: v1 and SurgeryV2 on each base. TA, TIES, WA and AdaMerging have Surgery scripts of
 # their own (TA λ 0.3, TIES dis-sum λ 0.3); every other base runs through main_Surgery.py with its
@@ -80,6 +84,9 @@ for v in v1 v2; do
   add "surgery_${v}_pcb"       "src/main_Surgery.py --surgery=$v --method_name=pcb_merging $TRAINING"
   add "surgery_${v}_dare_ta"   "src/main_TaskArithmetic_with_surgery.py --surgery=$v --scaling_coef=0.3 --dare_p=0.5 $TRAINING"
   add "surgery_${v}_dare_ties" "src/main_TiesMerging_with_surgery.py --surgery=$v --preset=ennengyang --dare_p=0.5 --scaling_coef=0.5 $TRAINING"
+  add "surgery_${v}_fisher"    "src/main_Surgery.py --surgery=$v --method_name=fisher_merging $TRAINING"
+  add "surgery_${v}_regmean"   "src/main_Surgery.py --surgery=$v --method_name=regmean $TRAINING"
+  add "surgery_${v}_regmean_plusplus" "src/main_Surgery.py --surgery=$v --method_name=regmean_plusplus $TRAINING"
 done
 # Online Surgery (batch 1, each test image once) on layer-wise AdaMerging.
 add surgery_online_lw "src/main_AdaMerging_with_surgery_online.py --method_name=lw_adamerging --coefficients=learn $TRAINING"

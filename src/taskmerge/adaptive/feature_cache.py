@@ -59,14 +59,15 @@ def encoder_features(encoder: ImageEncoder, images: TaskImages, **kwargs) -> dic
 
 
 class FeatureCache:
-    """A folder of `features_<hash>.safetensors`; `folder=None` computes without caching."""
+    """A folder of `<kind>_<hash>.safetensors` (kind "features" by default; the statistics of
+    Fisher merging and RegMean use it too); `folder=None` computes without caching."""
 
-    def __init__(self, folder: str | None, log: Callable[[str], None] = print):
-        self.folder, self.log = folder, log
+    def __init__(self, folder: str | None, log: Callable[[str], None] = print, kind: str = "features"):
+        self.folder, self.log, self.kind = folder, log, kind
 
     def path_for(self, key: dict) -> str | None:
         return None if self.folder is None else os.path.join(
-            self.folder, f"features_{run_hash('features', key)}.safetensors")
+            self.folder, f"{self.kind}_{run_hash(self.kind, key)}.safetensors")
 
     def load(self, key: dict) -> dict[str, torch.Tensor] | None:
         path = self.path_for(key)
@@ -78,8 +79,8 @@ class FeatureCache:
                 stored = (f.metadata() or {}).get("key")
             tensors = load_file(path) if stored == text else None
         except Exception as e:  # truncated or corrupt: safetensors' own errors vary by cause
-            self.log(f"Feature cache {path} cannot be read ({type(e).__name__}); computing the "
-                     f"features again")
+            self.log(f"Cached {self.kind} {path} cannot be read ({type(e).__name__}); computing the "
+                     f"{'features' if self.kind == 'features' else 'statistics'} again")
             return None
         if tensors is None:
             raise InputError(f"{path}: cached for {stored}, not {text}; delete the file")
