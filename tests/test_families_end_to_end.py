@@ -40,6 +40,10 @@ RECORDS = [("main_IsoMerging.py", {"method": "iso_c", "select_on_val": False}),
            ("main_IsoMerging.py", {"method": "iso_cts", "select_on_val": False}),
            ("main_WUDIMerging.py", {"wudi_steps": 2}), ("main_CARTMerging.py", {}),
            ("main_PCBMerging.py", {}), ("main_TaskArithmetic.py", {"dare_p": 0.3})]
+# the data-aware merges read a few training images of each task (the parquet snapshots hold 6)
+DATA_AWARE = [("main_FisherMerging.py", {"num_fisher_examples": 4, "fisher_batch_size": 2}),
+              ("main_RegMean.py", {"num_regmean_examples": 4}),
+              ("main_RegMean.py", {"method": "regmean_plusplus", "num_regmean_examples": 4})]
 FUSIONBENCH_TASKS = [t for t in registry.TALL_20 if t != "EMNIST"]  # FusionBench has no EMNIST digits
 
 
@@ -167,9 +171,11 @@ def test_fusionbench_download_runs_the_other_merges_and_surgery(fusionbench_root
     monkeypatch.setattr(run_setup, "build_image_encoder", patched)
     monkeypatch.setattr(run_adaptive, "build_image_encoder", patched)
     _tiny_text_tower(monkeypatch, oc_config)
-    for script, extra in DATA_FREE[:5] + RECORDS:
+    for script, extra in DATA_FREE[:5] + RECORDS + DATA_AWARE:
         report = run_data_free(script_config(script, **_settings(script, config), **extra), script=script)
         _check(report, FUSIONBENCH_TASKS, "fusionbench")
+        if script in ("main_FisherMerging.py", "main_RegMean.py"):   # the keys FusionBench merges
+            assert report["key_set"] == "vision_model"
     surgery = run_surgery(script_config("main_TaskArithmetic_with_surgery.py",
                                         **_settings("main_TaskArithmetic_with_surgery.py", config),
                                         resume_dir="", iterations=1, eval_iterations=1, rank=2),

@@ -6,7 +6,7 @@ the experts' maps on their own inputs, W = argmin Σ_t ‖X_t Wᵀ − X_t W_t�
 with α = `reduce_non_diagonal_ratio` (FusionBench `clip_regmean.yaml`: 0.95); every other entry is
 the experts' plain mean. As FusionBench (fusion_bench/method/regmean/regmean.py
 `merging_with_regmean_weights` L43-120, `reduce_non_diagonal_elements` L24-40), except that the
-system is solved (`torch.linalg.solve`) instead of multiplied by `torch.inverse`: the same W up to
+system is solved (Cholesky, float64) instead of multiplied by `torch.inverse`: the same W up to
 rounding, and a singular Σ G̃ is named instead of giving inf or garbage.
 
 A linear map is named by its weight key; `LinearMap.transposed` marks a weight stored (in, out), as
@@ -51,21 +51,23 @@ def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def solve_regmean(gram_sum: torch.Tensor, rhs: torch.Tensor, name: str, ridge: float = 0.0) -> torch.Tensor:
-    """(Σ G̃)⁻¹ Σ G̃ Wᵀ, with `ridge`·I added to Σ G̃ when asked; a singular system is one error."""
+    """(Σ G̃)⁻¹ Σ G̃ Wᵀ by a Cholesky factorisation in float64, with `ridge`·I added to Σ G̃ when
+    asked. A sum of Grams is symmetric positive semi-definite; one whose smallest pivot is below
+    float32's resolution of its largest (d · 2⁻²³ of it) is singular for inputs computed in float32,
+    and is one error instead of a merge that amplifies rounding noise."""
     a = gram_sum.double()
+    d = a.shape[0]
     if ridge:
-        a = a + ridge * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    try:
-        out = torch.linalg.solve(a, rhs.double())
-    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
-        out = None
-    if out is None or not torch.isfinite(out).all():
+        a = a + ridge * torch.eye(d, dtype=a.dtype, device=a.device)
+    factor, info = torch.linalg.cholesky_ex(a)
+    pivots = factor.diagonal() ** 2
+    if int(info) != 0 or not torch.isfinite(pivots).all() or pivots.min() <= d * 2.0 ** -23 * pivots.max():
         raise SingularGramError(
-            f"RegMean: the summed Gram of {name} ({a.shape[0]}×{a.shape[0]}) is singular: its inputs "
-            f"span too few dimensions (too few examples, or a dead feature). Set "
-            f"reduce_non_diagonal_ratio below 1 (FusionBench's 0.95 keeps the diagonal, which guards "
-            f"this), or set regmean_ridge > 0 (e.g. 1e-4) to add ridge·I")
-    return out.to(rhs.dtype)
+            f"RegMean: the summed Gram of {name} ({d}×{d}) is singular: its inputs span too few "
+            f"dimensions (too few examples, or a dead feature). Set reduce_non_diagonal_ratio below 1 "
+            f"(FusionBench's 0.95 keeps the diagonal, which guards this), or set regmean_ridge > 0 "
+            f"(e.g. 1e-4) to add ridge·I")
+    return torch.cholesky_solve(rhs.double(), factor).to(rhs.dtype)
 
 
 class RegMeanAccumulator:
@@ -102,7 +104,7 @@ class RegMeanAccumulator:
             m = self.maps.get(k)
             if m is not None:
                 wt = w if m.transposed else w.t()
-                term = reduced[m.gram] @ wt
+                term = reduced[m.gram] @ wt.to(reduced[m.gram].dtype)
                 if k in self.rhs:
                     self.rhs[k].add_(term)
                 else:

@@ -277,6 +277,12 @@ def _encoder(setup: Setup):
     return enc
 
 
+def fresh_encoder(setup: Setup, state_dict: Mapping[str, torch.Tensor] | None = None):
+    """A new image encoder of the run's architecture (on the CPU), with `state_dict` loaded if given:
+    for a model that is trained or differentiated, which the shared module of `encoder_for` is not."""
+    return build_image_encoder(setup.arch, state_dict)
+
+
 def validate_checkpoints(setup: Setup) -> None:
     """Every checkpoint against the architecture's encoder, before the first evaluation."""
     validation.validate_checkpoints(setup.checkpoints, _encoder(setup))

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 from taskmerge.adaptive.statistics import FISHER_ESTIMATES, diagonal_fisher
 from taskmerge.merging.fisher import FisherAccumulator
-from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.data_free import Merge, Run
 from taskmerge.runs.identity import head_digest
 from taskmerge.runs.registry import Method, declare
 from taskmerge.runs.reporting import num
 from taskmerge.runs.script_configs import merge_config, surgery_config
 from taskmerge.runs.settings import setting
+from taskmerge.runs.setup import fresh_encoder
 from taskmerge.runs.train_statistics import (expert_statistics, keys_digest, megabytes, merged_key_set,
                                              model_bytes, train_sample)
 
@@ -46,7 +46,7 @@ def merge_fisher(run: Run, s: FisherMerge) -> Merge:
         key = {"data": identity, "head": head_digest(run.heads[task]), "estimate": s.fisher_estimate,
                "batch_size": s.fisher_batch_size, "keys": keys_digest(keys)}
         fisher = expert_statistics(run, "fisher", task, key, lambda: diagonal_fisher(
-            build_image_encoder(run.setup.arch, experts[task]), run.heads[task], images, keys,
+            fresh_encoder(run.setup, experts[task]), run.heads[task], images, keys,
             estimate=s.fisher_estimate, batch_size=s.fisher_batch_size, device=run.setup.device,
             desc=f"Fisher {task}"))
         acc.add(experts[task], fisher)

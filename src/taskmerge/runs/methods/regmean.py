@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from taskmerge.adaptive.statistics import POST_LAYERS, gram_matrices, linear_maps, regmean_plusplus
 from taskmerge.adaptive.statistics import inputs_bytes, num_blocks
 from taskmerge.merging.regmean import RegMeanAccumulator
-from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.data_free import Merge, Run
 from taskmerge.runs.identity import checkpoint_digests
 from taskmerge.runs.registry import Method, declare
 from taskmerge.runs.reporting import num
 from taskmerge.runs.script_configs import merge_config, surgery_config
 from taskmerge.runs.settings import setting
+from taskmerge.runs.setup import fresh_encoder
 from taskmerge.runs.train_statistics import (expert_statistics, keys_digest, megabytes, merged_key_set,
                                              model_bytes, statistics_cache, train_sample)
 from taskmerge.merging.task_vectors import shape_of
@@ -74,7 +74,7 @@ def merge_regmean(run: Run, s: RegMeanMerge) -> Merge:
             key = {"data": identity, "batch_size": s.regmean_batch_size, "maps": keys_digest(
                 [m.gram for m in maps])}
             g = expert_statistics(run, "grams", task, key, lambda: gram_matrices(
-                build_image_encoder(run.setup.arch, experts[task]), images, maps,
+                fresh_encoder(run.setup, experts[task]), images, maps,
                 batch_size=s.regmean_batch_size, device=run.setup.device, desc=f"Grams {task}"))
             acc.add(experts[task], g)
             del g
@@ -94,7 +94,7 @@ def merge_regmean(run: Run, s: RegMeanMerge) -> Merge:
     if merged is not None:
         run.log.info(f"RegMean++: the merged model read from {cache.path_for(key)}")
     else:
-        merged = regmean_plusplus(build_image_encoder(run.setup.arch), pretrained, experts,
+        merged = regmean_plusplus(fresh_encoder(run.setup), pretrained, experts,
                                   {t: samples[t][0] for t in tasks}, keys,
                                   ratio=s.reduce_non_diagonal_ratio, ridge=s.regmean_ridge,
                                   post=s.plusplus_post, batch_size=s.regmean_batch_size,
