@@ -7,7 +7,9 @@ file here.
 import importlib
 import pkgutil
 
-# importing a module declares its method; the order is the tables' row order
+# importing a module declares its method; the order is the tables' row order (Traditional MTL
+# first: a reference row, beside Individual)
+from taskmerge.runs.methods import traditional_mtl  # noqa: F401
 from taskmerge.runs.methods import weight_averaging  # noqa: F401
 from taskmerge.runs.methods import task_arithmetic  # noqa: F401
 from taskmerge.runs.methods import ties_merging  # noqa: F401
@@ -19,8 +21,8 @@ from taskmerge.runs.methods import iso_merging  # noqa: F401
 from taskmerge.runs.methods import wudi_merging  # noqa: F401
 from taskmerge.runs.methods import cart_merging  # noqa: F401
 from taskmerge.runs.methods import pcb_merging  # noqa: F401
-BUILT_IN = ("weight_averaging", "task_arithmetic", "ties_merging", "emr_merging", "tsv_merging", "tall_masks",
-            "adamerging", "iso_merging", "wudi_merging", "cart_merging", "pcb_merging")
+BUILT_IN = ("traditional_mtl", "weight_averaging", "task_arithmetic", "ties_merging", "emr_merging",
+            "tsv_merging", "tall_masks", "adamerging", "iso_merging", "wudi_merging", "cart_merging", "pcb_merging")
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in BUILT_IN and not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")
@@ -33,6 +35,7 @@ from taskmerge.runs.methods.pcb_merging import PCBMergingConfig, PCBMergingSurge
 from taskmerge.runs.methods.tall_masks import TallMasksConfig, TallMasksSurgeryConfig
 from taskmerge.runs.methods.task_arithmetic import TaskArithmeticConfig, TaskArithmeticSurgeryConfig
 from taskmerge.runs.methods.ties_merging import TiesMergingConfig, TiesMergingSurgeryConfig
+from taskmerge.runs.methods.traditional_mtl import TraditionalMTLConfig, TraditionalMTLSurgeryConfig
 from taskmerge.runs.methods.tsv_merging import TSVMergingConfig, TSVMergingSurgeryConfig
 from taskmerge.runs.methods.weight_averaging import WeightAveragingConfig, WeightAveragingSurgeryConfig
 from taskmerge.runs.methods.wudi_merging import WUDIMergingConfig, WUDIMergingSurgeryConfig
@@ -41,5 +44,5 @@ __all__ = ["AdaMergingSurgeryConfig", "CARTMergingConfig", "CARTMergingSurgeryCo
            "EMRMergingSurgeryConfig", "IsoMergingConfig", "IsoMergingSurgeryConfig", "PCBMergingConfig",
            "PCBMergingSurgeryConfig", "TallMasksConfig", "TallMasksSurgeryConfig", "TaskArithmeticConfig",
            "TaskArithmeticSurgeryConfig", "TiesMergingConfig", "TiesMergingSurgeryConfig",
-           "TSVMergingConfig", "TSVMergingSurgeryConfig", "WeightAveragingConfig",
-           "WeightAveragingSurgeryConfig", "WUDIMergingConfig", "WUDIMergingSurgeryConfig"]
+           "TraditionalMTLConfig", "TraditionalMTLSurgeryConfig", "TSVMergingConfig",
+           "TSVMergingSurgeryConfig", "WeightAveragingConfig", "WeightAveragingSurgeryConfig", "WUDIMergingConfig", "WUDIMergingSurgeryConfig"]
