@@ -79,6 +79,7 @@ def experts_recipe(finetune: Mapping) -> MultiTaskRecipe:
 @dataclass
 class MultiTaskResult:
     losses: list[float] = field(default_factory=list)   # Σ_t mean CE_t of every step
+    grad_norms: list[float] = field(default_factory=list)   # the gradient's norm, before any clipping
     resumed_at: int = 0                                  # the step a saved state resumed at (0: none)
 
 
@@ -171,6 +172,7 @@ def train_multitask(encoder: nn.Module, tasks: Sequence[str], data: Mapping[str,
     key = {"recipe": asdict(recipe), "seed": seed, "tasks": list(tasks), "run": run_key or {}}
     ckpt = TrainingCheckpoint(checkpoint_dir, "traditional_mtl", key, checkpoint_every)
     losses: list[float] = []
+    grad_norms: list[float] = []
     start = 0
     say = logger.info if logger is not None else None
     state = ckpt.load(say)
@@ -178,7 +180,7 @@ def train_multitask(encoder: nn.Module, tasks: Sequence[str], data: Mapping[str,
         encoder.load_state_dict(state["encoder"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
-        start, losses = state["step"], list(state["losses"])
+        start, losses, grad_norms = state["step"], list(state["losses"]), list(state["grad_norms"])
         if say:
             say(f"Resumed Traditional MTL from {ckpt.path} at step {start}")
     distributed.barrier()  # every rank has read the resume state before rank 0 may replace it
@@ -213,8 +215,9 @@ def train_multitask(encoder: nn.Module, tasks: Sequence[str], data: Mapping[str,
                 ce = F.cross_entropy(heads[t](model(x)), y, reduction="sum") / recipe.batch_size
                 (ce * world).backward()
             total += ce.detach().double().cpu()
-        if recipe.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        # without clipping (FusionBench) the norm is only measured: its ×1.0 leaves every bit
+        clip = recipe.grad_clip if recipe.grad_clip is not None else float("inf")
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
         opt.step()
         loss = float(distributed.all_reduce_sum(total.reshape(1))) if world > 1 else float(total)
         losses.append(loss)
@@ -223,11 +226,12 @@ def train_multitask(encoder: nn.Module, tasks: Sequence[str], data: Mapping[str,
             say(f"Traditional MTL step {step + 1}/{recipe.steps}: loss {loss:.4f} (lr {lr:.3g})")
         ckpt.maybe_save(step + 1, lambda: {
             "encoder": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
-            "optimizer": opt.state_dict(), "generator": gen.get_state(), "losses": losses},
+            "optimizer": opt.state_dict(), "generator": gen.get_state(), "losses": losses,
+            "grad_norms": grad_norms},
             final=step + 1 == recipe.steps)
         if on_step is not None:
             on_step(step + 1)
     bar.close()
     encoder.eval()
     encoder.requires_grad_(False)
-    return MultiTaskResult(losses, start)
+    return MultiTaskResult(losses, grad_norms, start)

@@ -97,12 +97,13 @@ def _train_images(run: Run, splits: dict) -> dict[str, TaskImages]:
 
 
 def _load_cached(path: str):
-    """(state dict, losses) of a cached encoder, or None if it cannot be read (it is trained again)."""
+    """(state dict, {"losses", "grad_norms"}) of a cached encoder, or None if it cannot be read (it is trained again)."""
     from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
-            losses = json.loads(f.metadata()["losses"])
-            return {k: f.get_tensor(k) for k in f.keys()}, losses
+            meta = f.metadata()
+            history = {"losses": json.loads(meta["losses"]), "grad_norms": json.loads(meta["grad_norms"])}
+            return {k: f.get_tensor(k) for k in f.keys()}, history
     except Exception:  # truncated, foreign or unreadable: retrain and replace it
         return None
 
@@ -120,7 +121,7 @@ def merge_traditional_mtl(run: Run, s: TraditionalMTLSettings) -> Merge:
                  f"{len(tasks)} tasks, the sum of the tasks' mean cross-entropies per step")
     cached = _load_cached(path) if os.path.exists(path) else None
     if cached is not None:
-        state_dict, losses = cached
+        state_dict, history = cached
         source = "cache"
         run.log.info(f"Traditional MTL: loaded the trained encoder from {path} (not trained again)")
     else:
@@ -131,15 +132,16 @@ def merge_traditional_mtl(run: Run, s: TraditionalMTLSettings) -> Merge:
                                  device=setup.device, num_workers=setup.loader.num_workers,
                                  pin_memory=setup.loader.pin_memory)
         state_dict = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-        losses, source = result.losses, "trained"
+        history, source = {"losses": result.losses, "grad_norms": result.grad_norms}, "trained"
         atomic.save_safetensors(state_dict, path, metadata={
             "method": "traditional_mtl", "model": setup.model_name, "key": json.dumps(key),
-            "losses": json.dumps(losses)})
+            **{k: json.dumps(v) for k, v in history.items()}})
         distributed.barrier()  # the file is whole before any rank may look for it again
-        run.log.info(f"Traditional MTL: trained {recipe.steps} steps (loss {losses[0]:.4f} → "
-                     f"{losses[-1]:.4f}); saved the encoder to {path}")
-    info = {"mtl": {"recipe": name, **dataclasses.asdict(recipe), "seed": s.seed},
-            "mtl_history": losses, "mtl_source": source, "mtl_file": path}
+        run.log.info(f"Traditional MTL: trained {recipe.steps} steps (loss {result.losses[0]:.4f} → "
+                     f"{result.losses[-1]:.4f}); saved the encoder to {path}")
+    info = {"mtl": as_json({"recipe": name, **dataclasses.asdict(recipe), "seed": s.seed}),
+            "mtl_history": history["losses"], "mtl_grad_norms": history["grad_norms"],
+            "mtl_source": source, "mtl_file": path}
     return Merge(f"traditional_mtl_{name}_{recipe.steps}", state_dict, extra=info)
 
 
@@ -150,6 +152,6 @@ def label(report: dict) -> str:
 
 METHOD = declare(Method("traditional_mtl", TraditionalMTLSettings, merge_traditional_mtl, label,
                         script="main_TraditionalMTL.py", bases={"traditional_mtl": {}},
-                        derived=("mtl_history", "mtl_source", "mtl_file")))
+                        derived=("mtl_history", "mtl_grad_norms", "mtl_source", "mtl_file")))
 TraditionalMTLConfig = merge_config(METHOD)
 TraditionalMTLSurgeryConfig = surgery_config(METHOD)
