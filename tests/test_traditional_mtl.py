@@ -141,8 +141,8 @@ def loop_inputs(micro_benchmark, tmp_path_factory):
     out = tmp_path_factory.mktemp("mtl_loop")
     run = Run(script_config(SCRIPT, **_settings(micro_benchmark, out)), SCRIPT, "traditional_mtl")
     splits = mtl_method.train_splits(run)
-    recipe = dataclasses.replace(experts_recipe({"steps": 5, "batch_size": 8, "lr": 2e-3, "weight_decay": 0.1,
-                                                 "warmup": 1, "crop_scale": [0.9, 1.0], "grad_clip": 1.0}))
+    recipe = experts_recipe({"steps": 5, "batch_size": 8, "lr": 2e-3, "weight_decay": 0.1, "warmup": 1,
+                             "crop_scale": [0.9, 1.0], "grad_clip": 1.0})
     return run, splits, recipe
 
 
@@ -202,8 +202,8 @@ def test_the_recipe_auto_is_the_experts_on_the_embedded_benchmark_and_fusionbenc
     assert (FUSIONBENCH.lr, FUSIONBENCH.steps, FUSIONBENCH.batch_size, FUSIONBENCH.weight_decay,
             FUSIONBENCH.optimizer, FUSIONBENCH.grad_clip, FUSIONBENCH.crop_scale) == (1e-5, 4000, 128, 0.0,
                                                                                      "adam", None, None)
-    name, recipe = mtl_method.resolve_recipe(real, dataclasses.replace(s, mtl_recipe="fusionbench", mtl_steps=7,
-                                                                       mtl_lr=3e-4))
+    overridden = dataclasses.replace(s, mtl_recipe="fusionbench", mtl_steps=7, mtl_lr=3e-4)
+    name, recipe = mtl_method.resolve_recipe(real, overridden)
     assert recipe == dataclasses.replace(FUSIONBENCH, steps=7, lr=3e-4)
     with pytest.raises(ConfigError, match="mtl_recipe='experts'.*embedded benchmark"):
         mtl_method.resolve_recipe(real, dataclasses.replace(s, mtl_recipe="experts"))

@@ -86,7 +86,8 @@ class MultiTaskResult:
 # ---------------------------------------------------------------- the batches
 def _epoch_order(n: int, seed: int, task: int, epoch: int) -> torch.Tensor:
     digest = hashlib.sha256(f"traditional_mtl/{seed}/{task}/{epoch}".encode()).digest()
-    return torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randperm(n, generator=generator)
 
 
 def step_indices(n: int, batch_size: int, seed: int, task: int, step: int) -> torch.Tensor:
@@ -120,7 +121,8 @@ class _ShardBatches(Sampler):
 
 
 def _task_batches(images: TaskImages, batch_size: int, seed: int, task: int, start: int, steps: int,
-                  part: range, num_workers: int, pin_memory: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  part: range, num_workers: int, pin_memory: bool
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of this rank's shard at every step from `start`: from the preloaded tensors,
     else read by a DataLoader with the run's workers."""
     if images.preloaded:

@@ -33,7 +33,8 @@ RECIPE_NAMES = {"fusionbench": "FusionBench recipe", "experts": "experts' recipe
 
 @dataclass
 class TraditionalMTLSettings:
-    mtl_recipe: str = setting(choices=RECIPES)   # "auto": the experts' on the embedded benchmark, else FusionBench's
+    mtl_recipe: str = setting(choices=RECIPES)   # "auto": the experts' on the embedded benchmark, else
+                                                 # FusionBench's
     mtl_steps: int = setting(ge=1, words=("auto",))          # "auto": the recipe's
     mtl_batch_size: int = setting(ge=1, words=("auto",))     # per task per step; "auto": the recipe's
     mtl_lr: float = setting(gt=0.0, finite=True, words=("auto",))
@@ -97,7 +98,8 @@ def _train_images(run: Run, splits: dict) -> dict[str, TaskImages]:
 
 
 def _load_cached(path: str):
-    """(state dict, {"losses", "grad_norms"}) of a cached encoder, or None if it cannot be read (it is trained again)."""
+    """(state dict, {"losses", "grad_norms"}) of a cached encoder, or None if it cannot be read (it is
+    then trained again and replaced)."""
     from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
