@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from script_variables import SRC, script_config, script_variables
 from test_distributed import RANKS, _args, _reports, _torchrun
+from test_families_end_to_end import fusionbench_root  # noqa: F401 (a fixture)
 
 import taskmerge.runs.methods.traditional_mtl as mtl_method
 from taskmerge.adaptive.adaptation_data import TaskImages
@@ -225,3 +226,37 @@ def test_a_task_without_a_training_split_is_one_clear_error(micro_benchmark, tmp
 def test_a_model_file_that_does_not_exist_is_refused():
     with pytest.raises(ConfigError, match="model_file=.*no such file"):
         script_config("eval_single_task.py", model_file="/nonexistent/merged.safetensors")
+
+
+# ---------------------------------------------------------------- a FusionBench download
+def test_a_fusionbench_download_trains_its_vision_model_with_fusionbench_recipe(fusionbench_root, tmp_path,
+                                                                               monkeypatch):
+    """On real layouts (tiny files of FusionBench's formats: HF CLIP folders, hub parquet) "auto" is
+    FusionBench's recipe, which trains the vision model but not the projection (clip_finetune.py
+    L261-269 optimises `vision_model` only)."""
+    from test_families_end_to_end import _tiny_encoder, _tiny_text_tower
+
+    from taskmerge.models.encoders import ImageEncoder
+    from taskmerge.models.hf_encoders import create_clip_from_config
+    from taskmerge.runs import setup as run_setup
+    config, oc_config = fusionbench_root
+    patched = _tiny_encoder(lambda: ImageEncoder(create_clip_from_config(oc_config)))
+    monkeypatch.setattr(run_setup, "build_image_encoder", patched)
+    monkeypatch.setattr(mtl_method, "build_image_encoder", patched)
+    _tiny_text_tower(monkeypatch, oc_config)
+    known = script_variables(SCRIPT)
+    settings = {**{k: v for k, v in config.items() if k in known}, "tasks": ["Cars", "DTD"],
+                "log_dir": str(tmp_path / "logs"), "cache_dir": str(tmp_path / "cache"), "resume_dir": "",
+                "device": "cpu", "mtl_steps": 2, "mtl_batch_size": 4, "mtl_lr": 1e-3}
+    report = run_data_free(script_config(SCRIPT, **settings), script=SCRIPT)
+    assert report["checkpoint_family"] == "fusionbench" and report["mtl_source"] == "trained"
+    assert report["mtl"] == {"recipe": "fusionbench", "steps": 2, "batch_size": 4, "lr": 1e-3,
+                             "weight_decay": 0.0, "optimizer": "adam", "warmup": 0, "grad_clip": None,
+                             "crop_scale": None, "train_projection": False, "seed": 0}
+    assert method_label(report) == "Traditional MTL (FusionBench recipe, 2 steps)"
+    setup = run_setup.resolve_setup("ViT-B-32", config["checkpoint_dir"], config["data_location"],
+                                    ["Cars", "DTD"], "parquet")
+    theta0, trained = setup.checkpoints.pretrained(), load_file(report["mtl_file"])
+    moved = {k for k in trained if not torch.equal(trained[k], theta0[k])}
+    assert "model.visual.proj" not in moved
+    assert moved and all(k.startswith("model.visual.") for k in moved)
