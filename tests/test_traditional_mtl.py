@@ -97,6 +97,17 @@ def test_a_second_run_loads_the_cached_encoder(learned):
     assert other["mtl_source"] == "trained" and other["mtl_file"] != report["mtl_file"]
 
 
+def test_an_unreadable_cached_encoder_is_trained_again_and_replaced(micro_benchmark, tmp_path):
+    settings = _settings(micro_benchmark, tmp_path, mtl_steps=2, mtl_batch_size=4)
+    first = run_data_free(script_config(SCRIPT, **settings), script=SCRIPT)
+    with open(first["mtl_file"], "r+b") as f:
+        f.truncate(100)
+    again = run_data_free(script_config(SCRIPT, **settings), script=SCRIPT)
+    assert again["mtl_source"] == "trained" and again["accuracy"] == first["accuracy"]
+    assert "cannot be read" in _log_text(again, tmp_path)
+    assert load_file(again["mtl_file"]).keys() == load_file(first["mtl_file"]).keys()
+
+
 def test_a_surgery_run_on_the_traditional_mtl_base_loads_its_encoder(small):
     report, out, settings = small
     namespace = {"__file__": os.path.join(SRC, "main_Surgery.py"), **script_variables("main_Surgery.py")}

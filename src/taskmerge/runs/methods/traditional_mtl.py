@@ -122,6 +122,9 @@ def merge_traditional_mtl(run: Run, s: TraditionalMTLSettings) -> Merge:
     run.log.info(f"Traditional MTL: {RECIPE_NAMES[name]} {dataclasses.asdict(recipe)}, seed {s.seed}, "
                  f"{len(tasks)} tasks, the sum of the tasks' mean cross-entropies per step")
     cached = _load_cached(path) if os.path.exists(path) else None
+    if cached is None and os.path.exists(path):
+        run.log.info(f"Traditional MTL: {path} cannot be read (truncated or foreign); training again, "
+                     f"it will be replaced")
     if cached is not None:
         state_dict, history = cached
         source = "cache"
