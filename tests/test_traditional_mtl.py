@@ -185,6 +185,33 @@ def test_a_killed_run_resumes_bit_identically(loop_inputs, tmp_path):
     assert moved and all(k.startswith("model.visual.") for k in moved)   # only the vision tower trains
 
 
+def test_a_killed_script_run_resumes_from_its_resume_dir_to_the_same_encoder(micro_benchmark, tmp_path,
+                                                                             monkeypatch):
+    """The run's own key (θ0, heads, data, recipe, seed) names its resume state: a second run of the
+    same settings finds what the killed one saved."""
+    reference = run_data_free(script_config(SCRIPT, **_settings(micro_benchmark, tmp_path / "ref",
+                                                                mtl_steps=5, mtl_batch_size=4)), script=SCRIPT)
+    settings = _settings(micro_benchmark, tmp_path / "run", mtl_steps=5, mtl_batch_size=4,
+                         resume_dir=str(tmp_path / "resume"), checkpoint_every=2)
+    train = mtl_method.train_multitask
+
+    def killed_at_step_3(*args, **kwargs):
+        def on_step(step):
+            if step == 3:
+                raise Killed
+        return train(*args, on_step=on_step, **kwargs)
+
+    monkeypatch.setattr(mtl_method, "train_multitask", killed_at_step_3)
+    with pytest.raises(Killed):
+        run_data_free(script_config(SCRIPT, **settings), script=SCRIPT)
+    monkeypatch.setattr(mtl_method, "train_multitask", train)
+    resumed = run_data_free(script_config(SCRIPT, **settings), script=SCRIPT)
+    assert "Resumed Traditional MTL" in _log_text(resumed, tmp_path / "run")
+    assert resumed["mtl_history"] == reference["mtl_history"]
+    a, b = load_file(reference["mtl_file"]), load_file(resumed["mtl_file"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_dataloader_path_draws_and_trains_exactly_as_the_preloaded_one(loop_inputs, tmp_path):
     preloaded, a = _train(loop_inputs, tmp_path / "a")
     streamed, b = _train(loop_inputs, tmp_path / "b", preload=False)
