@@ -57,7 +57,9 @@ add dare_ties           "src/main_TiesMerging.py --dare_p=0.5 --scaling_coef=0.5
 add emr                 "src/main_EMRMerging.py"
 add tall_mask           "src/main_TallMasks.py --method=tall_mask"
 add tsvc                "src/main_TSVMerging.py --method=TSVC"
-# The data-aware rows of the seeds' table (FusionBench's defaults: 256 training images per task).
+# The data-aware rows of the seeds' table (FusionBench's defaults: 256 training images per task), and
+# Traditional MTL (the experts' fine-tuning recipe on the mixture of the five training sets).
+add traditional_mtl     "src/main_TraditionalMTL.py $TRAINING"
 add fisher              "src/main_FisherMerging.py"
 add regmean             "src/main_RegMean.py"                               # ratio 0.95
 add regmean_plusplus    "src/main_RegMean.py --method=regmean_plusplus"
@@ -84,6 +86,7 @@ for v in v1 v2; do
   add "surgery_${v}_pcb"       "src/main_Surgery.py --surgery=$v --method_name=pcb_merging $TRAINING"
   add "surgery_${v}_dare_ta"   "src/main_TaskArithmetic_with_surgery.py --surgery=$v --scaling_coef=0.3 --dare_p=0.5 $TRAINING"
   add "surgery_${v}_dare_ties" "src/main_TiesMerging_with_surgery.py --surgery=$v --preset=ennengyang --dare_p=0.5 --scaling_coef=0.5 $TRAINING"
+  add "surgery_${v}_mtl"       "src/main_Surgery.py --surgery=$v --method_name=traditional_mtl $TRAINING"
   add "surgery_${v}_fisher"    "src/main_Surgery.py --surgery=$v --method_name=fisher_merging $TRAINING"
   add "surgery_${v}_regmean"   "src/main_Surgery.py --surgery=$v --method_name=regmean $TRAINING"
   add "surgery_${v}_regmean_plusplus" "src/main_Surgery.py --surgery=$v --method_name=regmean_plusplus $TRAINING"

@@ -1,4 +1,5 @@
-"""Zero-shot and individual fine-tuned accuracy per task: the two reference rows of every table."""
+"""Zero-shot and individual fine-tuned accuracy per task: the two reference rows of every table; with
+`model_file`, also a saved model's (a merge's or Traditional MTL's save_dir file) on every task."""
 from taskmerge.runs.cli import main
 from taskmerge.runs.data_free import run_single_task_eval
 from taskmerge.runs.script_configs import SingleTaskEvalConfig
@@ -13,6 +14,7 @@ tasks = []                    # empty: every task of the model's benchmark
 # evaluation
 split = "test"                # "test", or "val" for the <Task>Val held-out splits
 batch_size = 128
+model_file = ""               # a saved model (.safetensors from save_dir) to evaluate too; "": none
 # machine (README "GPUs and torchrun")
 device = "auto"               # "auto": "cuda" when torch sees a GPU, else "cpu"; or "cpu", "cuda:1", ...
 tf32 = False                  # TF32 matmuls on CUDA (off: fp32, as the originals' math; README says what it does)

@@ -2,7 +2,7 @@
 
 `method_name` picks the base: weight_averaging | task_arithmetic | ties_merging | tw_adamerging |
 lw_adamerging | tw_adamergingpp | lw_adamergingpp | emr_merging | tsv_merging | consensus | iso_c |
-iso_cts | wudi_merging | cart_merging | pcb_merging, or a base of a method of your own
+iso_cts | wudi_merging | cart_merging | pcb_merging | traditional_mtl, or a base of a method of your own
 (docs/ADDING_A_METHOD.md). The base's settings are the variables of its own script (e.g.
 src/main_IsoMerging.py for iso_c / iso_cts), each overridable here with --key=value; the run's first
 log line prints all of them.

@@ -43,6 +43,7 @@ def test_dry_run_commands_use_existing_scripts_and_their_own_variables(tmp_path)
             raise AssertionError(f"{script} does not log into the given log_dir")
     # every README row's run is there, once: 16 runs for the results table's 17 rows (zero-shot and
     # individual come from one), 8 bases × 2 Surgery variants, and online Surgery; then the 2025
-    # records and DARE / PCB (issue 14): 8 data-free runs and 8 bases × 2 Surgery variants
-    assert len(runs) == 16 + 8 * 2 + 1 + 8 + 8 * 2 and len({tuple(c) for c in runs}) == len(runs)
+    # records and DARE / PCB (issue 14): 8 data-free runs and 8 bases × 2 Surgery variants; the
+    # seeds' missing rows (issue 20): Traditional MTL, Fisher, RegMean, RegMean++, each a base too
+    assert len(runs) == 16 + 8 * 2 + 1 + 8 + 8 * 2 + 4 + 4 * 2 and len({tuple(c) for c in runs}) == len(runs)
     assert not os.path.exists(tmp_path / "logs")  # a dry run writes nothing

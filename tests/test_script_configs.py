@@ -17,7 +17,7 @@ SURGERY_SCRIPTS = [s for s in SCRIPTS if "surgery" in s.lower()]
 
 
 def test_there_is_a_config_for_every_script():
-    assert len(SCRIPTS) == 23 and len(SURGERY_SCRIPTS) == 6
+    assert len(SCRIPTS) == 24 and len(SURGERY_SCRIPTS) == 6
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -20,7 +20,7 @@ import open_clip
 import torch
 from torch import nn
 
-from taskmerge.embedded.finetuning import batch_indices, cosine_lr, random_resized_crop
+from taskmerge.adaptive.fine_tuning import batch_indices, cosine_lr, random_resized_crop
 
 
 @dataclass

@@ -261,18 +261,52 @@ def run_data_free(config: MergeRunConfig, script: str) -> dict:
 
 
 def run_single_task_eval(config: SingleTaskEvalConfig, script: str) -> dict:
-    """Zero-shot (θ0) and individual (θ_t on task t) accuracy: the reference rows of every table."""
+    """Zero-shot (θ0) and individual (θ_t on task t) accuracy: the reference rows of every table;
+    with `model_file`, a saved model (one state dict: a merge or Traditional MTL) on every task too."""
     run = Run(config, script, "single_task", subfolder="single_task")
     split = config.split
+    model = _saved_model(run, config.model_file) if config.model_file else None
     zeroshot = run.evaluate(run.setup.checkpoints.pretrained(), split)
     individual = run.individual if split == "test" else run.individual_val
     run.log.eval_step("zeroshot", zeroshot)
     run.log.eval_step("finetuned", individual)
-    run.log.info(results_table({"Zero-shot": zeroshot, "Individual": individual}, run.setup.tasks))
+    rows = {"Zero-shot": zeroshot, "Individual": individual}
+    extra = {}
+    if model is not None:
+        name, state_dict = model
+        accs = run.evaluate(state_dict, split)
+        run.log.eval_step(name, accs)
+        rows[name] = accs
+        extra = {"model_file": os.path.abspath(config.model_file), "model_method": name,
+                 "model_accuracy": accs, "average_model_accuracy": sum(accs.values()) / len(accs)}
+    run.log.info(results_table(rows, run.setup.tasks))
     return run.log.write_report(method="single_task", model=run.setup.model_name,
                                 checkpoint_family=run.setup.family,
                                 preprocessing=run.setup.preprocessing, tasks=run.setup.tasks,
                                 split=split, zeroshot_accuracy=zeroshot,
                                 individual_accuracy=individual,
                                 average_zeroshot=sum(zeroshot.values()) / len(zeroshot),
-                                average_individual=sum(individual.values()) / len(individual))
+                                average_individual=sum(individual.values()) / len(individual), **extra)
+
+
+def _saved_model(run: Run, path: str) -> tuple[str, Mapping[str, torch.Tensor]]:
+    """(its method's name, a lazy reader) of a model a run saved; refused in one line when it is
+    not one state dict of this run's encoder (a per-task method's compact file, another model)."""
+    from taskmerge.models.encoders import check_encoder_state
+    from taskmerge.runs.setup import encoder_for
+    from taskmerge.storage.checkpoints import checkpoint_format, open_state_dict
+    from taskmerge.storage.safe_pickle import CheckpointError
+    if checkpoint_format(path) != "safetensors":
+        raise CheckpointError(f"setting model_file={path!r}: not a .safetensors file; give a model saved "
+                              f"by a merge's or Traditional MTL's save_dir")
+    reader = open_state_dict(path)
+    try:
+        check_encoder_state(encoder_for(run.setup, run.setup.checkpoints.pretrained()), reader, path,
+                            f"{run.setup.model_name}'s image encoder")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (model_file takes one merged state dict, as Traditional MTL and the "
+                              f"single-model merges save it; a per-task method's compact file is not one)"
+                              ) from None
+    name = getattr(reader, "metadata", {}).get("method") or os.path.splitext(os.path.basename(path))[0]
+    run.log.info(f"model_file: {path} ({name})")
+    return name, reader

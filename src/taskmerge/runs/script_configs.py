@@ -65,6 +65,13 @@ class RunConfig:
 @dataclass
 class SingleTaskEvalConfig(RunConfig):
     split: str = setting(choices=("test", "val"))
+    model_file: str = setting()                # "": none; else a saved model (.safetensors) evaluated too
+
+    def check_together(self):
+        super().check_together()
+        if self.model_file and not os.path.isfile(self.model_file):
+            raise ConfigError(f"setting model_file={self.model_file!r}: no such file; give a model saved "
+                              f"by a merge's or Traditional MTL's save_dir (.safetensors), or \"\" for none")
 
 
 @dataclass
