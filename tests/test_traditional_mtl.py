@@ -280,7 +280,6 @@ def test_a_fusionbench_download_trains_its_vision_model_with_fusionbench_recipe(
     config, oc_config = fusionbench_root
     patched = _tiny_encoder(lambda: ImageEncoder(create_clip_from_config(oc_config)))
     monkeypatch.setattr(run_setup, "build_image_encoder", patched)
-    monkeypatch.setattr(mtl_method, "build_image_encoder", patched)
     _tiny_text_tower(monkeypatch, oc_config)
     known = script_variables(SCRIPT)
     settings = {**{k: v for k, v in config.items() if k in known}, "tasks": ["Cars", "DTD"],

@@ -16,13 +16,12 @@ from taskmerge.adaptive.adaptation_data import TaskImages
 from taskmerge.adaptive.multitask import FUSIONBENCH, MultiTaskRecipe, experts_recipe, train_multitask
 from taskmerge.compute import distributed
 from taskmerge.datasets.errors import DatasetLayoutError
-from taskmerge.models.encoders import build_image_encoder
 from taskmerge.runs.data_free import Merge, Run
 from taskmerge.runs.identity import as_json, data_identity, head_digest, short_hash
 from taskmerge.runs.registry import Method, declare
 from taskmerge.runs.script_configs import merge_config, surgery_config
 from taskmerge.runs.settings import setting
-from taskmerge.runs.setup import MAX_PRELOAD_BYTES, task_data
+from taskmerge.runs.setup import MAX_PRELOAD_BYTES, fresh_encoder, task_data
 from taskmerge.storage import atomic
 from taskmerge.storage.checkpoints import file_digest
 from taskmerge.storage.errors import ConfigError
@@ -130,7 +129,7 @@ def merge_traditional_mtl(run: Run, s: TraditionalMTLSettings) -> Merge:
         source = "cache"
         run.log.info(f"Traditional MTL: loaded the trained encoder from {path} (not trained again)")
     else:
-        encoder = build_image_encoder(setup.arch, setup.checkpoints.pretrained())
+        encoder = fresh_encoder(setup, setup.checkpoints.pretrained())
         result = train_multitask(encoder, tasks, _train_images(run, splits), run.heads, recipe,
                                  seed=s.seed, checkpoint_dir=s.resume_dir or None,
                                  checkpoint_every=s.checkpoint_every, run_key=key, logger=run.log,
