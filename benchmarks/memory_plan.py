@@ -34,6 +34,9 @@ batches_per_task = 2
 num_classes = 397             # classes per head: SUN397's, the largest of the 20 tasks (a bound)
 test_images = 200_000         # all tasks' test images together (assumed: 20 × 10,000)
 gpu_gib = 80.0
+statistics_images = 256       # Fisher / RegMean / RegMean++: training images per task (FusionBench's)
+statistics_batch = 32
+mtl_batch = 128               # Traditional MTL: images per task per step (FusionBench's clip_finetune)
 device = "cpu"                # where the activation graphs are measured
 out = ""                      # also write the plan as JSON here
 
@@ -160,10 +163,55 @@ def plan(model: str, num_tasks: int, v2_rank: int, v1_rank: int, batch: int, per
         (f"one batch of images ({batch} × 3 × {size}²)", image_batch, ""),
         (f"heads (T × {classes} classes × {dim})", heads, "frozen"),
     ]
+    # the data-aware merges (issue 20): what sits on the GPU; their sums over tasks stay on the host
+    maps = [int(v.shape[1]) for k, v in sd.items()   # each linear map's input width
+            if k.endswith(("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))]
+    grams = sum(d * d for d in maps) + width * width   # + the projection's input
+    tokens = grid * grid + 1
+    stat_act = acts["adamerging"][0] + statistics_batch * acts["adamerging"][1]
+    stat_images = statistics_batch * 3 * size * size * FP32
+    fisher = [
+        ("the expert (every key)", p_all * FP32, "one expert at a time"),
+        ("its gradient and the running Σ grad² (vision tower)", 2 * p_vis * FP32,
+         "the finished Fisher moves to the host, where Σ c·F·θ and Σ c·F are accumulated "
+         f"({gib(2 * p_all * FP32)} GiB of host memory, whatever T)"),
+        (f"activations of one batch of {statistics_batch} (the weights need gradients)", stat_act,
+         f"as AdaMerging's graph: {acts['adamerging'][1]:,} B per image"),
+        (f"one batch of images ({statistics_batch} × 3 × {size}²)", stat_images, ""),
+    ]
+    regmean = [
+        ("the expert (every key)", p_all * FP32, "one expert at a time, no gradients"),
+        (f"its Grams Σ XᵀX ({len(maps)} maps + the projection)", grams * FP32,
+         f"moved to the host when the expert is done; Σ G̃ and Σ G̃·Wᵀ are accumulated there "
+         f"({gib(grams * FP32 + p_all * FP32)} GiB of host memory, whatever T)"),
+        (f"one block's inputs of a batch of {statistics_batch} (no-grad, transient)",
+         4 * statistics_batch * tokens * 4 * width * FP32, "the MLP's hidden width is 4× the model's"),
+        (f"one batch of images ({statistics_batch} × 3 × {size}²)", stat_images, ""),
+    ]
+    regmean_pp = [
+        ("the merged encoder being built + one scratch block", (p_all + p_all // max(blocks, 1)) * FP32, ""),
+        ("one task's Grams of one block", (grams - width * width) // max(blocks, 1) * FP32, ""),
+        (f"one batch's block inputs ({statistics_batch} × {tokens} tokens × 4·{width}, transient)",
+         4 * statistics_batch * tokens * 4 * width * FP32,
+         f"every task's block inputs ({num_tasks} × {statistics_images} × {tokens} × {width} floats, "
+         f"{gib(num_tasks * statistics_images * tokens * width * FP32)} GiB) stay on the host"),
+    ]
+    mtl = [
+        ("the encoder (every key)", p_all * FP32, ""),
+        ("gradients + Adam's two moments (vision tower)", 3 * p_vis * FP32, ""),
+        (f"activations of one task's batch of {mtl_batch} (the tasks' backwards run one after another)",
+         acts["adamerging"][0] + mtl_batch * acts["adamerging"][1],
+         f"{acts['adamerging'][1]:,} B per image; FusionBench keeps all {num_tasks} tasks' graphs until "
+         f"one backward: {gib(num_tasks * mtl_batch * acts['adamerging'][1])} GiB"),
+        (f"one task's batch of images ({mtl_batch} × 3 × {size}²)", mtl_batch * 3 * size * size * FP32, ""),
+        (f"heads (T × {classes} classes × {dim})", heads, "frozen"),
+    ]
     return {"model": model, "tasks": num_tasks, "params_all": p_all, "params_vision": p_vis, "keys": keys,
             "blocks": blocks, "width": width, "dim": dim, "image_size": size,
             "activations": {k: {"fixed": f, "per_image": p} for k, (f, p) in acts.items()},
-            "methods": {"LW-AdaMerging": ada, "Surgery v1": v1, "SurgeryV2": v2},
+            "methods": {"LW-AdaMerging": ada, "Surgery v1": v1, "SurgeryV2": v2,
+                        "Fisher merging (statistics pass)": fisher, "RegMean (statistics pass)": regmean,
+                        "RegMean++": regmean_pp, "Traditional MTL (one step)": mtl},
             "originals_adamerging_activations": two_t * act["adamerging"], "batches_per_step": two_t}
 
 

@@ -142,7 +142,7 @@ def test_tall_masks_folder_of_20_tasks_runs_eval_tall_masks_and_adamerging(tall_
     assert set(single["zeroshot_accuracy"]) == set(single["individual_accuracy"]) == set(registry.TALL_20)
     # the TALL scripts here (with the released masks), the other data-free ones on the FusionBench
     # download below: 20 folder tasks cost ~3 s an evaluation pass on 2 cores
-    for script, extra in DATA_FREE[5:]:
+    for script, extra in DATA_FREE[5:] + DATA_AWARE[:2]:   # Fisher, RegMean on the folder layouts' train splits
         report = run_data_free(script_config(script, **_settings(script, config), **extra), script=script)
         _check(report, registry.TALL_20, "tall_masks")
         if extra.get("load_mask"):
