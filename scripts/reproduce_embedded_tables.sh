@@ -9,7 +9,7 @@
 #
 # As the README's rows were logged: at most two runs at a time; each script runs the embedded
 # benchmark on one thread and restarts itself on the pinned CPU code paths (cpu_paths="auto"), so the
-# numbers are the same on every x86-64 machine. About 1.5 h on 2 cores once the benchmark is built. Every training run starts from scratch (resume_dir=""), and the Surgery runs on
+# numbers are the same on every x86-64 machine. About 2 h on 2 cores once the benchmark is built. Every training run starts from scratch (resume_dir=""), and the Surgery runs on
 # AdaMerging bases learn their coefficients again (same seed, so the same coefficients), so no run
 # depends on another's leftovers and the order does not matter.
 # Environment: MODEL (taskmerge-tiny), CHECKPOINT_DIR (checkpoints), DATA_LOCATION (data), JOBS (2),
