@@ -264,14 +264,16 @@ def regmean_plusplus(encoder: ImageEncoder, pretrained: Mapping[str, torch.Tenso
     # each task's tokens entering the next block (this rank's share, batch by batch, on the CPU)
     inputs: dict[str, list[torch.Tensor]] = {}
     for t in tasks:
-        part = distributed.shard(len(images[t]))
-        inputs[t] = [stem(visual, x.to(device)).cpu() for x, _ in images[t].batches(batch_size, part)]
+        task_images = images[t]   # read once: `images` may read each task's images on demand
+        part = distributed.shard(len(task_images))
+        inputs[t] = [stem(visual, x.to(device)).cpu() for x, _ in task_images.batches(batch_size, part)]
     maps = linear_maps(keys)
     scratch = copy.deepcopy(blocks[0])
     for i in tqdm(range(len(blocks)), desc="RegMean++ blocks", leave=False):
         prefix = f"{BLOCKS}{i}."
         block_keys = [k for k in keys if k.startswith(prefix)]
         block_maps = [m for m in maps if m.weight.startswith(prefix)]
+        wanted = {m.gram for m in block_maps}
         acc = RegMeanAccumulator(pretrained, block_maps, block_keys, ratio=ratio, ridge=ridge)
         for t in tasks:
             _load_block(scratch, experts[t], prefix)
@@ -279,7 +281,7 @@ def regmean_plusplus(encoder: ImageEncoder, pretrained: Mapping[str, torch.Tenso
             for x in inputs[t]:
                 _, sites = block_with_inputs(scratch, x.to(device))
                 for site, inp in sites.items():
-                    if prefix + site in {m.gram for m in block_maps}:
+                    if prefix + site in wanted:
                         grams.add(prefix + site, inp)
             acc.add({k: experts[t][k] for k in block_keys}, grams.means())
         merged.update(acc.merged(only_merged=True))
@@ -302,8 +304,3 @@ def regmean_plusplus(encoder: ImageEncoder, pretrained: Mapping[str, torch.Tenso
     log(f"RegMean++: {len(blocks)} blocks merged in order; stem {'/'.join(STEM)} averaged; "
         f"ln_post and proj {'kept at θ0 (the original)' if post == 'pretrained' else 'merged'}")
     return merged
-
-
-def inputs_bytes(images: Mapping[str, TaskImages], tokens: int, width: int) -> int:
-    """The bytes RegMean++ holds for every task's block inputs (float32)."""
-    return sum(len(im) for im in images.values()) * tokens * width * 4

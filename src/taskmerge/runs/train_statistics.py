@@ -2,7 +2,8 @@
 of training images, the on-disk cache of each expert's statistics, the key set they merge, and the
 log line of their memory plan.
 
-The sample is `torch.randperm(|train|, generator seeded sample_seed)[:n]` of the task's training
+Every task's sample is drawn (and a missing or short split refused) before any work; its images are
+read one task at a time. The sample is `torch.randperm(|train|, generator seeded sample_seed)[:n]` of the task's training
 split (the full one: the split the experts were fine-tuned on; FusionBench reads the train split
 too, its Fisher the first n in order, its RegMean a shuffled, unseeded n). The seed, the count and
 the data's identity are in every cache key, with the expert's file digest and the settings, so a
@@ -11,7 +12,7 @@ second run, or a Surgery run on the same base, reads the statistics back instead
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Subset
@@ -26,9 +27,9 @@ from taskmerge.storage.checkpoints import file_digest
 from taskmerge.storage.hf_checkpoints import vision_model_keys
 
 
-def train_sample(run, task: str, n: int, seed: int, setting: str) -> tuple[TaskImages, dict]:
-    """(the n sampled training images of `task`, their identity for cache keys); `setting` names
-    the count's setting in the error of a split that is missing or too small."""
+def sample_split(run, task: str, n: int, seed: int, setting: str) -> tuple[Subset, dict]:
+    """(the n sampled training items of `task`, their identity for cache keys), without reading an
+    image; `setting` names the count's setting in the error of a split that is missing or too small."""
     data = task_data(run.setup, task)
     where = data.info.get("root", run.setup.data_location)
     if data.train is None:
@@ -38,12 +39,33 @@ def train_sample(run, task: str, n: int, seed: int, setting: str) -> tuple[TaskI
         raise DatasetLayoutError(f"{task}: the training split under {where} has {len(data.train)} images, "
                                  f"fewer than {setting}={n}: lower {setting}, or complete the split")
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    loader = run.setup.loader
-    images = TaskImages(Subset(data.train, order), name=f"{task} train sample",
-                        num_workers=loader.num_workers, pin_memory=loader.pin_memory)
     identity = {**data_identity(task, "train", run.setup.data_location, data.train),
                 "sample": {"n": n, "seed": seed}}
-    return images, identity
+    return Subset(data.train, order), identity
+
+
+def sample_images(run, task: str, sample: Subset) -> TaskImages:
+    """The sample's images, read now (as tensors when they fit, else per batch by the loader)."""
+    loader = run.setup.loader
+    return TaskImages(sample, name=f"{task} train sample", num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory)
+
+
+class SampledImages(Mapping):
+    """{task: TaskImages}, each task's sample read when it is asked for and not kept: one task's
+    images in memory at a time, whatever the number of tasks."""
+
+    def __init__(self, run, samples: Mapping[str, Subset]):
+        self.run, self.samples = run, dict(samples)
+
+    def __getitem__(self, task: str) -> TaskImages:
+        return sample_images(self.run, task, self.samples[task])
+
+    def __iter__(self):
+        return iter(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
 
 def statistics_cache(run, kind: str) -> FeatureCache:

@@ -15,7 +15,7 @@ from taskmerge.runs.script_configs import merge_config, surgery_config
 from taskmerge.runs.settings import setting
 from taskmerge.runs.setup import fresh_encoder
 from taskmerge.runs.train_statistics import (expert_statistics, keys_digest, megabytes, merged_key_set,
-                                             model_bytes, train_sample)
+                                             model_bytes, sample_images, sample_split)
 
 ESTIMATE_NAMES = {"fusionbench": "FusionBench's √p·log p batch estimate",
                   "empirical": "empirical Fisher, true labels"}
@@ -41,12 +41,14 @@ def merge_fisher(run: Run, s: FisherMerge) -> Merge:
                  f"weights and gradients ({megabytes(3 * one)}), whatever the number of tasks")
     acc = FisherAccumulator(pretrained, keys, minimal_weight=s.minimal_fisher_weight,
                             normalize=s.normalize_fisher_weight)
+    samples = {t: sample_split(run, t, s.num_fisher_examples, s.sample_seed, "num_fisher_examples")
+               for t in run.setup.tasks}
     for task in run.setup.tasks:
-        images, identity = train_sample(run, task, s.num_fisher_examples, s.sample_seed, "num_fisher_examples")
+        sample, identity = samples[task]
         key = {"data": identity, "head": head_digest(run.heads[task]), "estimate": s.fisher_estimate,
                "batch_size": s.fisher_batch_size, "keys": keys_digest(keys)}
         fisher = expert_statistics(run, "fisher", task, key, lambda: diagonal_fisher(
-            fresh_encoder(run.setup, experts[task]), run.heads[task], images, keys,
+            fresh_encoder(run.setup, experts[task]), run.heads[task], sample_images(run, task, sample), keys,
             estimate=s.fisher_estimate, batch_size=s.fisher_batch_size, device=run.setup.device,
             desc=f"Fisher {task}"))
         acc.add(experts[task], fisher)

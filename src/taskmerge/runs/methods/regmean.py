@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from taskmerge.adaptive.statistics import POST_LAYERS, gram_matrices, linear_maps, regmean_plusplus
-from taskmerge.adaptive.statistics import inputs_bytes, num_blocks
+from taskmerge.adaptive.statistics import num_blocks
 from taskmerge.merging.regmean import RegMeanAccumulator
 from taskmerge.runs.data_free import Merge, Run
 from taskmerge.runs.identity import checkpoint_digests
@@ -17,7 +17,8 @@ from taskmerge.runs.script_configs import merge_config, surgery_config
 from taskmerge.runs.settings import setting
 from taskmerge.runs.setup import fresh_encoder
 from taskmerge.runs.train_statistics import (expert_statistics, keys_digest, megabytes, merged_key_set,
-                                             model_bytes, statistics_cache, train_sample)
+                                             model_bytes, SampledImages, sample_images, sample_split,
+                                             statistics_cache)
 from taskmerge.merging.task_vectors import shape_of
 
 METHODS = ("regmean", "regmean_plusplus")
@@ -57,9 +58,8 @@ def merge_regmean(run: Run, s: RegMeanMerge) -> Merge:
                  f"{s.reduce_non_diagonal_ratio}{ridge}; every other key the experts' mean"
                  + ("; the projection and the text tower are not FusionBench's CLIPVisionModel's and keep θ0"
                     if key_set else ""))
-    samples = {}
-    for task in tasks:
-        samples[task] = train_sample(run, task, s.num_regmean_examples, s.sample_seed, "num_regmean_examples")
+    samples = {t: sample_split(run, t, s.num_regmean_examples, s.sample_seed, "num_regmean_examples")
+               for t in tasks}
     extra = {"regmean_method": s.method, "num_regmean_examples": s.num_regmean_examples,
              "reduce_non_diagonal_ratio": s.reduce_non_diagonal_ratio, "regmean_ridge": s.regmean_ridge,
              "regmean_batch_size": s.regmean_batch_size, "sample_seed": s.sample_seed, **key_set}
@@ -70,11 +70,11 @@ def merge_regmean(run: Run, s: RegMeanMerge) -> Merge:
         acc = RegMeanAccumulator(pretrained, maps, keys, ratio=s.reduce_non_diagonal_ratio,
                                  ridge=s.regmean_ridge)
         for task in tasks:
-            images, identity = samples[task]
+            sample, identity = samples[task]
             key = {"data": identity, "batch_size": s.regmean_batch_size, "maps": keys_digest(
                 [m.gram for m in maps])}
             g = expert_statistics(run, "grams", task, key, lambda: gram_matrices(
-                fresh_encoder(run.setup, experts[task]), images, maps,
+                fresh_encoder(run.setup, experts[task]), sample_images(run, task, sample), maps,
                 batch_size=s.regmean_batch_size, device=run.setup.device, desc=f"Grams {task}"))
             acc.add(experts[task], g)
             del g
@@ -82,7 +82,7 @@ def merge_regmean(run: Run, s: RegMeanMerge) -> Merge:
 
     extra["plusplus_post"] = s.plusplus_post
     width = shape_of(pretrained, "model.visual.positional_embedding")
-    held = inputs_bytes({t: samples[t][0] for t in tasks}, width[0], width[1])
+    held = sum(len(samples[t][0]) for t in tasks) * width[0] * width[1] * 4   # float32 tokens
     blocks = max(num_blocks(keys), 1)
     run.log.info(f"Memory plan: every task's block inputs ({megabytes(held)}, on the CPU) + one block's "
                  f"Σ G̃ ({megabytes(grams / blocks)}) + the merged model ({megabytes(model)})")
@@ -95,7 +95,7 @@ def merge_regmean(run: Run, s: RegMeanMerge) -> Merge:
         run.log.info(f"RegMean++: the merged model read from {cache.path_for(key)}")
     else:
         merged = regmean_plusplus(fresh_encoder(run.setup), pretrained, experts,
-                                  {t: samples[t][0] for t in tasks}, keys,
+                                  SampledImages(run, {t: samples[t][0] for t in tasks}), keys,
                                   ratio=s.reduce_non_diagonal_ratio, ridge=s.regmean_ridge,
                                   post=s.plusplus_post, batch_size=s.regmean_batch_size,
                                   device=run.setup.device, log=run.log.info)
