@@ -7,10 +7,19 @@ bypassed: each class is instantiated with its config/method/*.yaml values (liste
          fixture's datasets carry them as their ClassLabel names, as the hub's copies do.
   label: relabels the fixture's test sets with each expert's predictions (its own pipeline).
   run:   per method `<out>/<method>.safetensors` (the merged CLIPVisionModel state dict; EMR: one file
-         per task, `EMR__<task>`), `<out>/<method>.f64.safetensors` for the SVD methods run on float64
-         models (the reference FusionBench's float32 is measured against), `<out>/heads.safetensors`
+         per task, `EMR__<task>`), `<out>/<method>.f64.safetensors` for the SVD methods and
+         RegMean(++) run on float64 models (the reference FusionBench's float32 is measured
+         against), `<out>/heads.safetensors`
          (each task's normalised zero-shot weights), `<out>/pixels.safetensors` (the preprocessed
          test images) and `<out>/accuracy.json`.
+
+Fisher, RegMean and RegMean++ (`--train-examples N`) take their statistics from the fixture's train
+splits (`CLIPVisionModelPool(train_datasets=…)`, each a parquet file read with `datasets`), with the
+yaml's values except `num_*_examples = N`: with N ≤ the batch size (32) every image is in one batch,
+so FusionBench's Fisher (the first N, in order) and RegMean (a shuffled, unseeded N) see the same
+set as ours (a seeded permutation of the N). The CLIP mixin's zero-shot heads are cached by joblib
+under `<out>/joblib_cache` (FusionBench's default, `outputs/cache` of the working directory, would be
+inside the repository and outlive the fixture).
 
 The one change to FusionBench's code: DARE's masks are injected (`--dare-masks ours`) from
 taskmerge's seeded masks (merging/dare.py keep_mask), since FusionBench draws them from torch's
@@ -36,12 +45,15 @@ from fusion_bench.method import (DareSimpleAverage, DareTaskArithmetic, DareTies
                                  IsotropicMergingInCommonAndTaskSubspace,
                                  IsotropicMergingInCommonSubspace, SimpleAverageAlgorithm,
                                  TaskArithmeticAlgorithm, TaskSingularVectorMerging,
-                                 TiesMergingAlgorithm, WUDIMerging)
+                                 TiesMergingAlgorithm, WUDIMerging, FisherMergingForCLIPVisionModel,
+                                 RegMeanAlgorithmForCLIP, RegMeanAlgorithmForCLIPPlusPlus,
+                                 RegMeanAlgorithmPlusPlus)
 from fusion_bench.method.emr_merging import EMRMerging  # noqa: E402 (not exported by method/)
 from fusion_bench.models.hf_clip import HFCLIPClassifier  # noqa: E402
 from fusion_bench.modelpool import CLIPVisionModelPool  # noqa: E402
 from fusion_bench.taskpool import CLIPVisionModelTaskPool  # noqa: E402
 from fusion_bench.tasks.clip_classification import get_classnames_and_templates  # noqa: E402
+from bidict import bidict  # noqa: E402 (FusionBench's dependency)
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPVisionModel  # noqa: E402
 
@@ -65,7 +77,35 @@ METHODS = {
         scaling_factor=1.0, common_space_fraction=0.8),
     "WUDI": lambda: WUDIMerging(iter_num=400),                                   # wudi/wudi
 }
+
+
+class RegMeanPlusPlusForCLIP(RegMeanAlgorithmForCLIPPlusPlus):
+    """FusionBench's class as it is, but constructible: in 0.2.33 its `_config_mapping` is a plain
+    dict (regmean_plusplus/clip_regmean_plusplus.py L25-27) that hides the parent's bidict, and the
+    parent's @auto_register_config __init__ looks up `_config_mapping.inverse`, so constructing it
+    fails ("'dict' object has no attribute 'inverse'"). The parent's mapping plus the dataloader's."""
+    _config_mapping = bidict({**RegMeanAlgorithmPlusPlus._config_mapping,
+                              "_dataloader_kwargs": "dataloader_kwargs"})
+
+
+# The data-aware ones, with the number of training examples per task (the yaml's 256) as argument.
+DATA_METHODS = {
+    "Fisher": lambda n: FisherMergingForCLIPVisionModel(              # fisher_merging/clip_fisher_merging
+        exclude_param_names_regex=[], normalize_fisher_weight=True, minimal_fisher_weight=1e-6,
+        num_fisher_examples=n, dataloader_kwargs={"batch_size": 32, "num_workers": 0}),
+    "RegMean": lambda n: RegMeanAlgorithmForCLIP(                      # regmean/clip_regmean
+        exclude_param_names_regex=[], num_regmean_examples=n, weight_transpose=True,
+        reduce_non_diagonal_ratio=0.95, dataloader_kwargs={"batch_size": 32, "num_workers": 0}),
+    "RegMean++": lambda n: RegMeanPlusPlusForCLIP(                     # regmean_plusplus/clip_regmean_plusplus
+        exclude_param_names_regex=[], num_regmean_examples=n, weight_transpose=True,
+        reduce_non_diagonal_ratio=0.95, dataloader_kwargs={"batch_size": 32, "num_workers": 0}),
+}
+DATA_BATCH = 32
+JOBLIB_CACHE = [os.path.join(os.getcwd(), "outputs", "cache")]  # FusionBench's default; `run` sets <out>/…
 SVD_METHODS = ("TSV-M", "Iso-C", "Iso-CTS")
+# run again on float64 models: the reference FusionBench's float32 is measured against (the SVDs;
+# RegMean's float32 torch.inverse of Σ G̃, where ours solves in float64)
+FLOAT64_METHODS = SVD_METHODS + ("RegMean", "RegMean++")
 
 
 def log(msg: str) -> None:
@@ -77,14 +117,30 @@ def folders(root: str, tasks: dict[str, str]) -> tuple[str, dict[str, str]]:
     return pretrained_folder(root), {fb: expert_folder(root, ours) for ours, fb in tasks.items()}
 
 
-def modelpool(root: str, tasks: dict[str, str], float64: bool = False) -> CLIPVisionModelPool:
+def modelpool(root: str, tasks: dict[str, str], float64: bool = False,
+              train: bool = False) -> CLIPVisionModelPool:
     """The pool FusionBench's clip-vit-base-patch32_TA8 config builds, on the fixture's folders; the
-    float64 reference gets already-loaded float64 modules instead of paths."""
+    float64 reference gets already-loaded float64 modules instead of paths. `train`: with each
+    task's train split (its parquet file, as `datasets.load_dataset` configs, the form the pool
+    instantiates), for the data-aware methods; their float64 models are `from_pretrained` configs
+    with `torch_dtype` (the pool instantiates each when the algorithm asks; float64_heads gives the
+    zero-shot heads)."""
+    from omegaconf import DictConfig
+    from fusionbench_fixtures import dataset_file
     base, experts = folders(root, tasks)
     models = {"_pretrained_": base, **experts}
+    if not train:
+        if float64:
+            models = {k: CLIPVisionModel.from_pretrained(v).double() for k, v in models.items()}
+        return CLIPVisionModelPool(models, processor=base)
     if float64:
-        models = {k: CLIPVisionModel.from_pretrained(v).double() for k, v in models.items()}
-    return CLIPVisionModelPool(models, processor=base)
+        models = DictConfig({k: {"_target_": "transformers.CLIPVisionModel.from_pretrained",
+                                 "pretrained_model_name_or_path": v, "torch_dtype": "float64"}
+                             for k, v in models.items()})
+    train_datasets = DictConfig({fb: {"_target_": "datasets.load_dataset", "path": "parquet",
+                                      "data_files": dataset_file(root, ours, "train"),  # → split "train"
+                                      "split": "train"} for ours, fb in tasks.items()})
+    return CLIPVisionModelPool(models, processor=base, train_datasets=train_datasets)
 
 
 class InjectedDareMasks:
@@ -114,12 +170,39 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def run_method(name: str, root: str, tasks: dict[str, str], float64: bool, dare_masks) -> dict:
+def float64_heads(algorithm, pool: CLIPVisionModelPool) -> None:
+    """RegMean's float64 reference: the zero-shot heads built as in float32 (transformers 4.x's CLIP
+    text tower cannot run in float64: its causal mask overflows) and cast, so that the logits RegMean
+    computes (and discards: its Grams are the linear maps' inputs) take float64 features."""
+    from transformers import CLIPModel
+    algorithm.modelpool = pool
+    algorithm.setup_zero_shot_classification_head(clip_model=CLIPModel.from_pretrained(pool._processor))
+    algorithm.visual_projection.double()
+    algorithm.logit_scale_exp = algorithm.logit_scale_exp.double()
+    algorithm.zeroshot_weights = {t: w.double() for t, w in algorithm.zeroshot_weights.items()}
+    algorithm.on_regmean_start = lambda: None
+
+
+def run_method(name: str, root: str, tasks: dict[str, str], float64: bool, dare_masks,
+               train_examples: int = 0) -> dict:
     """{task or "": merged CLIPVisionModel} of one FusionBench algorithm."""
     if dare_masks is not None:
         from fusion_bench.method.dare import task_arithmetic as dare_ta, ties_merging as dare_ties
         dare_masks.calls = 0
         dare_ta.module_random_drop_ = dare_ties.module_random_drop_ = dare_masks
+    if name in DATA_METHODS:
+        if not 1 <= train_examples <= DATA_BATCH:
+            raise SystemExit(f"{name}: --train-examples must be 1..{DATA_BATCH} (one batch: the same "
+                             f"examples and batches as ours), got {train_examples}")
+        from fusion_bench.utils import cache_utils
+        # its zero-shot heads cached apart per dtype (joblib keys them on the task and model path only)
+        cache_utils.set_default_cache_dir(os.path.join(JOBLIB_CACHE[0], "float64" if float64 else "float32"))
+        algorithm = DATA_METHODS[name](train_examples)
+        algorithm.zeroshot_weights = {}  # its own: the mixin's class-level dict is shared by every instance
+        pool = modelpool(root, tasks, float64, train=True)
+        if float64:
+            float64_heads(algorithm, pool)
+        return {"": algorithm.run(pool)}
     pool = modelpool(root, tasks, float64)
     result = METHODS[name]().run(pool)
     if name != "EMR":
@@ -182,6 +265,7 @@ def main_run(args) -> None:
     from taskmerge.storage.hf_checkpoints import read_hf_checkpoint
     tasks = json.loads(args.tasks_json)
     os.makedirs(args.out, exist_ok=True)
+    JOBLIB_CACHE[:] = [os.path.join(args.out, "joblib_cache")]
     base, experts = folders(args.root, tasks)
     config = read_hf_checkpoint(base).config
     # The task pool's own pieces (taskpool/clip_vision/taskpool.py evaluate): its CLIPDataset over
@@ -221,14 +305,15 @@ def main_run(args) -> None:
     for name in args.methods.split(","):
         start = time.time()
         uses_dare = name.startswith("DARE")
-        models = run_method(name, args.root, tasks, False, dare_masks if uses_dare else None)
+        models = run_method(name, args.root, tasks, False, dare_masks if uses_dare else None,
+                            args.train_examples)
         timings[name] = round(time.time() - start, 2)
         for fb, model in models.items():
             suffix = f"__{next(o for o, f in tasks.items() if f == fb)}" if fb else ""
             save_file(state_of(model), os.path.join(args.out, f"{name}{suffix}.safetensors"))
         accuracy[name] = evaluate(models, name)
-        if name in SVD_METHODS and args.float64_reference:
-            ref = run_method(name, args.root, tasks, True, None)[""]
+        if name in FLOAT64_METHODS and args.float64_reference:
+            ref = run_method(name, args.root, tasks, True, None, args.train_examples)[""]
             save_file(state_of(ref), os.path.join(args.out, f"{name}.f64.safetensors"))
         log(f"{name}: merged in {timings[name]} s")
     with open(os.path.join(args.out, "accuracy.json"), "w") as f:
@@ -259,6 +344,8 @@ if __name__ == "__main__":
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--dare-masks", choices=["ours", "fusionbench"], default="ours")
     run.add_argument("--float64-reference", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument("--train-examples", type=int, default=0,
+                     help="Fisher / RegMean / RegMean++: training examples per task (≤ 32)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     {"names": main_names, "label": main_label, "run": main_run}[args.command](args)

@@ -8,7 +8,10 @@ random-weight Hugging Face CLIP checkpoints in FusionBench's hub layout and smal
   the family "fusionbench" (storage/hf_checkpoints.py).
 - `<root>/data/<repo name>/data/test-00000-of-00001.parquet` (SVHN: `svhn/cropped_digits/…`): the
   `datasets` library's own parquet (image struct + `ClassLabel` names in the schema metadata), the
-  layout `hf download <repo> --repo-type dataset --local-dir` gives (datasets/parquet.py HF_SOURCES).
+  layout `hf download <repo> --repo-type dataset --local-dir` gives (datasets/parquet.py HF_SOURCES);
+  beside it `train-00000-of-00001.parquet`, the training images the data-aware merges (Fisher,
+  RegMean, RegMean++) take their statistics from, drawn from a generator of their own so that the
+  test images are the same with or without them.
 
 Two sizes: "tiny" (a few hundred thousand vision weights, seconds) and "b32" (ViT-B/32's shapes). The
 tokenizer is CLIP's BPE as open_clip ships it, rewritten as a transformers `CLIPTokenizer`, so both
@@ -60,10 +63,11 @@ def expert_folder(root: str, task: str) -> str:
                         f"{FUSIONBENCH_MODELS[MODEL_NAME]}_{FUSIONBENCH_TASK_NAMES[task]}")
 
 
-def dataset_file(root: str, task: str) -> str:
+def dataset_file(root: str, task: str, split: str | None = None) -> str:
+    """The parquet file of `task`'s `split` (default: the test split FusionBench evaluates)."""
     src = HF_SOURCES[task]
     folder = os.path.join(root, "data", src.repo.split("/")[1], src.config or "data")
-    return os.path.join(folder, f"{src.test_split}-00000-of-00001.parquet")
+    return os.path.join(folder, f"{split or src.test_split}-00000-of-00001.parquet")
 
 
 def clip_config(size: str):
@@ -137,42 +141,66 @@ def write_open_clip_config(root: str) -> str:
 GRAYSCALE = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "FER2013")
 
 
+def _pictures(rng: np.random.Generator, n: int, size: str, grayscale: bool) -> list:
+    """n random images of random odd sizes: a coarse random colour field plus noise (images a random
+    encoder tells apart)."""
+    from PIL import Image as PILImage
+    lo, hi = _IMAGE_SIDES[size]
+    pictures = []
+    for _ in range(n):
+        w, h = (int(s) for s in rng.integers(lo, hi + 1, size=2))
+        coarse = rng.integers(0, 256, size=(int(rng.integers(2, 6)),) * 2 + (3,), dtype=np.uint8)
+        field = np.asarray(PILImage.fromarray(coarse).resize((w, h), PILImage.BILINEAR), np.int16)
+        noise = rng.integers(-24, 25, size=(h, w, 3))
+        picture = PILImage.fromarray(np.clip(field + noise, 0, 255).astype(np.uint8))
+        pictures.append(picture.convert("L") if grayscale else picture)
+    return pictures
+
+
+def _write_split(path: str, pictures: list, labels: list[int], names: list[str]) -> None:
+    from datasets import ClassLabel, Dataset, Features, Image
+    features = Features({"image": Image(), "label": ClassLabel(names=list(names))})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Dataset.from_dict({"image": pictures, "label": labels}, features=features).to_parquet(path)
+
+
 def write_datasets(root: str, size: str, classnames: dict[str, list[str]], images_per_task: int,
-                   seed: int = 0) -> None:
+                   seed: int = 0, train_images_per_task: int = 0) -> None:
     """Each task's test split: random images of random odd sizes (grayscale for the tasks whose hub
     copies are grayscale: MNIST, FashionMNIST, KMNIST, EMNIST, FER2013), random labels, the class
     names as the `ClassLabel` names. (Our reader turns FER2013 to grayscale first, as tall_masks does;
-    on a grayscale image that is what FusionBench's `convert("RGB")` gives too.)"""
-    from datasets import ClassLabel, Dataset, Features, Image
+    on a grayscale image that is what FusionBench's `convert("RGB")` gives too.) With
+    `train_images_per_task`, a train split of as many images beside it, from a generator of its own
+    (the test images do not depend on it); its labels are random (neither side's statistics read
+    them: FusionBench's Fisher and ours take the model's own softmax, RegMean none)."""
     rng = np.random.default_rng(seed)
-    lo, hi = _IMAGE_SIDES[size]
-    from PIL import Image as PILImage
+    train_rng = np.random.default_rng([seed, 1])
     for task, names in classnames.items():
-        pictures = []
-        for _ in range(images_per_task):
-            w, h = (int(s) for s in rng.integers(lo, hi + 1, size=2))
-            # a coarse random colour field plus noise: images a random encoder tells apart
-            coarse = rng.integers(0, 256, size=(int(rng.integers(2, 6)),) * 2 + (3,), dtype=np.uint8)
-            field = np.asarray(PILImage.fromarray(coarse).resize((w, h), PILImage.BILINEAR), np.int16)
-            noise = rng.integers(-24, 25, size=(h, w, 3))
-            picture = PILImage.fromarray(np.clip(field + noise, 0, 255).astype(np.uint8))
-            pictures.append(picture.convert("L") if task in GRAYSCALE else picture)
+        pictures = _pictures(rng, images_per_task, size, task in GRAYSCALE)
         labels = [int(x) for x in rng.integers(0, len(names), size=images_per_task)]
-        features = Features({"image": Image(), "label": ClassLabel(names=list(names))})
-        path = dataset_file(root, task)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Dataset.from_dict({"image": pictures, "label": labels}, features=features).to_parquet(path)
+        _write_split(dataset_file(root, task), pictures, labels, names)
+        if train_images_per_task:
+            pictures = _pictures(train_rng, train_images_per_task, size, task in GRAYSCALE)
+            labels = [int(x) for x in train_rng.integers(0, len(names), size=train_images_per_task)]
+            _write_split(dataset_file(root, task, "train"), pictures, labels, names)
 
 
 def write_fixture(root: str, size: str, tasks: list[str], classnames: dict[str, list[str]],
-                  images_per_task: int, seed: int = 0) -> None:
+                  images_per_task: int, seed: int = 0, train_images_per_task: int = 0) -> None:
     """A fresh fixture under `root` (anything there before, cached heads included, is removed)."""
     if os.path.isdir(root):
         shutil.rmtree(root)
     os.makedirs(root)
     write_checkpoints(root, size, tasks, seed)
     write_open_clip_config(root)
-    write_datasets(root, size, {t: classnames[t] for t in tasks}, images_per_task, seed)
+    write_datasets(root, size, {t: classnames[t] for t in tasks}, images_per_task, seed,
+                   train_images_per_task)
+    marker = os.path.join(root, "checkpoints", "fixture.json")
+    with open(marker) as f:
+        built = json.load(f)
+    with open(marker, "w") as f:  # what --reuse-fixture compares
+        json.dump({**built, "images_per_task": images_per_task,
+                   "train_images_per_task": train_images_per_task}, f)
 
 
 if __name__ == "__main__":
@@ -182,9 +210,12 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", default=",".join(PAPER_8))
     parser.add_argument("--classnames", required=True, help="JSON file {task: [class names]}")
     parser.add_argument("--images-per-task", type=int, default=32)
+    parser.add_argument("--train-images-per-task", type=int, default=0,
+                        help="a train split of this many images per task (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with open(args.classnames) as f:
         names = json.load(f)
-    write_fixture(args.root, args.size, args.tasks.split(","), names, args.images_per_task, args.seed)
+    write_fixture(args.root, args.size, args.tasks.split(","), names, args.images_per_task, args.seed,
+                  args.train_images_per_task)
     print(f"fixture written under {args.root}")

@@ -12,7 +12,10 @@ hub layout and parquet test sets), runs FusionBench's side in its own environmen
 - per method, the worst per-key relative L2 ‖θ_ours − θ_FB‖ / ‖θ_FB − θ0‖ over the merged vision
   weights, in FusionBench's keys (q, k, v apart; benchmarks/fusionbench_keys.py), and its target;
   EMR: the worst over the task-specific models. SVD methods are also measured against FusionBench's
-  class run on float64 models, and FusionBench's float32 against that reference.
+  class run on float64 models, and FusionBench's float32 against that reference; RegMean and
+  RegMean++ too, judged by ours with float64 statistics (benchmarks/_taskmerge_float64.py) against
+  it. Fisher, RegMean and RegMean++ take every image of the fixture's train split (≤ 32 per task,
+  one batch on both sides).
 - a "Heads" row: per task, the largest difference between the unit-norm zero-shot class embeddings
   of both sides (ours: `head_<Task>.pt` divided by its row norms; FusionBench: HFCLIPClassifier's
   zeroshot_weights), or the class counts where they differ.
@@ -53,7 +56,8 @@ HEADS = 1e-5
 QKV = ("q_proj", "k_proj", "v_proj")
 
 # method: (our script, its settings matching FusionBench's yaml, target, kind)
-# kind "exact": same math, target TIGHT; "svd": target SVD against the float64 reference.
+# kind "exact": same math, target TIGHT; "svd" / "float64": target SVD against the float64 reference
+# (FusionBench's class run on float64 models).
 OURS = {
     "WA": ("main_WeightAveraging.py", [], "exact"),
     "TA": ("main_TaskArithmetic.py", ["--scaling_coef=0.3", "--select_on_val=False"], "exact"),
@@ -74,12 +78,21 @@ OURS = {
                                        "--select_on_val=False"], "svd"),
     # Adam on each 2-D key: the same steps from the same start, so float32 rounding is all that differs
     "WUDI": ("main_WUDIMerging.py", ["--wudi_preset=fusionbench"], "exact"),
+    # The data-aware ones on each task's n ≤ 32 training images, in one batch of 32 on both sides:
+    # FusionBench's Fisher (the first n, in order), its RegMean (shuffled, unseeded) and ours (a
+    # seeded permutation) then sum over the same examples, and the Fisher's squared batch gradient
+    # is of the same batch. FusionBench inverts Σ G̃ with float32 torch.inverse, ours solves in
+    # float64: RegMean is measured against FusionBench's class run on float64 models, as the SVDs.
+    "Fisher": ("main_FisherMerging.py", ["--num_fisher_examples={n}", "--fisher_batch_size=32"], "exact"),
+    "RegMean": ("main_RegMean.py", ["--method=regmean", "--num_regmean_examples={n}",
+                                    "--regmean_batch_size=32"], "float64"),
+    "RegMean++": ("main_RegMean.py", ["--method=regmean_plusplus", "--num_regmean_examples={n}",
+                                      "--regmean_batch_size=32"], "float64"),
 }
+DATA_METHODS = ("Fisher", "RegMean", "RegMean++")
+DATA_BATCH = 32
 # FusionBench methods with no row of numbers here, and why.
 NOT_COMPARED = {
-    "Fisher": "not in taskmerge",
-    "RegMean": "not in taskmerge",
-    "RegMean++": "not in taskmerge",
     "AdaMerging": "not compared yet: not the same run: FusionBench (method/adamerging, clip.yaml) takes "
                   "one batch of 16 per task per step from an unseeded infinite shuffle, 1000 steps, "
                   "unclamped λ, one λ per parameter tensor (q, k, v apart); ours (EnnengYang's "
@@ -113,7 +126,7 @@ def fusionbench_side(args, fixture: str, out: str, methods: list[str]) -> None:
     tasks = json.dumps({t: FUSIONBENCH_TASK_NAMES[t] for t in TASKS})
     cmd = [args.fb_python, os.path.join(HERE, "_fusionbench_side.py"), "run", "--root", fixture,
            "--tasks-json", tasks, "--methods", ",".join(methods), "--out", out,
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size), "--train-examples", str(args.train_images_per_task)]
     log(f"FusionBench side: {', '.join(methods)} (log {out}.log)")
     run(cmd, out + ".log")
 
@@ -121,7 +134,7 @@ def fusionbench_side(args, fixture: str, out: str, methods: list[str]) -> None:
 def our_side(args, fixture: str, out: str, method: str) -> dict:
     """Run our script for `method`; (merged file, report) from its save_dir and log_dir."""
     script, settings, _ = OURS[method]
-    settings = [s.format(inv_t=1 / len(TASKS)) for s in settings]
+    settings = [s.format(inv_t=1 / len(TASKS), n=args.train_images_per_task) for s in settings]
     folder = os.path.join(out, method)
     cmd = [sys.executable, os.path.join(HERE, "_taskmerge_side.py")]
     if args.size == "tiny":
@@ -141,6 +154,18 @@ def our_side(args, fixture: str, out: str, method: str) -> dict:
                          f"{merged} and {reports}")
     with open(reports[0]) as f:
         return {"merged": merged[0], "report": json.load(f)}
+
+
+def our_float64(args, fixture: str, out: str, method: str) -> str:
+    """Our RegMean / RegMean++ with float64 statistics (benchmarks/_taskmerge_float64.py); its file."""
+    path = os.path.join(out, method, "statistics_float64.safetensors")
+    cmd = [sys.executable, os.path.join(HERE, "_taskmerge_float64.py"), "--fixture", fixture,
+           "--tasks", ",".join(TASKS), "--method", method, "--out", path]
+    if args.size == "tiny":
+        cmd += ["--open-clip-config", os.path.join(fixture, "open_clip_config.json")]
+    log(f"our side: {method} with float64 statistics")
+    run(cmd, os.path.join(out, f"{method}.float64.log"))
+    return path
 
 
 # ---------------------------------------------------------------- comparing
@@ -172,7 +197,7 @@ def compare_weights(method: str, kind: str, ours: dict, fb_dir: str, theta0: dic
     worst_task = max(rows, key=lambda t: rows[t]["worst"])
     out = {"fb32": rows[worst_task], "task": worst_task}
     ref = os.path.join(fb_dir, f"{method}.f64.safetensors")
-    if kind == "svd" and os.path.exists(ref):
+    if kind in ("svd", "float64") and os.path.exists(ref):
         reference = fb_state(ref)
         out["f64"] = relative_l2(ours[""], reference, theta0)
         out["fb32_vs_f64"] = relative_l2(fb_state(os.path.join(fb_dir, f"{method}.safetensors")),
@@ -266,7 +291,13 @@ def table(results: dict, heads: dict, fb_acc: dict, our_individual: dict | None,
         detail = f"{fmt(w['fb32']['worst'])} ({w['fb32']['worst_key']}{', ' + w['task'] if w['task'] else ''})"
         if w["fb32"]["worst_key"] and w["fb32"]["worst_key"].split(".")[-2] in QKV:
             detail += f"; outside q/k/v: {fmt(w['fb32']['worst_outside_qkv'])}"
-        if "f64" in w:
+        if "ours64" in w:  # RegMean: the algorithms compared with float64 statistics on both sides
+            passed = w["ours64"]["worst"] <= SVD
+            detail += (f"; vs FB float64: {fmt(w['f64']['worst'])}; ours with float64 statistics vs FB "
+                       f"float64: {fmt(w['ours64']['worst'])} ({w['ours64']['worst_key']}); FB float32 vs "
+                       f"float64: {fmt(w['fb32_vs_f64']['worst'])}")
+            target = f"≤ {SVD:g}, float64 statistics on both sides"
+        elif "f64" in w:
             passed = w["f64"]["worst"] <= SVD
             detail += (f"; vs FB float64: {fmt(w['f64']['worst'])}; FB float32 vs float64: "
                        f"{fmt(w['fb32_vs_f64']['worst'])}")
@@ -279,7 +310,10 @@ def table(results: dict, heads: dict, fb_acc: dict, our_individual: dict | None,
                      + " | ".join(cells) + " |")
     for method, why in NOT_COMPARED.items():
         lines.append(f"| {method} | {why} | | – | " + " | ".join("" for _ in TASKS) + " |")
-    notes = (f"\n{meta['date']}; fixture {meta['size']} ({meta['images']} test images per task, random "
+    notes = (f"\n{meta['date']}; fixture {meta['size']} ({meta['images']} test images per task"
+             + (f", {meta['train_images']} training images per task (Fisher, RegMean, RegMean++: all of them, "
+                f"one batch of {DATA_BATCH} on both sides)" if meta.get("train_images") else "")
+             + ", random "
              f"weights and images, {meta['labels']} labels); fusion-bench {meta['versions'].get('fusion-bench')} with transformers "
              f"{meta['versions'].get('transformers')} (its venv), torch {meta['versions'].get('torch')}; "
              f"taskmerge at {meta['commit']} with transformers {meta['our_transformers']}. "
@@ -305,6 +339,9 @@ def main() -> None:
                              "e.g. KMNIST,FER2013,Flowers102,OxfordIIITPet)")
     parser.add_argument("--size", choices=["tiny", "b32"], default="tiny")
     parser.add_argument("--images-per-task", type=int, default=64)
+    parser.add_argument("--train-images-per-task", type=int, default=DATA_BATCH,
+                        help=f"the train split per task, all of which Fisher, RegMean and RegMean++ use "
+                             f"(1..{DATA_BATCH}: one batch on both sides)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--work", default=os.path.join(HERE, ".cache", "fusionbench_parity"))
     parser.add_argument("--fb-python", default=os.path.join(REPO, ".venv-fusionbench", "bin", "python"))
@@ -321,6 +358,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--methods: {unknown} are not compared here; choose from {', '.join(OURS)}"
                          + "".join(f"; {m}: {w}" for m, w in NOT_COMPARED.items() if m in unknown))
+    if not 1 <= args.train_images_per_task <= DATA_BATCH:
+        raise SystemExit(f"--train-images-per-task must be 1..{DATA_BATCH}: with more, FusionBench's "
+                         f"Fisher squares the gradients of other batches than ours")
     if not os.path.exists(args.fb_python):
         raise SystemExit(f"{args.fb_python}: no FusionBench environment; create it with "
                          f"`bash benchmarks/fusionbench_env.sh` (or pass --fb-python)")
@@ -338,7 +378,8 @@ def main() -> None:
     if args.reuse_fixture and os.path.exists(marker):
         with open(marker) as f:
             built = json.load(f)
-        fresh = (built["size"], built["tasks"]) != (args.size, TASKS)
+        fresh = ((built["size"], built["tasks"], built.get("images_per_task"), built.get("train_images_per_task"))
+                 != (args.size, TASKS, args.images_per_task, args.train_images_per_task))
     if fresh:
         names = os.path.join(work, "classnames.json")
         tasks = json.dumps({t: FUSIONBENCH_TASK_NAMES[t] for t in TASKS})
@@ -347,7 +388,8 @@ def main() -> None:
              "--out", names], os.path.join(work, "names.log"))
         run([args.fb_python, os.path.join(HERE, "fusionbench_fixtures.py"), "--root", fixture, "--size",
              args.size, "--tasks", ",".join(TASKS), "--classnames", names, "--images-per-task",
-             str(args.images_per_task)], os.path.join(work, "fixture.log"))
+             str(args.images_per_task), "--train-images-per-task", str(args.train_images_per_task)],
+            os.path.join(work, "fixture.log"))
         if args.labels == "expert":
             run([args.fb_python, os.path.join(HERE, "_fusionbench_side.py"), "label", "--root", fixture,
                  "--tasks-json", tasks, "--batch-size", str(args.batch_size)], os.path.join(work, "label.log"))
@@ -358,6 +400,8 @@ def main() -> None:
     for method in methods:
         try:
             ours = our_side(args, fixture, ours_dir, method)
+            float64_statistics = (our_float64(args, fixture, ours_dir, method)
+                                  if OURS[method][2] == "float64" else None)
         except SideFailed as e:  # a row that says so: a refusal on this data is a finding too
             log(f"{method}: our script failed: {e}")
             results[method] = {"error": str(e)}
@@ -366,13 +410,18 @@ def main() -> None:
         individual = individual or report.get("individual_accuracy")
         weights = compare_weights(method, OURS[method][2], our_states(method, ours["merged"], fixture),
                                   fb_dir, theta0)
+        if float64_statistics and "f64" in weights:
+            weights["ours64"] = relative_l2(our_states(method, float64_statistics, fixture)[""],
+                                            fb_state(os.path.join(fb_dir, f"{method}.f64.safetensors")), theta0)
         results[method] = {"weights": weights, "accuracy": report["accuracy"]}
         log(f"{method}: worst relative L2 {fmt(weights['fb32']['worst'])} ({weights['fb32']['worst_key']})")
     with open(os.path.join(fb_dir, "accuracy.json")) as f:
         fb = json.load(f)
     import transformers
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "size": args.size,
-            "images": args.images_per_task, "labels": args.labels, "versions": fb["versions"], "commit": git_commit(),
+            "images": args.images_per_task, "labels": args.labels, "versions": fb["versions"],
+            "train_images": args.train_images_per_task if set(methods) & set(DATA_METHODS) else 0,
+            "commit": git_commit(),
             "our_transformers": transformers.__version__}
     text = table(results, compare_heads(fixture, fb_dir), fb["accuracy"], individual, meta,
                  compare_pixels(args, fixture, fb_dir))

@@ -91,8 +91,8 @@ def test_relative_l2_per_key_and_overall():
 
 def test_datasets_are_read_by_our_parquet_reader(fixture_root):
     pytest.importorskip("datasets")
-    from taskmerge.datasets.parquet import get_parquet_task, num_classes
-    names = {t: [f"class {i}" for i in range(num_classes(t))] for t in TASKS}
+    from taskmerge.datasets.parquet import FIXED_CLASSNAMES, get_parquet_task
+    names = {t: list(FIXED_CLASSNAMES[t]) for t in TASKS}  # names in our order (the reader checks it)
     fixtures.write_datasets(fixture_root, "tiny", names, images_per_task=5, seed=1)
     assert fixtures.dataset_file(fixture_root, "SVHN").endswith(
         os.path.join("svhn", "cropped_digits", "test-00000-of-00001.parquet"))
@@ -101,6 +101,31 @@ def test_datasets_are_read_by_our_parquet_reader(fixture_root):
     image, label = data.test[0]
     assert 29 <= min(image.size) and max(image.size) <= 47 and 0 <= label < 10
     assert len(get_parquet_task("MNIST", os.path.join(fixture_root, "data")).test) == 5
+    assert data.train is None  # no train split unless asked for
+
+
+def test_train_splits_are_read_as_the_tasks_training_data(tmp_path):
+    """The data-aware rows' training images: our reader takes the file beside the test split as
+    TaskData.train (what their scripts sample from), and the test images do not change with it."""
+    pytest.importorskip("datasets")
+    from taskmerge.datasets.parquet import FIXED_CLASSNAMES, get_parquet_task
+    names = {t: list(FIXED_CLASSNAMES[t]) for t in TASKS}  # names in our order (the reader checks it)
+    with_train, without = str(tmp_path / "a"), str(tmp_path / "b")
+    fixtures.write_datasets(with_train, "tiny", names, images_per_task=4, seed=2, train_images_per_task=6)
+    fixtures.write_datasets(without, "tiny", names, images_per_task=4, seed=2)
+    for task in TASKS:
+        test_file, train_file = fixtures.dataset_file(with_train, task), fixtures.dataset_file(
+            with_train, task, "train")
+        assert os.path.dirname(train_file) == os.path.dirname(test_file)
+        assert os.path.basename(train_file) == "train-00000-of-00001.parquet"
+        data = get_parquet_task(task, os.path.join(with_train, "data"))
+        other = get_parquet_task(task, os.path.join(without, "data"))
+        assert len(data.train) == 6 and len(data.test) == 4 and other.train is None
+        for i in range(4):
+            assert data.test[i][0].tobytes() == other.test[i][0].tobytes()
+        # the training images are images of their own, not copies of the test ones
+        assert {data.train[i][0].tobytes() for i in range(6)}.isdisjoint(
+            data.test[i][0].tobytes() for i in range(4))
 
 
 def test_table_flags_what_is_off_target():
@@ -129,4 +154,30 @@ def test_table_flags_what_is_off_target():
     assert "50.0 / 50.0" in rows["TA"] and "25.0 / 50.0 ≠" in rows["Iso-C"]
     assert "outside q/k/v: 1.0e-06" in rows["Iso-C"] and "FB float32 vs float64: 2.0e-05" in rows["Iso-C"]
     assert "| NO |" in rows["Heads (max \\|Δ\\| of unit class embeddings)"]
-    assert "not in taskmerge" in rows["RegMean"]
+    assert "not compared yet" in rows["AdaMerging"] and "RegMean" not in rows and "Fisher" not in rows
+
+
+def test_regmean_rows_are_judged_with_float64_statistics_on_both_sides():
+    """RegMean's rows: the float32 distances are shown, the target is ours with float64 statistics
+    against FusionBench's float64 run (the algorithms, not float32's rounding of an ill-conditioned
+    Σ G̃); a row whose float64 distance is off says NO."""
+    import fusionbench_parity as parity
+    assert parity.OURS["RegMean"][2] == parity.OURS["RegMean++"][2] == "float64"
+    assert parity.OURS["Fisher"][2] == "exact"
+    key = "vision_model.encoder.layers.0.self_attn.out_proj.weight"
+
+    def weights(ours64: float) -> dict:
+        return {"fb32": {"worst": 1e-3, "worst_key": key, "worst_outside_qkv": 1e-3}, "task": "",
+                "f64": {"worst": 1.5e-4}, "fb32_vs_f64": {"worst": 1e-3},
+                "ours64": {"worst": ours64, "worst_key": key}}
+    acc = {t: 0.5 for t in parity.TASKS}
+    results = {"RegMean": {"weights": weights(1e-5), "accuracy": acc},
+               "RegMean++": {"weights": weights(3e-4), "accuracy": acc}}
+    meta = {"date": "d", "size": "tiny", "images": 4, "labels": "expert", "versions": {}, "commit": "c",
+            "our_transformers": "5", "train_images": 32}
+    heads = {t: "1.0e-07" for t in parity.TASKS}
+    text = parity.table(results, heads, {"RegMean": acc, "RegMean++": acc, "Individual": acc}, acc, meta)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| yes |" in rows["RegMean"] and "| NO |" in rows["RegMean++"]
+    assert "ours with float64 statistics vs FB float64: 1.0e-05" in rows["RegMean"]
+    assert "FB float32 vs float64: 1.0e-03" in rows["RegMean"] and "32 training images per task" in text
