@@ -10,7 +10,9 @@ The statistics pass runs on random 224² images through an expert and a random 1
 time is per expert, so a run's statistics cost `tasks ×` it (the log of a real run prints each).
 The merge phase reads the experts lazily and gives each the statistics of the pass (the same tensors
 for every task, which costs the merge what distinct ones cost), so what it measures is the merge:
-the accumulation expert by expert and the final division (Fisher) or solves (RegMean).
+the accumulation expert by expert and the final division (Fisher) or solves (RegMean). RegMean++
+takes its statistics inside the merge (each block's inputs come through the blocks merged before
+it), so its row is the whole of both, on random images made per task as the run reads them.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from taskmerge.runs.config import configure  # noqa: E402
 
 tasks = [8, 14, 20]
-methods = ["fisher", "regmean"]
+methods = ["fisher", "regmean", "regmean_plusplus"]
 images = 256                  # training images per task (FusionBench's num_*_examples)
 batch_size = 32
 threads = 2
@@ -51,6 +53,26 @@ def pretrained_path() -> str:
 def _peak_gib() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _RandomImages:
+    """{task: TaskImages} of random 224² images, made when asked for (as the runs' SampledImages)."""
+
+    def __init__(self, tasks, n):
+        self.tasks, self.n = tasks, n
+
+    def __getitem__(self, task):
+        import torch
+
+        from taskmerge.adaptive.adaptation_data import TaskImages
+        g = torch.Generator().manual_seed(self.tasks.index(task))
+        return TaskImages.from_tensors(torch.randn(self.n, 3, 224, 224, generator=g), torch.zeros(self.n))
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self):
+        return len(self.tasks)
 
 
 def run_worker() -> None:
@@ -89,6 +111,16 @@ def run_worker() -> None:
         print(json.dumps({"seconds": seconds, "peak_gib": _peak_gib(),
                           "bytes": sum(v.numel() * 4 for v in out.values())}))
         return
+    if method == "regmean_plusplus":   # its statistics are taken inside the merge, block by block
+        experts = {f"t{i}": open_state_dict(expert_path(i)) for i in range(num_tasks)}
+        t0 = time.time()
+        merged = stats.regmean_plusplus(build_image_encoder("ViT-B-32"), theta0, experts,
+                                        _RandomImages(list(experts), images), keys, ratio=0.95,
+                                        batch_size=batch_size, log=lambda s: None)
+        seconds = time.time() - t0
+        assert all(torch.isfinite(v).all() for v in merged.values())
+        print(json.dumps({"seconds": seconds, "peak_gib": _peak_gib()}))
+        return
     statistic = load_file(stats_path(method))
     experts = [open_state_dict(expert_path(i)) for i in range(num_tasks)]
     t0 = time.time()
@@ -123,6 +155,13 @@ def main() -> None:
     print(f"torch threads: {threads}; cpu count: {os.cpu_count()}; load average before: {os.getloadavg()[0]:.2f}")
     rows = []
     for method in methods:
+        if method == "regmean_plusplus":   # statistics and merge are one pass, block by block
+            for count in tasks:
+                m = _run([f"--worker=merge_{method}", f"--num_tasks={count}"])
+                rows.append({"method": method, "phase": "statistics and merge", "tasks": count, **m})
+                print(f"{method:<8} statistics and merge of {count:>2} experts ({images} images each): "
+                      f"{m['seconds']:.1f} s, peak {m['peak_gib']:.2f} GiB", flush=True)
+            continue
         s = _run([f"--worker=stats_{method}"])
         rows.append({"method": method, "phase": f"statistics of one expert, {images} images", **s})
         print(f"{method:<8} statistics of one expert ({images} images, batch {batch_size}): {s['seconds']:.1f} s, "

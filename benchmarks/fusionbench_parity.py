@@ -100,6 +100,9 @@ NOT_COMPARED = {
                   "in_proj. A comparison needs FusionBench's batches injected and a FusionBench mode "
                   "on our side",
     "Surgery (on AdaMerging)": "not compared yet: its base is AdaMerging's (above)",
+    "Traditional MTL": "not compared: a training run of thousands of steps (FusionBench's clip_finetune), "
+                       "not a merge of given experts; its loop is tested against one process, a resume "
+                       "and the loss's fall (tests/test_traditional_mtl.py)",
 }
 
 
