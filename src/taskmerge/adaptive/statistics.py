@@ -109,14 +109,16 @@ def _blocks(visual: nn.Module) -> nn.ModuleList:
 
 
 class _GramSums:
-    """Σ XᵀX and the row count per Gram name, in float32 on the run's device."""
+    """Σ XᵀX and the row count per Gram name, in `dtype` (float32, as FusionBench) on the run's
+    device; the parity benchmark sets float64 to separate rounding from the algorithm."""
+    dtype = torch.float32
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
 
     def add(self, name: str, inputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        x = inputs.reshape(-1, inputs.shape[-1]).to(self.dtype)
         xtx = x.t() @ x
         if name in self.sums:
             self.sums[name].add_(xtx)
